@@ -1,0 +1,372 @@
+"""Our Llama-family decoder in plain PyTorch: Llama 2/3, SmolLM/SmolLM2, Qwen2/2.5, Qwen3, Mistral.
+
+    cfg = ModelConfig.from_hf(json.load(open("config.json")))
+    model = Transformer(cfg)
+    logits, aux = model(input_ids)                       # [B, T, V], {} for dense models
+
+Module and parameter names follow `transformers` (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`)
+so that HF state_dicts load as they are and PEFT adapter keys map one to one.
+
+The KV cache is a protocol, not a class hierarchy: attention hands each layer's new keys/values and their
+positions to `cache.update(layer, k, v, positions)` and gets back every key/value the query may look at, plus
+their positions (-1 = empty slot). The mask is built from positions alone (causal, sliding window, padding),
+so the simple contiguous `KVCache` here and the engine's paged cache share the same attention code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters; `from_hf` reads a `transformers` config.json dict."""
+    vocab_size: int = 256
+    dim: int = 64                       # D, hidden_size
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    ffn_dim: int = 128                  # F, intermediate_size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    qkv_bias: bool = False              # Qwen2
+    o_bias: bool = False                # Llama's attention_bias also biases o_proj
+    mlp_bias: bool = False
+    qk_norm: bool = False               # Qwen3
+    sliding_window: int | None = None   # Mistral; None = full attention
+    window_layers: list[int] | None = None  # layers that use the window (None = all, when a window is set)
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    moe: dict | None = None             # filled by the MoE configs (rftkit.moe)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ("default", "llama3", "linear"):
+                raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, llama3, linear)")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            if model_type is None or not _is_moe_type(model_type):
+                raise ValueError(f"unsupported architecture model_type={model_type!r} "
+                                 f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+        n_heads = hf["num_attention_heads"]
+        dim = hf["hidden_size"]
+        # transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta + rope_scaling
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = None if kind == "default" else rope
+        window, window_layers = None, None
+        if model_type == "mistral":
+            window = hf.get("sliding_window")
+        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            window = hf.get("sliding_window")
+        if window is not None and hf.get("layer_types"):
+            window_layers = [i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention"]
+            if not window_layers:
+                window = None
+        eos = hf.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or dim // n_heads,
+            ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+            rope_scaling=rope_scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=hf.get("tie_word_embeddings", model_type == "llama"),
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias and model_type in ("llama", "qwen3"),
+            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+            sliding_window=window, window_layers=window_layers, model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=eos, moe=_moe_fields(hf),
+        )
+
+    def to_hf(self) -> dict:
+        """A config.json dict that `transformers` reads back into the same architecture."""
+        if self.moe is not None:
+            from rftkit.moe import moe_config_to_hf  # MoE configs own their HF fields
+            return moe_config_to_hf(self)
+        hf = {
+            "architectures": [SUPPORTED_ARCHITECTURES[self.model_type]], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id,
+        }
+        if self.rope_scaling is not None:
+            hf["rope_scaling"] = dict(self.rope_scaling)
+        if self.model_type == "llama":
+            hf["attention_bias"] = self.qkv_bias
+            hf["mlp_bias"] = self.mlp_bias
+        if self.model_type == "qwen3":
+            hf["attention_bias"] = self.qkv_bias
+        if self.sliding_window is not None:
+            hf["sliding_window"] = self.sliding_window
+            if self.model_type != "mistral":
+                hf["use_sliding_window"] = True
+        return hf
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def _is_moe_type(model_type: str) -> bool:
+    return model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "llama4_text", "rftkit_moe")
+
+
+def _moe_fields(hf: dict) -> dict | None:
+    if not _is_moe_type(hf.get("model_type", "")):
+        return None
+    from rftkit.moe import moe_fields_from_hf
+    return moe_fields_from_hf(hf)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with `llama3` or `linear` scaling applied as in transformers."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    # llama3: leave high frequencies alone, divide low ones by `factor`, interpolate in between
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Contiguous cache for a fixed batch: rows append T tokens per call, in step. For `rft generate`,
+    tests and trainers; the engine has a paged cache with the same `update` protocol."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.pos: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.pos[0] is None else self.pos[0].shape[1]
+
+    def next_positions(self, B: int, T: int, device) -> torch.Tensor:
+        if self.pos[0] is None:
+            return torch.arange(T, device=device).expand(B, T)
+        start = self.pos[0].max(dim=1).values + 1                       # [B]
+        return start[:, None] + torch.arange(T, device=device)[None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        # k, v: [B, Hkv, T, hd]; positions: [B, T]
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer], self.pos[layer] = k, v, positions
+        else:
+            self.k[layer] = torch.cat([self.k[layer], k], dim=2)
+            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
+            self.pos[layer] = torch.cat([self.pos[layer], positions], dim=1)
+        return self.k[layer], self.v[layer], self.pos[layer]
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S] (True = attend) from query positions [B, T] and key positions [B, S]."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        allowed &= (qp - kp) < window
+    # a padding query (position -1) sees nothing; let it see everything so softmax stays finite
+    allowed |= ~allowed.any(dim=-1, keepdim=True)
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.hd = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        in_window = cfg.window_layers is None or layer in cfg.window_layers
+        self.window = cfg.sliding_window if in_window else None
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, positions, cache=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)       # [B, Hkv, T, hd]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                              # [B, H, T, hd]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_pos = positions
+        if cache is not None:
+            k, v, k_pos = cache.update(self.layer, k, v, positions)               # [B, Hkv, S, hd]
+        if mask is None or self.window is not None:
+            mask = attention_mask(positions, k_pos, self.window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, ffn_dim: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=bias)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = _make_ffn(cfg, layer)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, positions, cache, mask, aux: dict):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, mask)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MLP):
+            return x + self.mlp(h)
+        out, layer_aux = self.mlp(h)            # MoE layers return their balancing losses
+        for name, value in layer_aux.items():
+            aux[name] = aux.get(name, 0.0) + value
+        return x + out
+
+
+def _make_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
+    if cfg.moe is not None:
+        from rftkit.moe import make_moe_ffn  # None for the dense layers of interleaved MoE models
+        ffn = make_moe_ffn(cfg, layer)
+        if ffn is not None:
+            return ffn
+    return MLP(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
+
+
+class Decoder(nn.Module):
+    """The `model.` prefix of HF checkpoints: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                num_logits: int | None = None, return_hidden: bool = False):
+        """input_ids [B, T]; positions [B, T] (-1 = padding), default = continue after the cache.
+        Returns (logits [B, T or num_logits, V] — or final hidden states [B, T, D] — , aux losses dict)."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = (cache.next_positions(B, T, input_ids.device) if cache is not None
+                         else torch.arange(T, device=input_ids.device).expand(B, T))
+        if self.cfg.sliding_window is None and self.cfg.max_seq_len and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the model's context of "
+                             f"{self.cfg.max_seq_len} tokens")
+        x = self.model.embed_tokens(input_ids)
+        freqs = positions.clamp(min=0)[:, :, None].float() * self.inv_freq.float()[None, None]  # [B, T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                  # [B, 1, T, hd]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = None
+        if cache is None:
+            mask = attention_mask(positions, positions, None)
+        aux: dict = {}
+        for block in self.model.layers:
+            x = block(x, cos, sin, positions, cache, mask, aux)
+        x = self.model.norm(x)
+        if return_hidden:
+            return x, aux
+        if num_logits is not None:
+            x = x[:, -num_logits:]
+        return self.lm_head(x), aux
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
