@@ -1,0 +1,86 @@
+"""Per-request sampling: parameters, and one batched sampler that honours them row by row.
+
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=32, seed=7)
+
+Log-probs are those of `log_softmax(logits / T)` before any top-p/top-k/min-p truncation (T = 0 counts as 1),
+the same quantity the GRPO trainer recomputes. A seeded request draws from its own generator, so it yields
+the same tokens alone or inside any batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0                # nucleus mass kept
+    top_k: int = 0                    # 0 = off
+    min_p: float = 0.0                # drop tokens below min_p * p(top token)
+    max_tokens: int = 64              # new tokens at most
+    stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1                        # samples of this prompt (they share one prefill)
+    seed: int | None = None
+    logprobs: int = 0                 # also return this many top alternatives per token
+    ignore_eos: bool = False          # keep going past stop tokens (benchmarks)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+
+
+def _truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Mask (to -inf) what top-k / top-p / min-p exclude, for one row's scaled logits [V]."""
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.min_p > 0:
+        probs = torch.softmax(logits, -1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    if p.top_p < 1:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p   # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           default_gen: torch.Generator | None = None):
+    """logits [B, V] -> (tokens [B], logprobs [B], top alternatives per row or None)."""
+    logits = logits.float()
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+    logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)                      # [B, V]
+    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    for i, p in enumerate(params):
+        if p.temperature == 0:
+            tokens[i] = logits[i].argmax()
+            continue
+        row = logp_all[i]
+        if p.top_k or p.top_p < 1 or p.min_p:
+            row = _truncate(row, p)
+        # Gumbel-max with exponential noise: argmax(p / q), q ~ Exp(1); one draw of V numbers per row
+        q = torch.empty_like(row).exponential_(generator=generators[i] or default_gen)
+        tokens[i] = (row - q.log()).argmax()
+    chosen = logp_all.gather(1, tokens[:, None]).squeeze(1)
+    tops = None
+    k = max(p.logprobs for p in params)
+    if k:
+        values, ids = torch.topk(logp_all, k, dim=-1)
+        tops = [list(zip(ids[i, :p.logprobs].tolist(), values[i, :p.logprobs].tolist()))
+                for i, p in enumerate(params)]
+    return tokens, chosen, tops
