@@ -196,41 +196,64 @@ class Engine:
     def step(self) -> list[StepOutput]:
         self.stats["steps"] += 1
         outputs, self._pending = self._pending, []
-        # admit: one request at a time is prefilled, once all of its n sequences have slots
-        if self.prefilling is None and self.waiting and len(self.running) + len(self.waiting[0]) <= self.n_slots:
-            self.prefilling = self.waiting.popleft()
         decoding = [s for s in self.running if s.tokens]          # sequences with a token to feed back
         if decoding:
             self._decode(decoding, outputs)
-        if self.prefilling is not None:
-            self._prefill_chunk(outputs)
+        self._prefill(outputs)
         return outputs
 
-    def _prefill_chunk(self, outputs):
-        seqs = self.prefilling
-        first = seqs[0]
-        if first.slot < 0:
-            first.slot = len(self.running)
-            self.running.append(first)
-        start = first.prefilled
-        chunk = first.prompt[start:start + self.prefill_chunk]
-        end = start + len(chunk)
-        ids = torch.tensor([chunk], device=self.device)
-        pos = torch.arange(start, end, device=self.device)[None]
-        self.cache.bind([first.slot], end, self.device)
-        logits, _ = self.model(ids, positions=pos, cache=self.cache, num_logits=1)
-        first.prefilled = end
-        self.stats["prefill_tokens"] += len(chunk)
-        if end < len(first.prompt):
+    def _prefill(self, outputs):
+        """Prefill up to `prefill_chunk` prompt tokens, over as many waiting requests as fit, in one forward."""
+        budget, batch = self.prefill_chunk, []                       # (group, start, end)
+        while budget > 0:
+            if self.prefilling is None:
+                if not self.waiting or len(self.running) + len(self.waiting[0]) > self.n_slots:
+                    break
+                self.prefilling = self.waiting.popleft()
+                first = self.prefilling[0]
+                first.slot = len(self.running)
+                self.running.append(first)
+            first = self.prefilling[0]
+            start = first.prefilled
+            end = min(len(first.prompt), start + budget)
+            batch.append((self.prefilling, start, end))
+            budget -= end - start
+            first.prefilled = end
+            if end < len(first.prompt):
+                break                                                # the rest of it next step
+            self.prefilling = None                                   # slots for its n samples below
+        if not batch:
             return
-        for s in seqs[1:]:                                        # the n samples share this prefill
+        T = max(e - s for _, s, e in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        pos = torch.full((len(batch), T), -1, dtype=torch.long)
+        for i, (g, s, e) in enumerate(batch):
+            ids[i, :e - s] = torch.tensor(g[0].prompt[s:e])
+            pos[i, :e - s] = torch.arange(s, e)
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        self.cache.bind([g[0].slot for g, _, _ in batch], max(e for _, _, e in batch), self.device)
+        hidden, _ = self.model(ids, positions=pos, cache=self.cache, return_hidden=True)
+        self.stats["prefill_tokens"] += sum(e - s for _, s, e in batch)
+        done = [(i, g, e - s) for i, (g, s, e) in enumerate(batch) if e == len(g[0].prompt)]
+        if not done:
+            return
+        for _, g, _ in done:
+            self._share_prefill(g)
+        last = torch.stack([hidden[i, n - 1] for i, _, n in done])                    # [b, D]
+        logits = self.model.lm_head(last)
+        seqs = [s for _, g, _ in done for s in g]
+        rows = torch.tensor([j for j, (_, g, _) in enumerate(done) for _ in g])
+        self._sample(seqs, logits[rows], outputs)
+
+    def _share_prefill(self, group):
+        """The n samples of a request share its prompt's keys/values: copy them into n-1 more slots."""
+        first = group[0]
+        for s in group[1:]:
             s.slot = len(self.running)
             self.running.append(s)
             self.cache.copy_slot(first.slot, s.slot, len(s.prompt))
             s.prefilled = len(s.prompt)
             self.stats["shared_prefill_tokens"] += len(s.prompt)
-        self.prefilling = None
-        self._sample(seqs, logits[:, -1].expand(len(seqs), -1), outputs)
 
     def _decode(self, seqs: list[Sequence], outputs):
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)

@@ -65,17 +65,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     logits = logits.float()
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
     logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)                      # [B, V]
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    for i, p in enumerate(params):
-        if p.temperature == 0:
-            tokens[i] = logits[i].argmax()
-            continue
-        row = logp_all[i]
-        if p.top_k or p.top_p < 1 or p.min_p:
-            row = _truncate(row, p)
-        # Gumbel-max with exponential noise: argmax(p / q), q ~ Exp(1); one draw of V numbers per row
-        q = torch.empty_like(row).exponential_(generator=generators[i] or default_gen)
-        tokens[i] = (row - q.log()).argmax()
+    tokens = logits.argmax(-1)                                                        # greedy rows
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        scaled = logp_all[rows]                                                       # [b, V]
+        for j, i in enumerate(rows):
+            p = params[i]
+            if p.top_k or p.top_p < 1 or p.min_p:
+                scaled[j] = _truncate(scaled[j], p)
+        # inverse-CDF sampling: one uniform per row from the row's own generator (batch-invariant)
+        cdf = torch.softmax(scaled, -1).cumsum(-1)                                    # [b, V]
+        u = torch.cat([torch.rand(1, generator=generators[i] or default_gen, device=logits.device)
+                       for i in rows])
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).clamp(min=1e-30)[:, None]).squeeze(1)
+        tokens[rows] = picked.clamp(max=logits.shape[-1] - 1)
     chosen = logp_all.gather(1, tokens[:, None]).squeeze(1)
     tops = None
     k = max(p.logprobs for p in params)

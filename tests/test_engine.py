@@ -95,3 +95,12 @@ def test_stop_tokens_abort_and_bad_requests():
         engine.add_request([1, 500])
     with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
         SamplingParams(temperature=-1)
+
+
+def test_n_samples_continue_the_same_prompt_greedily():
+    model = tiny_model()
+    engine = Engine(model, max_seq_len=64)
+    outs = engine.generate([[4, 5, 6], [7, 8]], SamplingParams(temperature=0, max_tokens=6, n=3))
+    for prompt, group in zip([[4, 5, 6], [7, 8]], outs):
+        for c in group:       # a sample whose prompt KV was copied, not computed, decodes the same
+            assert c.token_ids == reference_greedy(model, prompt, 6)
