@@ -1,0 +1,167 @@
+"""LoRA adapter files in PEFT's format, shared by the engine, the trainers and the server.
+
+    cfg, weights = read_adapter("my-adapter")        # weights: {module path: (A [R, in], B [out, R])}
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors` with PEFT's key names
+(`base_model.model.<module>.lora_A.weight`), so PEFT, vLLM and LoRAX load our adapters and we load theirs.
+Features we do not implement (DoRA, `modules_to_save`, biases, ...) are refused with the field named:
+loading them silently would serve a different model than the one trained.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# fields that change what the adapter computes, with the only value we support
+UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "bias": "none", "fan_in_fan_out": False,
+               "layers_to_transform": None, "layer_replication": None, "lora_bias": False,
+               "target_parameters": None, "trainable_token_indices": None, "use_qalora": False}
+# fields that do not change inference
+HARMLESS = {"base_model_name_or_path", "revision", "task_type", "peft_type", "inference_mode", "auto_mapping",
+            "init_lora_weights", "layers_pattern", "lora_dropout", "megatron_config", "megatron_core",
+            "loftq_config", "eva_config", "corda_config", "runtime_config", "exclude_modules",
+            "qalora_group_size", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying",
+            "peft_version", "lora_ga_config"}
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 16
+    lora_alpha: float = 32
+    target_modules: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    lora_dropout: float = 0.0
+    base_model_name_or_path: str | None = None
+
+    def _pattern(self, patterns: dict, module: str):
+        # PEFT's rule: a pattern key matches a module path if the path ends with it at a name boundary
+        for key, value in patterns.items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return None
+
+    def rank(self, module: str) -> int:
+        r = self._pattern(self.rank_pattern, module)
+        return self.r if r is None else int(r)
+
+    def scaling(self, module: str) -> float:
+        r = self.rank(module)
+        alpha = self._pattern(self.alpha_pattern, module)
+        alpha = self.lora_alpha if alpha is None else alpha
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_peft(self) -> dict:
+        d = asdict(self)
+        d.update(peft_type="LORA", task_type="CAUSAL_LM", bias="none", use_dora=False, fan_in_fan_out=False,
+                 modules_to_save=None, init_lora_weights=True, inference_mode=True,
+                 target_modules=sorted(set(self.target_modules)))
+        return d
+
+    @classmethod
+    def from_peft(cls, d: dict, source: str = "adapter_config.json") -> "AdapterConfig":
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{source}: peft_type {d['peft_type']!r} is not LORA")
+        for name, ok in UNSUPPORTED.items():
+            value = d.get(name, ok)
+            if value != ok and not (ok is None and not value):
+                raise ValueError(f"{source}: unsupported PEFT feature {name}={value!r}")
+        known = {f for f in cls.__dataclass_fields__} | set(UNSUPPORTED) | HARMLESS
+        for name, value in d.items():
+            if name not in known and value:
+                raise ValueError(f"{source}: unknown adapter field {name}={value!r}")
+        targets = d.get("target_modules") or []
+        if isinstance(targets, str):
+            raise ValueError(f"{source}: target_modules given as a regex ({targets!r}) is not supported; "
+                             f"list the module names")
+        r = d.get("r", 8)
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"{source}: r must be a positive int, got {r!r}")
+        return cls(r=r, lora_alpha=d.get("lora_alpha", 8), target_modules=list(targets),
+                   use_rslora=bool(d.get("use_rslora", False)), rank_pattern=d.get("rank_pattern") or {},
+                   alpha_pattern=d.get("alpha_pattern") or {}, lora_dropout=d.get("lora_dropout", 0.0),
+                   base_model_name_or_path=d.get("base_model_name_or_path"))
+
+
+def read_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder}: not an adapter folder (no {CONFIG_FILE})")
+    if not w_path.is_file():
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (only safetensors adapters are loaded)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = AdapterConfig.from_peft(raw, str(cfg_path))
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as e:
+        raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{w_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t.float()
+    weights = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{w_path}: module {module} has {sorted(ab)} but needs both lora_A and lora_B")
+        A, B = ab["lora_A"], ab["lora_B"]
+        if A.shape[0] != B.shape[1] or A.shape[0] != cfg.rank(module):
+            raise ValueError(f"{w_path}: module {module} has lora_A {tuple(A.shape)} and lora_B "
+                             f"{tuple(B.shape)}, not rank {cfg.rank(module)}")
+        weights[module] = (A, B)
+    return cfg, weights
+
+
+def write_adapter(folder: str | Path, cfg: AdapterConfig, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Write atomically enough for a server watching the folder: weights first, config last."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (A, B) in weights.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().float().contiguous().cpu()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+    save_file(tensors, str(folder / (WEIGHTS_FILE + ".tmp")), metadata={"format": "pt"})
+    (folder / (WEIGHTS_FILE + ".tmp")).replace(folder / WEIGHTS_FILE)
+    (folder / (CONFIG_FILE + ".tmp")).write_text(json.dumps(cfg.to_peft(), indent=2))
+    (folder / (CONFIG_FILE + ".tmp")).replace(folder / CONFIG_FILE)
+
+
+def validate_adapter(weights: dict, model, source: str = "adapter") -> None:
+    """Every adapted module exists in the model as a linear layer with matching shapes."""
+    modules = dict(model.named_modules())
+    for module, (A, B) in weights.items():
+        m = modules.get(module)
+        base = getattr(m, "base", m)      # LoRALinear wraps the original linear
+        if not isinstance(base, torch.nn.Linear):
+            raise ValueError(f"{source}: module {module} is not a linear layer of this model")
+        if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
+            raise ValueError(f"{source}: module {module} is {base.out_features}x{base.in_features} in the model "
+                             f"but the adapter has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+
+
+def safe_adapter_path(root: str | Path, name: str) -> Path:
+    """The folder of adapter `name` under `root`; names that could escape `root` are refused."""
+    if not name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
+        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' only")
+    root = Path(root).resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise ValueError(f"invalid adapter name {name!r}: escapes the adapter directory")
+    return path
