@@ -1,0 +1,269 @@
+"""Reinforcement fine-tuning with the GRPO family, as one flat loop.
+
+    rft train --task arithmetic --steps 100 --output runs/add
+    train(GRPOConfig(task="arithmetic", time_budget=600))
+
+Each step: take P prompts from the task's train split; sample G completions of each with the engine, which
+runs the model with its live LoRA adapter (no merge, no reload); score them with the rewards; turn rewards
+into group advantages; drop groups whose rewards are all equal (they carry no signal); then update the
+adapter on the clipped policy loss (rftkit.grpo_loss), with each prompt processed once per group
+(rftkit.grpo_forward). The loss is normalised over the whole batch, so micro-batching changes nothing and
+there is no divisibility rule to satisfy: any P, any G >= 2.
+
+`grpo_update(model, optimizer, rollouts, cfg)` is the update alone, callable on given rollouts (scale-out
+uses it). Rollouts are seeded by (seed, step), and checkpoints hold the adapter, the optimizer state and the
+step, so a killed run resumes exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rftkit.grpo_forward import group_logprobs
+from rftkit.grpo_loss import LossSpec, Totals, group_advantages, policy_loss
+from rftkit.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, lora_parameters, save_lora
+from rftkit.train_utils import MetricsLog, latest_checkpoint, load_checkpoint, lr_at, plot_curves, save_checkpoint
+
+
+@dataclass
+class GRPOConfig:
+    model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
+    task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
+    reward: list[str] = field(default_factory=list)   # extra rewards (built-in names or file.py:fn), added
+    reward_weights: list[float] = field(default_factory=list)  # weights of the extra rewards (default 1)
+    output: str = "rft-run"              # run folder: metrics, checkpoints, adapter, plots
+    steps: int = 100                     # training steps at most (0 = no limit)
+    time_budget: float = 0.0             # training seconds at most (0 = no limit)
+    prompts_per_step: int = 8            # P
+    group_size: int = 8                  # G completions per prompt
+    max_tokens: int = 32                 # new tokens per completion
+    temperature: float = 1.0             # rollout sampling temperature
+    top_p: float = 1.0                   # rollout nucleus mass
+    lr: float = 5e-4                     # AdamW learning rate of the adapter
+    warmup_steps: int = 3                # linear warm-up
+    weight_decay: float = 0.0            # AdamW weight decay
+    grad_clip: float = 1.0               # max gradient norm (0 = off)
+    lora_r: int = 16                     # LoRA rank
+    lora_alpha: float = 32.0             # LoRA alpha
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # LoRA target modules
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"  # loss aggregation
+    eps_low: float = 0.2                 # clip range below 1
+    eps_high: float = 0.28               # clip range above 1 (clip-higher)
+    importance: Literal["token", "sequence"] = "token"      # sequence = GSPO
+    beta: float = 0.0                    # KL to the base model (adapter off); 0 = none
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage std scaling
+    iterations: int = 1                  # optimisation passes per batch (old policy = engine log-probs)
+    dynamic_sampling: bool = True        # drop groups whose rewards are all equal
+    mask_truncated: bool = False         # no loss on completions cut at max_tokens
+    micro_batch_groups: int = 4          # groups per forward/backward (memory only: same gradients)
+    seed: int = 0                        # seeds rollouts (per step) and LoRA init
+    checkpoint_every: int = 10           # steps between checkpoints
+    resume: bool = False                 # continue from the latest checkpoint in output
+    on_reward_error: Literal["raise", "count"] = "raise"   # a raising reward stops the run, or is counted
+    log_samples: int = 2                 # completions shown per step in the metrics log
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare completions), got {self.group_size}")
+        for name in ("prompts_per_step", "max_tokens", "micro_batch_groups", "iterations", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps <= 0 and self.time_budget <= 0:
+            raise ValueError("set steps > 0 or time_budget > 0, or training never ends")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise ValueError(f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards")
+        self.spec()  # validates loss settings
+
+    def spec(self) -> LossSpec:
+        return LossSpec(self.loss_type, self.eps_low, self.eps_high, self.importance, self.beta, self.max_tokens)
+
+
+@dataclass
+class Rollouts:
+    prompts: list[list[int]]             # P prompts' token ids
+    completions: list[list[int]]         # P·G completions, group-major
+    rewards: torch.Tensor                # [P, G] total reward
+    old_logprobs: list[list[float]]      # the engine's log-probs of each completion token
+    truncated: list[bool]                # cut at max_tokens
+
+
+def _pad_rows(rows: list[list[float]], T: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r[:T])
+    return out
+
+
+def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Totals | None = None,
+                step_optimizer: bool = True) -> dict:
+    """One update of the policy on given rollouts. `totals` defaults to this batch's own; scale-out passes
+    the global batch's so that ranks' gradients sum to the single-process gradient."""
+    P, G = batch.rewards.shape
+    spec = cfg.spec()
+    adv = group_advantages(batch.rewards, cfg.scale_rewards)                       # [P, G]
+    keep = list(range(P))
+    if cfg.dynamic_sampling:
+        keep = [i for i in range(P) if batch.rewards[i].std() > 0] if G > 1 else keep
+    stats = {"groups_kept": len(keep), "zero_std_frac": 1 - len(keep) / P if cfg.dynamic_sampling else
+             float(sum(batch.rewards[i].std() == 0 for i in range(P))) / P}
+    if not keep:
+        return {**stats, "skipped": 1}
+    rows = [i * G + j for i in keep for j in range(G)]
+    valid_len = [len(batch.completions[r]) for r in rows]
+    if cfg.mask_truncated:
+        valid_len = [0 if batch.truncated[r] else n for r, n in zip(rows, valid_len)]
+    if totals is None:
+        totals = Totals(n_seqs=len(rows), n_tokens=sum(valid_len))
+    sums = {"clip_low_tokens": 0.0, "clip_high_tokens": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0, "loss": 0.0}
+    for _ in range(cfg.iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for c in range(0, len(keep), cfg.micro_batch_groups):
+            groups = keep[c:c + cfg.micro_batch_groups]
+            mb_rows = [i * G + j for i in groups for j in range(G)]
+            prompts = [batch.prompts[i] for i in groups]
+            comps = [batch.completions[r] for r in mb_rows]
+            ref = None
+            if spec.beta > 0:
+                with torch.no_grad(), lora_disabled(model):
+                    ref = group_logprobs(model, prompts, comps, G, cfg.temperature)[0]
+            logp, mask, ent, aux = group_logprobs(model, prompts, comps, G, cfg.temperature, with_entropy=True)
+            if cfg.mask_truncated:
+                mask = mask * torch.tensor([0.0 if batch.truncated[r] else 1.0 for r in mb_rows])[:, None]
+            old = logp.detach() if cfg.iterations == 1 else _pad_rows(
+                [batch.old_logprobs[r] for r in mb_rows], logp.shape[1]) * mask
+            a = adv[groups].flatten()
+            loss, st = policy_loss(logp, old, a, mask, spec, totals, ref)
+            for name, value in aux.items():   # MoE balancing losses, weighted by this share of the batch
+                loss = loss + value * len(mb_rows) / totals.n_seqs
+            loss.backward()
+            for k in ("clip_low_tokens", "clip_high_tokens", "kl_sum"):
+                sums[k] += st[k]
+            sums["entropy_sum"] += float((ent * mask).sum())
+            sums["loss"] += float(loss)
+        if cfg.grad_clip > 0:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.grad_clip))
+        if step_optimizer:
+            optimizer.step()
+    n = max(totals.n_tokens, 1) * cfg.iterations
+    stats.update(loss=sums["loss"] / cfg.iterations, clip_frac=(sums["clip_low_tokens"] + sums["clip_high_tokens"]) / n,
+                 kl=sums["kl_sum"] / n, entropy=sums["entropy_sum"] / n, skipped=0)
+    return stats
+
+
+def _seed(*parts) -> int:
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weights: dict, errors: dict):
+    """Sample G completions for P training prompts and score them."""
+    from rftkit.rewards import score_batch
+    from rftkit.sampling import SamplingParams
+    P, G = cfg.prompts_per_step, cfg.group_size
+    samples = [task.sample("train", step * P + i, seed=cfg.seed) for i in range(P)]
+    prompts = [tok.encode_chat(s["messages"]) for s in samples]
+    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, n=G,
+                             seed=_seed(cfg.seed, step, i), stop_token_ids=list(tok.eos_token_ids))
+              for i in range(P)]
+    groups = engine.generate(prompts, params)
+    comps = [c for g in groups for c in g]
+    texts = [tok.decode(c.token_ids) for c in comps]
+    expanded = [s for s in samples for _ in range(G)]
+    scores = score_batch(rewards, texts, expanded, on_error=cfg.on_reward_error, errors=errors)
+    total = sum(torch.tensor(v) * weights[k] for k, v in scores.items()).view(P, G)
+    batch = Rollouts(prompts, [c.token_ids for c in comps], total.float(), [c.logprobs for c in comps],
+                     [c.finish_reason == "length" for c in comps])
+    return batch, scores, texts, expanded
+
+
+def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = True, on_step=None) -> dict:
+    """Run GRPO; returns {"steps", "seconds", "adapter"}. `on_step(step, row)` is called after each step."""
+    from rftkit.engine import Engine
+    from rftkit.loading import load
+    from rftkit.rewards import load_reward
+    from rftkit.tasks import get_task
+    if model is None:
+        model, tok = load(cfg.model)
+    task = task or get_task(cfg.task)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if not lora_modules(model):
+        apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    rewards = {"task": task.default_reward}
+    weights = {"task": 1.0}
+    for i, spec in enumerate(cfg.reward):
+        rewards[spec] = load_reward(spec)
+        weights[spec] = cfg.reward_weights[i] if cfg.reward_weights else 1.0
+    log = MetricsLog(out / "metrics.jsonl")
+    start, elapsed = 0, 0.0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out / "checkpoints")
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer)
+            start, elapsed = state["step"], state["elapsed"]
+            print(f"rft train: resumed from {ckpt} (step {start}, {elapsed:.0f} s trained)")
+    (out / "config.json").write_text(__import__("json").dumps(asdict(cfg), indent=1))
+    longest_prompt = max(len(tok.encode_chat(task.sample("train", i, cfg.seed)["messages"])) for i in range(64))
+    engine = Engine(model, max_seq_len=longest_prompt * 2 + cfg.max_tokens + 64,
+                    max_batch=cfg.prompts_per_step * cfg.group_size, kv_budget_bytes=4 << 30)
+    errors: dict = {}
+    total_steps = cfg.steps if cfg.steps > 0 else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps or None, initial=start, desc="rft train", unit="step", dynamic_ncols=True)
+    step = start
+    while (cfg.steps <= 0 or step < cfg.steps) and (cfg.time_budget <= 0 or elapsed < cfg.time_budget):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps)
+        model.eval()
+        batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors)
+        t_gen = time.perf_counter() - t0
+        model.train()
+        upd = grpo_update(model, optimizer, batch, cfg)
+        model.eval()
+        step += 1
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        n_tok = sum(len(c) for c in batch.completions)
+        row = {"step": step, "time": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
+               "reward": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
+               "accuracy": float(sum(v >= 1 for v in scores["task"]) / len(texts)),
+               "completion_len": n_tok / len(texts), "truncated_frac": sum(batch.truncated) / len(texts),
+               "gen_s": round(t_gen, 2), "step_s": round(dt, 2), "tok_per_s": round(n_tok / t_gen, 1),
+               **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
+               "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
+                           for i in range(min(cfg.log_samples, len(texts)))]}
+        if errors:
+            row["reward_errors"] = {k: dict(v) for k, v in errors.items()}
+        log.write(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
+                            len=f"{row['completion_len']:.0f}", s=f"{dt:.1f}")
+        if on_step is not None:
+            on_step(step, row)
+        if step % cfg.checkpoint_every == 0:
+            save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
+    if bar is not None:
+        bar.close()
+    save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
+    save_lora(model, out / "adapter", base=cfg.model or "smollm2-135m-instruct")
+    rows = log.read()
+    if rows:
+        plot_curves(rows, "step", ["reward", "accuracy"], out / "reward.png", title="GRPO training")
+    return {"steps": step, "seconds": elapsed, "adapter": str(out / "adapter"), "reward_errors": errors}
+
+
+def run_grpo(cfg: GRPOConfig) -> int:
+    result = train(cfg)
+    print(f"rft train: {result['steps']} steps in {result['seconds']:.0f} s; adapter saved to {result['adapter']}")
+    return 0
