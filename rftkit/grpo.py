@@ -145,7 +145,7 @@ def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Tota
             for k in ("clip_low_tokens", "clip_high_tokens", "kl_sum"):
                 sums[k] += st[k]
             sums["entropy_sum"] += float((ent * mask).sum())
-            sums["loss"] += float(loss)
+            sums["loss"] += float(loss.detach())
         if cfg.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.grad_clip))
         if step_optimizer:

@@ -1,0 +1,120 @@
+"""Evaluation: accuracy and pass@k of a model (+ adapter) on a task split, locally through the engine or
+against any OpenAI-compatible endpoint.
+
+    rft eval --task arithmetic --split test --n 200 --adapter rft-demo/adapter
+    result = evaluate(model, tok, task, split="test", n=200)
+
+A completion counts as correct when the task's reward gives it >= 1. pass@k uses the unbiased estimator
+1 - C(n-c, k) / C(n, k) over `samples` completions per problem (Codex paper).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class EvalConfig:
+    model: str | None = None             # model folder / .gguf / None = embedded (ignored with --base-url)
+    adapter: str | None = None           # LoRA adapter folder (PEFT format)
+    task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
+    split: str = "test"                  # train, validation or test
+    n: int = 200                         # problems
+    samples: int = 1                     # completions per problem (pass@k needs samples >= k)
+    k: int = 1                           # pass@k
+    temperature: float = 0.0             # 0 = greedy (samples must then be 1)
+    max_tokens: int = 32                 # new tokens per completion
+    seed: int = 0                        # which problems (order of the split) and sampling
+    base_url: str | None = None          # evaluate an OpenAI-compatible server instead of a local model
+    served_model: str | None = None      # the `model` field sent to --base-url
+    output: str | None = None            # write the per-problem results as JSONL here
+
+    def __post_init__(self):
+        if self.k > self.samples:
+            raise ValueError(f"pass@{self.k} needs samples >= {self.k}, got samples={self.samples}")
+        if self.temperature == 0 and self.samples > 1:
+            raise ValueError(f"greedy decoding gives the same completion every time: samples={self.samples} "
+                             f"needs temperature > 0")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(model, tok, task, split: str = "test", n: int = 200, samples: int = 1, k: int = 1,
+             temperature: float = 0.0, max_tokens: int = 32, seed: int = 0, progress: bool = True,
+             engine=None) -> dict:
+    from rftkit.engine import Engine
+    from rftkit.sampling import SamplingParams
+    problems = task.samples(split, n, seed=seed)
+    prompts = [tok.encode_chat(p["messages"]) for p in problems]
+    if engine is None:
+        engine = Engine(model, max_seq_len=max(map(len, prompts)) + max_tokens + 8, max_batch=64)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, n=samples, seed=seed,
+                            stop_token_ids=list(tok.eos_token_ids))
+    t0 = time.perf_counter()
+    groups = engine.generate(prompts, params, progress=progress)
+    texts = [[tok.decode(c.token_ids) for c in g] for g in groups]
+    return _score(task, problems, texts, k, time.perf_counter() - t0)
+
+
+def _score(task, problems, texts, k, seconds) -> dict:
+    rows, correct = [], []
+    for p, outs in zip(problems, texts):
+        scores = [task.default_reward(t, p) for t in outs]
+        c = sum(s >= 1 for s in scores)
+        correct.append(c)
+        rows.append({"id": p.get("id"), "completions": outs, "scores": scores})
+    n_s = len(texts[0])
+    return {"accuracy": sum(correct) / (len(correct) * n_s), f"pass@{k}": sum(pass_at_k(n_s, c, k) for c in correct)
+            / len(correct), "n": len(problems), "seconds": seconds, "rows": rows}
+
+
+def evaluate_remote(base_url: str, served_model: str, task, split="test", n=200, samples=1, k=1,
+                    temperature=0.0, max_tokens=32, seed=0, api_key: str | None = None) -> dict:
+    """The same evaluation against an OpenAI-compatible chat endpoint (our server, vLLM, ...)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+    client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none"))
+    problems = task.samples(split, n, seed=seed)
+    t0 = time.perf_counter()
+
+    def ask(p):
+        r = client.chat.completions.create(model=served_model, messages=p["messages"], n=samples,
+                                           temperature=temperature, max_tokens=max_tokens, seed=seed)
+        return [c.message.content or "" for c in r.choices]
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(ask, problems))
+    return _score(task, problems, texts, k, time.perf_counter() - t0)
+
+
+def run_eval(cfg: EvalConfig) -> int:
+    from rftkit.tasks import get_task
+    task = get_task(cfg.task)
+    if cfg.base_url:
+        if not cfg.served_model:
+            raise ValueError("--base-url needs --served-model (the `model` field to send)")
+        result = evaluate_remote(cfg.base_url, cfg.served_model, task, cfg.split, cfg.n, cfg.samples, cfg.k,
+                                 cfg.temperature, cfg.max_tokens, cfg.seed)
+    else:
+        from rftkit.loading import load
+        from rftkit.lora import load_lora
+        model, tok = load(cfg.model)
+        if cfg.adapter:
+            load_lora(model, cfg.adapter)
+        result = evaluate(model, tok, task, cfg.split, cfg.n, cfg.samples, cfg.k, cfg.temperature,
+                          cfg.max_tokens, cfg.seed)
+    if cfg.output:
+        with open(Path(cfg.output), "w") as f:
+            for row in result["rows"]:
+                f.write(json.dumps(row) + "\n")
+    print(f"{task.name} {cfg.split}: accuracy {result['accuracy']:.3f}, pass@{cfg.k} {result[f'pass@{cfg.k}']:.3f} "
+          f"on {result['n']} problems ({result['seconds']:.1f} s)")
+    return 0

@@ -1,0 +1,97 @@
+"""Rewards and tasks: built-ins on hand-made cases, loud failures, disjoint splits, reasoning-gym."""
+import math
+
+import pytest
+
+from rftkit.rewards import (RewardError, exact_match, format_regex, last_integer, load_reward, math_equivalence,
+                            numeric_match, score_batch, soft_overlong, weighted)
+from rftkit.tasks import SPLITS, arithmetic, countdown_reward, get_task, jsonl
+
+
+def test_builtin_rewards():
+    s = {"answer": 46}
+    assert last_integer("12 + 34 = 46", s) == 1.0
+    assert last_integer("46 is wrong, it is 47", s) == 0.0
+    assert last_integer("no number", s) == 0.0
+    assert numeric_match("about 3.14159", {"answer": "3.14159"}) == 1.0
+    assert exact_match("  Paris \n", {"answer": "Paris"}) == 1.0 and exact_match("paris", {"answer": "Paris"}) == 0
+    assert math_equivalence("The answer is $\\frac{1}{2}$", {"answer": "0.5"}) == 1.0
+    assert format_regex(r"<answer>\d+</answer>")("<answer>12</answer>", {}) == 1.0
+    long = soft_overlong(100, 20)
+    assert long("x" * 80, {}) == 0.0 and long("x" * 90, {}) == -0.5 and long("x" * 500, {}) == -1.0
+    both = weighted({"a": (last_integer, 2.0), "b": (lambda c, s: 1.0, 0.5)})
+    assert both("46", s) == 2.5
+    assert countdown_reward("(3 + 5) * 2", {"numbers": [2, 3, 5], "target": 16}) == 1.0
+    assert countdown_reward("3 * 5 + 5", {"numbers": [2, 3, 5], "target": 20}) == 0.0      # 5 used twice
+    assert countdown_reward("__import__('os')", {"numbers": [1], "target": 1}) == 0.0      # never evaluated
+
+
+def test_score_batch_checks_values_and_errors_loudly(tmp_path):
+    samples = [{"answer": 1}, {"answer": 2}]
+    assert score_batch({"li": last_integer}, ["1", "3"], samples) == {"li": [1.0, 0.0]}
+    with pytest.raises(RewardError, match=r"reward 'bad' returned None .* sample \{'answer': 1\}"):
+        score_batch({"bad": lambda c, s: None}, ["1", "2"], samples)
+    with pytest.raises(RewardError, match="returned nan"):
+        score_batch({"nan": lambda c, s: math.nan}, ["1", "2"], samples)
+    with pytest.raises(RewardError, match=r"reward 'boom' raised KeyError: 'missing' on sample"):
+        score_batch({"boom": lambda c, s: s["missing"]}, ["1", "2"], samples)
+    errors = {}
+    out = score_batch({"boom": lambda c, s: s["missing"]}, ["1", "2"], samples, on_error="count", errors=errors)
+    assert out == {"boom": [0.0, 0.0]} and errors["boom"]["count"] == 2 and "KeyError" in errors["boom"]["first"]
+
+
+def test_load_reward_from_file_and_errors(tmp_path):
+    (tmp_path / "good.py").write_text("def short(completion, sample):\n    return float(len(completion) < 5)\n")
+    assert load_reward(f"{tmp_path / 'good.py'}:short")("abc", {}) == 1.0
+    with pytest.raises(ValueError, match=r"has no function 'long'; it defines \['short'\]"):
+        load_reward(f"{tmp_path / 'good.py'}:long")
+    (tmp_path / "broken.py").write_text("import not_a_module_xyz\n")
+    with pytest.raises(ValueError, match="broken.py failed to import: ModuleNotFoundError"):
+        load_reward(f"{tmp_path / 'broken.py'}:f")
+    with pytest.raises(ValueError, match="unknown reward 'lastint'"):
+        load_reward("lastint")
+
+
+def test_arithmetic_demo_task_and_disjoint_splits():
+    task = arithmetic()
+    ids = {s: {p["id"] for p in task.problems[s]} for s in SPLITS}
+    assert sum(map(len, ids.values())) == 90 * 90
+    assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["validation"]) \
+        and not (ids["validation"] & ids["test"])
+    assert task.size("test") >= 1000
+    s = task.sample("test", 0, seed=0)
+    a, b = map(int, s["id"].split("+"))
+    assert 10 <= a <= 99 and 10 <= b <= 99 and s["answer"] == a + b
+    assert s["messages"] == [{"role": "user", "content": f"What is {a} + {b}? Answer with just the number."}]
+    assert task.sample("train", 5, seed=1) == task.sample("train", 5, seed=1)
+
+
+def test_unknown_task_and_bad_jsonl_line(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'arith'"):
+        get_task("arith")
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "hi", "answer": "x"}\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        jsonl(str(f))
+
+
+# generators that publish no reference answer (answer is None: only a solution checker), and the one
+# that needs a configuration of sub-datasets to exist at all
+NO_REFERENCE = {"boxnet", "graph_color", "propositional_logic", "rubiks_cube", "rush_hour"}
+NEEDS_CONFIG = {"composite"}
+
+
+def test_reasoning_gym_answers_score_one_through_our_wrapper():
+    from reasoning_gym.factory import DATASETS
+    failed, no_reference = [], set()
+    for name in sorted(set(DATASETS) - NEEDS_CONFIG):
+        task = get_task(f"rg:{name}", size=4, seed=1)
+        for split in SPLITS:
+            for p in task.problems[split][:1]:
+                if p["answer"] is None:
+                    no_reference.add(name)
+                elif task.default_reward(str(p["answer"]), p) != 1.0:
+                    failed.append(name)
+    assert failed == []
+    assert no_reference == NO_REFERENCE
+    assert len(DATASETS) - len(NO_REFERENCE) - len(NEEDS_CONFIG) >= 100
