@@ -25,7 +25,7 @@ class DemoConfig:
     eval_n: int = 200                    # held-out problems evaluated before and after
     prompts_per_step: int = 8            # P prompts per step
     group_size: int = 8                  # G completions per prompt
-    train_max_tokens: int = 16           # rollout length during training (evaluation always uses 32)
+    train_max_tokens: int = 32           # rollout length during training (evaluation uses 32)
     lr: float = 5e-4                     # adapter learning rate
     lora_r: int = 16                     # LoRA rank
     seed: int = 0                        # rollouts and LoRA init
