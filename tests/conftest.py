@@ -10,7 +10,7 @@ from rftkit.model import ModelConfig, Transformer
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    """~40k parameters: V=97, D=32, 2 layers, 4 heads (2 kv) of 8."""
+    """~22k parameters: V=97, D=32, 2 layers, 4 heads (2 kv) of 8."""
     base = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
                 max_seq_len=256)
     base.update(overrides)

@@ -76,20 +76,39 @@ def test_padding_positions_do_not_change_real_rows():
     assert torch.allclose(a, b[:, :6], atol=1e-6)
 
 
-@pytest.mark.slow
-def test_real_smollm2_matches_transformers_over_64_greedy_steps():
-    from rftkit.loading import ensure_embedded, load_tokenizer
-    folder = ensure_embedded()
-    ours, tok = load_model(None), load_tokenizer(None)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "Write a long story about a robot who learns to paint."}])])
+def _greedy(model, ids, steps):
+    """Our greedy decode with the KV cache, `steps` tokens (no stopping at eos)."""
+    cache, out, x = KVCache(model.cfg.n_layers), [], ids
     with torch.no_grad():
-        assert (ref(ids).logits - ours(ids)[0]).abs().max() <= 1e-3
-        expected = ref.generate(ids, max_new_tokens=64, do_sample=False)[0, ids.shape[1]:]
-        assert len(expected) == 64, "the prompt should not end within 64 tokens"
-        cache, out, x = KVCache(ours.cfg.n_layers), [], ids
-        for _ in range(64):
-            logits, _ = ours(x, cache=cache)
+        for _ in range(steps):
+            logits, _ = model(x, cache=cache)
             x = logits[:, -1:].argmax(-1)
             out.append(int(x))
-    assert out == expected.tolist()
+    return out
+
+
+@pytest.mark.slow
+def test_real_smollm2_matches_transformers_loading_the_same_gguf():
+    """The embedded model as we convert and run it vs transformers' own GGUF loader (dequantize + unpermute)."""
+    from rftkit.loading import _find_embedded_gguf, ensure_embedded, load_tokenizer
+    ensure_embedded()
+    gguf_path = _find_embedded_gguf()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                            dtype=torch.float32).eval()
+    ours, tok = load_model(None), load_tokenizer(None)
+    story = torch.tensor([tok.encode_chat([{"role": "user", "content": "Write a long story about a robot who "
+                                                                       "learns to paint."}])])
+    with torch.no_grad():
+        assert (ref(story).logits - ours(story)[0]).abs().max() <= 1e-3
+        expected = ref.generate(story, max_new_tokens=64, do_sample=False)[0, story.shape[1]:]
+    assert len(expected) == 64, "the story should not end within 64 tokens"
+    assert _greedy(ours, story, 64) == expected.tolist()
+    # a chat prompt to the end of the answer: same tokens, same text
+    prompt = "What is 12 + 34? Answer with just the number."
+    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": prompt}])])
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_token_ids)
+    expected = expected[0, ids.shape[1]:].tolist()
+    ours_ids = _greedy(ours, ids, len(expected))
+    assert ours_ids == expected and expected[-1] in tok.eos_token_ids
+    print(f"\n{prompt!r} -> {tok.decode(ours_ids)!r}")
