@@ -121,9 +121,11 @@ def test_gguf_matches_transformers_gguf_loader(case, tmp_path, monkeypatch):
         w, w0 = ours.model.layers[0].mlp.up_proj.weight, src.model.layers[0].mlp.up_proj.weight
         assert 0 < (w - w0).abs().max() < 0.1 * w0.abs().max()
     # the converted folder carries the tokenizer and chat template that transformers reads from the GGUF
-    tok, ref_tok = load_tokenizer(str(path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    tok = load_tokenizer(str(path))
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     msgs = [{"role": "user", "content": "hello, wörld"}]
-    assert tok.apply_chat_template(msgs) == ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    expected = ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(msgs) == expected
     assert tok.encode_chat(msgs) == ref_tok.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
     assert tok.eos_token_ids == [EOS] and ours.cfg.eos_token_id == [EOS]
     folder = loading.resolve(str(path))

@@ -37,7 +37,7 @@ KITCHEN_SINK = """{%- set ns = namespace(system=none, n=0) -%}
 <|im_end|>
 {% endfor %}
 {% if ns.system %}[system: {{ ns.system | tojson }}]{% endif %}
-{% if add_generation_prompt %}<|im_start|>assistant{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}
+{% if add_generation_prompt %}<|im_start|>assistant{% if enable_thinking is false %} /no_think{% endif %}
 {% endif %}
 {{ pad_token }}|{{ unk_token is defined }}|{{ strftime_now('%Y') }}|{{ dict(a=1) | tojson }}"""
 
@@ -60,7 +60,8 @@ def tok_dir(tmp_path):
 def _metaspace_dir(path):
     """A SentencePiece-style tokenizer (Llama 2 / Mistral): metaspace, byte fallback, leading space stripped."""
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    merges = [("a", "t"), ("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("▁", "c"), ("▁c", "at"), ("▁", "s"), ("▁s", "at")]
+    merges = [("a", "t"), ("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("▁", "c"), ("▁c", "at"),
+              ("▁", "s"), ("▁s", "at")]
     pieces += ["▁", "a", "t", "c", "s", "m", "o", "n", "h", "e"] + ["".join(m) for m in merges]
     backend = Backend(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>",
                                  byte_fallback=True, fuse_unk=True))
@@ -105,6 +106,7 @@ def test_template_environment_matches_transformers(tok_dir):
             expected = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **kwargs)
             assert ours.apply_chat_template(msgs, add_generation_prompt=gen, **kwargs) == expected
     assert "<think>greet back</think>" in expected and "(name=bot)" in expected and "name=None" not in expected
+    assert "assistant /no_think" in ours.apply_chat_template(msgs, enable_thinking=False)
     bad = msgs + [{"role": "tool_x", "content": "?"}]
     with pytest.raises(jinja2.TemplateError, match="unknown role tool_x") as theirs:
         ref.apply_chat_template(bad, tokenize=False)
