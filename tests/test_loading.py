@@ -61,6 +61,7 @@ def write_gguf(path, state: dict, cfg: ModelConfig, arch="llama", tokenizer=True
         w.add_chat_template(TEMPLATE)
     else:
         w.add_eos_token_id(2)
+        w.add_eot_token_id(3)     # chat models (Llama 3) end turns with another token
     inverse = {v: k for k, v in loading.GGUF_NAMES.items()}
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -199,7 +200,9 @@ def test_gguf_without_tokenizer_loads_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("RFTKIT_CACHE", str(tmp_path / "cache"))
     model = tiny_model()
     path = write_gguf(tmp_path / "m.gguf", model.state_dict(), model.cfg, tokenizer=False)
-    assert torch.equal(_logits(load_model(str(path)), IDS % 97), _logits(model, IDS % 97))
+    loaded = load_model(str(path))
+    assert torch.equal(_logits(loaded, IDS % 97), _logits(model, IDS % 97))
+    assert loaded.cfg.eos_token_id == [2, 3]
     with pytest.raises(FileNotFoundError, match="tokenizer.json: no tokenizer.json"):
         load_tokenizer(str(path))
 
