@@ -260,9 +260,9 @@ def test_router_bias_update_moves_load_toward_balance():
         update_router_bias(model, rate=0.01)
     assert spread[0] > 100 and max(spread[-10:]) < 0.2 * spread[0], spread      # sign steps end in a small cycle
     assert ffn.load_since_update.sum() == 0                 # counted per update, then reset
-    weights, experts = route(ffn.gate(x[0]), ffn.mc, ffn.e_score_correction_bias)
+    weights, experts = route(ffn.gate(x[0]), ffn.mc, ffn.gate.e_score_correction_bias)
     assert torch.equal(weights, ffn.gate(x[0]).float().softmax(-1).gather(1, experts))   # bias: selection only
-    assert "model.layers.0.mlp.e_score_correction_bias" in model.state_dict()
+    assert "model.layers.0.mlp.gate.e_score_correction_bias" in model.state_dict()
 
 
 # ----------------------------------------------------------------------------------------------------------
