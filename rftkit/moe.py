@@ -33,7 +33,7 @@ Balancing (losses come back already weighted, the trainers add them):
 - Router z-loss `z_coef * mean_t logsumexp(logits_t)^2` (ST-MoE).
 - Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for *selection only*;
   the trainer calls `update_router_bias(model, rate)` after each optimizer step: b_i += rate*sign(mean - load_i).
-Each MoE module keeps `last_counts` [E] (assignments per expert, last forward) and `last_dropped` for logging.
+Each MoE module keeps `expert_counts` [E] (assignments per expert, last forward) and `dropped` for logging.
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ class Router(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """x [B, T, D] -> (out [B, T, D], aux losses). Keeps `last_counts` [E] and `last_dropped` for logging."""
+    """x [B, T, D] -> (out [B, T, D], aux losses). Keeps `expert_counts` [E] and `dropped` for logging."""
 
     def __init__(self, cfg: ModelConfig, mc: MoEConfig):
         super().__init__()
@@ -226,8 +226,8 @@ class MoEFeedForward(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False)
         if mc.bias_balancing:
             self.register_buffer("load_since_update", torch.zeros(mc.n_experts), persistent=False)
-        self.last_counts = torch.zeros(mc.n_experts, dtype=torch.long)
-        self.last_dropped = 0
+        self.expert_counts = torch.zeros(mc.n_experts, dtype=torch.long)
+        self.dropped = 0
 
     def forward(self, x: torch.Tensor):
         B, T, D = x.shape
@@ -247,8 +247,8 @@ class MoEFeedForward(nn.Module):
             out = out + shared
         with torch.no_grad():
             counts = torch.bincount(experts.reshape(-1), minlength=mc.n_experts)
-            self.last_counts = counts
-            self.last_dropped = 0 if capacity is None else int((counts - capacity).clamp(min=0).sum())
+            self.expert_counts = counts
+            self.dropped = 0 if capacity is None else int((counts - capacity).clamp(min=0).sum())
             if mc.bias_balancing and self.training:
                 self.load_since_update += counts
         aux = {}
@@ -274,7 +274,7 @@ def moe_modules(model: nn.Module) -> dict[int, MoEFeedForward]:
 
 def expert_load(model: nn.Module) -> dict[int, torch.Tensor]:
     """{layer: assignments per expert [E]} of the last forward, for logging."""
-    return {i: m.last_counts.clone() for i, m in moe_modules(model).items()}
+    return {i: m.expert_counts.clone() for i, m in moe_modules(model).items()}
 
 
 @torch.no_grad()
@@ -449,7 +449,9 @@ def convert_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict
 def upcycle_dense(model: Transformer, n_experts: int, top_k: int, router_std: float = 0.02,
                   seed: int = 0, **moe_overrides) -> Transformer:
     """Dense model -> `rftkit_moe`: every MLP copied into E experts, a new random router (Komatsuzaki et al.
-    2023). Renormalised top-k weights sum to 1 over identical experts, so outputs equal the dense model's."""
+    2023). Renormalised top-k weights sum to 1 over identical experts, so outputs equal the dense model's.
+    While the experts are identical the LM loss gives the router no gradient (only the balance/z losses do);
+    experts diverge because they see different tokens, and routing follows."""
     cfg = model.cfg
     if cfg.moe is not None or cfg.mlp_bias:
         raise ValueError(f"upcycle_dense needs a dense model without MLP bias (moe={cfg.moe}, "

@@ -68,7 +68,7 @@ def test_module_dispatch_modes_agree_and_count_drops():
     out_loop, aux_loop = ffn(x)
     assert (out_fast - out_loop).abs().max() < 1e-5 and aux_fast.keys() == {"moe_balance", "moe_z"}
     cap = -(-0.75 * 20 * 2 // 4)                          # ceil(c * N * K / E) = 8
-    assert ffn.last_counts.sum() == 40 and ffn.last_dropped == int((ffn.last_counts - cap).clamp(min=0).sum())
+    assert ffn.expert_counts.sum() == 40 and ffn.dropped == int((ffn.expert_counts - cap).clamp(min=0).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,6 +165,21 @@ def test_transformers_loads_what_we_save(model_type, tmp_path):
         assert (back(ids).logits - ours(ids)[0]).abs().max() < 1e-4
 
 
+def test_our_moe_checkpoint_round_trips_through_the_loader(tmp_path):
+    torch.manual_seed(0)
+    cfg = _moe_cfg(**(MOE_PRESETS["llama4"] | dict(n_experts=4, shared_ffn_dim=24, bias_balancing=True)))
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.5, -0.5, 0.0, 1.0]))
+    save_model_folder(model, tmp_path)
+    back = load_model(str(tmp_path))
+    ids = torch.randint(0, 97, (2, 9))
+    assert back.cfg == config_from_hf(cfg.to_hf())
+    assert torch.equal(back.model.layers[1].mlp.gate.e_score_correction_bias, torch.tensor([0.5, -0.5, 0.0, 1.0]))
+    with torch.no_grad():
+        assert torch.equal(back(ids)[0], model(ids)[0])
+
+
 def test_configs_round_trip_through_hf_dicts():
     for model_type in HF_CASES:
         cfg = config_from_hf(_reference(model_type).config.to_dict())
@@ -256,7 +271,7 @@ def test_router_bias_update_moves_load_toward_balance():
     for _ in range(60):
         with torch.no_grad():
             ffn(x)
-        spread.append((ffn.last_counts.max() - ffn.last_counts.min()).item())
+        spread.append((ffn.expert_counts.max() - ffn.expert_counts.min()).item())
         update_router_bias(model, rate=0.01)
     assert spread[0] > 100 and max(spread[-10:]) < 0.2 * spread[0], spread      # sign steps end in a small cycle
     assert ffn.load_since_update.sum() == 0                 # counted per update, then reset
