@@ -89,7 +89,7 @@ MOE_PRESETS = {
     "qwen2_moe": dict(n_experts=60, top_k=4, renormalize=False, shared_ffn_dim=512, shared_gate=True),
     "qwen3_moe": dict(n_experts=128, top_k=8, renormalize=True),
     "llama4": dict(n_experts=16, top_k=1, score="sigmoid", renormalize=False, scale_input=True,
-                   shared_ffn_dim=128, moe_layers=[1, 3]),
+                   shared_ffn_dim=128, moe_layers=[1, 3]),   # L layers: moe_layers=list(range(1, L, 2))
     "rftkit": dict(n_experts=8, top_k=2, renormalize=True, balance_coef=0.01, z_coef=0.001),
 }
 
