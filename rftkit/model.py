@@ -93,7 +93,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         attention_bias = bool(hf.get("attention_bias", False))
-        return cls(
+        kw = dict(
             vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=hf.get("head_dim") or dim // n_heads,
@@ -106,6 +106,10 @@ class ModelConfig:
             sliding_window=window, window_layers=window_layers, model_type=model_type,
             bos_token_id=hf.get("bos_token_id"), eos_token_id=eos, moe=_moe_fields(hf),
         )
+        if kw["moe"] is not None:
+            from rftkit.moe import model_fields_from_hf  # attention flags of the MoE families
+            kw.update(model_fields_from_hf(hf))
+        return cls(**kw)
 
     def to_hf(self) -> dict:
         """A config.json dict that `transformers` reads back into the same architecture."""
