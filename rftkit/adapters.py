@@ -1,6 +1,7 @@
 """LoRA adapter files in PEFT's format, shared by the engine, the trainers and the server.
 
     cfg, weights = read_adapter("my-adapter")        # weights: {module path: (A [R, in], B [out, R])}
+    validate_adapter(cfg, weights, model, "my-adapter")
 
 A folder holds `adapter_config.json` and `adapter_model.safetensors` with PEFT's key names
 (`base_model.model.<module>.lora_A.weight`), so PEFT, vLLM and LoRAX load our adapters and we load theirs.
@@ -25,7 +26,7 @@ PREFIX = "base_model.model."
 UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "bias": "none", "fan_in_fan_out": False,
                "layers_to_transform": None, "layer_replication": None, "lora_bias": False,
                "target_parameters": None, "trainable_token_indices": None, "use_qalora": False}
-# fields that do not change inference
+# fields that do not change what a trained adapter computes (init methods, training-time options, bookkeeping)
 HARMLESS = {"base_model_name_or_path", "revision", "task_type", "peft_type", "inference_mode", "auto_mapping",
             "init_lora_weights", "layers_pattern", "lora_dropout", "megatron_config", "megatron_core",
             "loftq_config", "eva_config", "corda_config", "runtime_config", "exclude_modules",
@@ -35,14 +36,15 @@ HARMLESS = {"base_model_name_or_path", "revision", "task_type", "peft_type", "in
 
 @dataclass
 class AdapterConfig:
-    r: int = 16
-    lora_alpha: float = 32
-    target_modules: list[str] = field(default_factory=list)
-    use_rslora: bool = False
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-    lora_dropout: float = 0.0
+    r: int = 16                                        # default rank R
+    lora_alpha: float = 32                             # default alpha: scaling = alpha / r
+    target_modules: list[str] | str = field(default_factory=list)   # names, or PEFT's full-match regex
+    use_rslora: bool = False                           # scaling = alpha / sqrt(r)
+    rank_pattern: dict = field(default_factory=dict)   # module-path suffix (regex) -> rank
+    alpha_pattern: dict = field(default_factory=dict)  # module-path suffix (regex) -> alpha
+    lora_dropout: float = 0.0                          # training only
     base_model_name_or_path: str | None = None
+    bias: str = "none"                                 # the only supported value
 
     def _pattern(self, patterns: dict, module: str):
         # PEFT's rule: a pattern key matches a module path if the path ends with it at a name boundary
@@ -65,7 +67,8 @@ class AdapterConfig:
         d = asdict(self)
         d.update(peft_type="LORA", task_type="CAUSAL_LM", bias="none", use_dora=False, fan_in_fan_out=False,
                  modules_to_save=None, init_lora_weights=True, inference_mode=True,
-                 target_modules=sorted(set(self.target_modules)))
+                 target_modules=(self.target_modules if isinstance(self.target_modules, str)
+                                 else sorted(set(self.target_modules))))
         return d
 
     @classmethod
@@ -80,14 +83,13 @@ class AdapterConfig:
         for name, value in d.items():
             if name not in known and value:
                 raise ValueError(f"{source}: unknown adapter field {name}={value!r}")
+        # which modules are adapted is read from the weights; target_modules is kept for writing back
         targets = d.get("target_modules") or []
-        if isinstance(targets, str):
-            raise ValueError(f"{source}: target_modules given as a regex ({targets!r}) is not supported; "
-                             f"list the module names")
         r = d.get("r", 8)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"{source}: r must be a positive int, got {r!r}")
-        return cls(r=r, lora_alpha=d.get("lora_alpha", 8), target_modules=list(targets),
+        return cls(r=r, lora_alpha=d.get("lora_alpha", 8),
+                   target_modules=targets if isinstance(targets, str) else list(targets),
                    use_rslora=bool(d.get("use_rslora", False)), rank_pattern=d.get("rank_pattern") or {},
                    alpha_pattern=d.get("alpha_pattern") or {}, lora_dropout=d.get("lora_dropout", 0.0),
                    base_model_name_or_path=d.get("base_model_name_or_path"))
@@ -143,10 +145,13 @@ def write_adapter(folder: str | Path, cfg: AdapterConfig, weights: dict[str, tup
     (folder / (CONFIG_FILE + ".tmp")).replace(folder / CONFIG_FILE)
 
 
-def validate_adapter(weights: dict, model, source: str = "adapter") -> None:
-    """Every adapted module exists in the model as a linear layer with matching shapes."""
+def validate_adapter(cfg: AdapterConfig, weights: dict, model, source: str = "adapter") -> None:
+    """Every adapted module exists in the model as a linear layer with matching shapes and the config's rank."""
     modules = dict(model.named_modules())
     for module, (A, B) in weights.items():
+        if A.shape[0] != cfg.rank(module) or B.shape[1] != A.shape[0]:
+            raise ValueError(f"{source}: module {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                             f"not rank {cfg.rank(module)} as adapter_config.json says")
         m = modules.get(module)
         base = getattr(m, "base", m)      # LoRALinear wraps the original linear
         if not isinstance(base, torch.nn.Linear):

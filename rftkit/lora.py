@@ -87,7 +87,7 @@ class LoRALinear(nn.Module):
 def _targets(model: nn.Module, targets: list[str]) -> list[str]:
     names = []
     for path, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or path == "lm_head":
+        if not isinstance(m, (nn.Linear, LoRALinear)) or path == "lm_head" or path.endswith(".base"):
             continue
         if "all-linear" in targets or path.rsplit(".", 1)[-1] in targets:
             names.append(path)
@@ -130,9 +130,18 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
 
 
+def lora_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (A [R, in], B [out, R])}, the weights `write_adapter` takes."""
+    return {p: (m.lora_A.detach(), m.lora_B.detach()) for p, m in lora_modules(model).items()}
+
+
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
+    """Inside: the base model (every adapter off). Refused on merged adapters, whose delta is in the weights."""
     mods = list(lora_modules(model).values())
+    merged = [p for p, m in lora_modules(model).items() if m.merged]
+    if merged:
+        raise ValueError(f"cannot disable merged LoRA modules ({merged[0]}, ...): unmerge_lora(model) first")
     previous = [m.enabled for m in mods]
     for m in mods:
         m.enabled = False
@@ -154,13 +163,13 @@ def save_lora(model: nn.Module, folder, cfg: LoRAConfig | None = None, base: str
         alpha = m.scaling * (math.sqrt(m.r) if cfg.rslora else m.r)
         if not math.isclose(alpha, cfg.alpha, rel_tol=1e-6):
             adapter.alpha_pattern[p] = alpha
-    write_adapter(folder, adapter, {p: (m.lora_A, m.lora_B) for p, m in mods.items()})
+    write_adapter(folder, adapter, lora_state(model))
 
 
 def load_lora(model: nn.Module, folder) -> AdapterConfig:
     """Apply the adapter in `folder` (PEFT format) to a model without LoRA, or load into matching LoRA modules."""
     adapter, weights = read_adapter(folder)
-    validate_adapter(weights, model, source=str(folder))
+    validate_adapter(adapter, weights, model, source=str(folder))
     existing = lora_modules(model)
     if not existing:
         apply_lora(model, LoRAConfig(r=adapter.r, alpha=adapter.lora_alpha, rslora=adapter.use_rslora),
@@ -180,9 +189,18 @@ def load_lora(model: nn.Module, folder) -> AdapterConfig:
     return adapter
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put the plain nn.Linear back."""
+def merge_lora(model: nn.Module, unwrap: bool = True) -> nn.Module:
+    """Fold every adapter into its base weight: W += s·B·A. With `unwrap` the plain nn.Linear is put back
+    (for export); without, the LoRALinear stays, merged, and `unmerge_lora` restores the base weights."""
     for path, m in lora_modules(model).items():
         m.merge()
-        _swap(model, path, m.base)
+        if unwrap:
+            _swap(model, path, m.base)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo `merge_lora(model, unwrap=False)`: W -= s·B·A (exact up to float rounding)."""
+    for m in lora_modules(model).values():
+        m.unmerge()
     return model

@@ -1,100 +1,96 @@
-"""LoRA and PEFT-format adapters: interop with PEFT on transformers, both directions, and refusals."""
-import json
+"""LoRA on our model, checked against the formula y = W x + s·B·A·dropout(x) computed by hand."""
+import math
 
 import pytest
 import torch
-import transformers
 
-from rftkit.adapters import read_adapter, safe_adapter_path
-from rftkit.loading import load_model
-from rftkit.lora import LoRAConfig, apply_lora, load_lora, lora_disabled, lora_parameters, merge_lora, save_lora
+from rftkit.lora import (LoRAConfig, LoRALinear, apply_lora, lora_disabled, lora_modules, lora_parameters, lora_state,
+                         merge_lora, unmerge_lora)
+from tests.conftest import tiny_model
 
-
-def _pair(tmp_path):
-    """The same random Llama as a transformers model and as ours."""
-    torch.manual_seed(0)
-    cfg = transformers.AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=48,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    ref.save_pretrained(tmp_path / "base", safe_serialization=True)
-    return ref, load_model(str(tmp_path / "base"))
+IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
-IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-
-
-def _randomise(model):
+def _randomise(model, std=0.3):
     with torch.no_grad():
         for p in lora_parameters(model):
-            p.normal_(0, 0.3)
+            p.normal_(0, std)
 
 
-def test_our_adapter_loads_in_peft_with_same_logits(tmp_path):
-    import peft
-    ref, ours = _pair(tmp_path)
-    apply_lora(ours, LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
-    _randomise(ours)
-    save_lora(ours, tmp_path / "ad")
-    peft_model = peft.PeftModel.from_pretrained(ref, str(tmp_path / "ad")).eval()
+def test_init_is_the_base_model_and_only_lora_trains():
+    model = tiny_model()
     with torch.no_grad():
-        expected = peft_model(IDS).logits
-        got, _ = ours(IDS)
-        assert (got - expected).abs().max() < 1e-4
-        with lora_disabled(ours), peft_model.disable_adapter():     # adapter off = the base model
-            assert (ours(IDS)[0] - peft_model(IDS).logits).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("kind", ["rslora", "rank_pattern"])
-def test_peft_adapter_loads_into_ours_with_same_logits(tmp_path, kind):
-    import peft
-    ref, ours = _pair(tmp_path)
-    extra = {"use_rslora": True} if kind == "rslora" else {
-        "rank_pattern": {"q_proj": 2, "layers.1.mlp.down_proj": 6}, "alpha_pattern": {"v_proj": 3.0}}
-    pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **extra)
-    pm = peft.get_peft_model(ref, pcfg).eval()
-    pm.save_pretrained(str(tmp_path / "ad"))
-    load_lora(ours, tmp_path / "ad")
+        base, _ = model(IDS)
+    apply_lora(model, LoRAConfig(r=4, alpha=8))
     with torch.no_grad():
-        assert (ours(IDS)[0] - pm(IDS).logits).abs().max() < 1e-4
+        assert torch.equal(model(IDS)[0], base)                      # B = 0 at init
+    mods = lora_modules(model)
+    assert len(mods) == 2 * 7 and "lm_head" not in mods              # all-linear: 7 per layer, no lm_head
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.lora_{x}" for m in mods for x in "AB"}
+    for m in mods.values():
+        bound = 1 / math.sqrt(m.in_features)                         # kaiming_uniform(a=sqrt(5)), PEFT's init
+        assert m.lora_A.abs().max() <= bound and m.lora_A.abs().max() > 0.8 * bound
+        assert not m.lora_B.any() and m.scaling == 2.0
+    named = apply_lora(tiny_model(), LoRAConfig(r=2, targets="q_proj,v_proj"))
+    assert sorted(lora_modules(named)) == [f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("q_proj", "v_proj")]
+    assert apply_lora(tiny_model(), LoRAConfig(r=4, rslora=True)).model.layers[0].mlp.up_proj.scaling == 32 / 2
 
 
-def test_merge_equals_unmerged_and_reference_formula(tmp_path):
-    _, ours = _pair(tmp_path)
-    W = ours.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    apply_lora(ours, LoRAConfig(r=3, alpha=6, targets=["q_proj"]))
-    _randomise(ours)
-    m = ours.model.layers[0].self_attn.q_proj
+def test_forward_is_the_formula_with_dropout():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    m = LoRALinear(base, r=3, scaling=1.5, dropout=0.25).train()
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(4, 5, 12)
+    torch.manual_seed(7)
+    got = m(x)
+    torch.manual_seed(7)
+    dropped = torch.nn.functional.dropout(x, 0.25, training=True)
+    expected = x @ base.weight.T + base.bias + 1.5 * (dropped @ m.lora_A.T @ m.lora_B.T)
+    assert torch.allclose(got, expected, atol=1e-6)
+    m.eval()
+    assert torch.allclose(m(x), x @ base.weight.T + base.bias + 1.5 * (x @ m.lora_A.T @ m.lora_B.T), atol=1e-6)
+
+
+def test_merge_unmerge_and_disable():
+    model = tiny_model()
+    W = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with torch.no_grad():
+        base, _ = model(IDS)
+    apply_lora(model, LoRAConfig(r=3, alpha=6, targets=["q_proj", "down_proj"]))
+    _randomise(model)
+    m = model.model.layers[0].self_attn.q_proj
     expected_w = W + (6 / 3) * m.lora_B.detach() @ m.lora_A.detach()
     with torch.no_grad():
-        unmerged, _ = ours(IDS)
-        merge_lora(ours)
-        merged, _ = ours(IDS)
-    assert torch.allclose(ours.model.layers[0].self_attn.q_proj.weight, expected_w, atol=1e-6)
-    assert (unmerged - merged).abs().max() < 1e-5
+        unmerged, _ = model(IDS)
+        assert (unmerged - base).abs().max() > 1e-2
+        with lora_disabled(model):
+            assert torch.equal(model(IDS)[0], base)
+        merge_lora(model, unwrap=False)
+        assert torch.allclose(m.base.weight, expected_w, atol=1e-6)
+        assert (model(IDS)[0] - unmerged).abs().max() < 1e-5
+        with pytest.raises(ValueError, match="unmerge_lora"):
+            with lora_disabled(model):
+                pass
+        unmerge_lora(model)
+        assert (m.base.weight - W).abs().max() < 1e-6
+        assert (model(IDS)[0] - unmerged).abs().max() < 1e-5
+        state = {k: (a.clone(), b.clone()) for k, (a, b) in lora_state(model).items()}
+        merge_lora(model)                                             # unwrap: plain nn.Linear again
+    assert not lora_modules(model) and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight, expected_w, atol=1e-6)
+    assert torch.equal(state["model.layers.0.self_attn.q_proj"][1], m.lora_B)
+    with torch.no_grad():
+        assert (model(IDS)[0] - unmerged).abs().max() < 1e-5
 
 
-def test_refusals_name_the_problem(tmp_path):
-    _, ours = _pair(tmp_path)
-    apply_lora(ours, LoRAConfig(r=2, targets=["q_proj"]))
-    save_lora(ours, tmp_path / "ad")
-    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    for field, value, message in [("use_dora", True, "use_dora=True"),
-                                  ("modules_to_save", ["lm_head"], "modules_to_save"),
-                                  ("some_future_option", 3, "unknown adapter field some_future_option=3")]:
-        (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
-        with pytest.raises(ValueError, match=message):
-            read_adapter(tmp_path / "ad")
-    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
-    _, other = _pair(tmp_path / "o")
-    other.model.layers[0].self_attn.q_proj = torch.nn.Linear(16, 32, bias=False)   # a model it does not fit
-    with pytest.raises(ValueError, match=r"ad: module model.layers.0.self_attn.q_proj is 32x16 in the model"):
-        load_lora(other, tmp_path / "ad")
+def test_config_refusals():
     with pytest.raises(ValueError, match="unknown LoRA target modules"):
         LoRAConfig(targets=["qproj"])
-
-
-def test_adapter_names_cannot_escape_root(tmp_path):
-    assert safe_adapter_path(tmp_path, "math-v2") == (tmp_path / "math-v2").resolve()
-    for bad in ["../x", "/etc/passwd", "a/b", "..", "", ".hidden", "a\\b"]:
-        with pytest.raises(ValueError, match="invalid adapter name"):
-            safe_adapter_path(tmp_path, bad)
+    with pytest.raises(ValueError, match="r=0"):
+        LoRAConfig(r=0)
+    model = apply_lora(tiny_model(), LoRAConfig(r=2, targets=["q_proj"]))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(model, LoRAConfig(r=2, targets=["q_proj"]))
