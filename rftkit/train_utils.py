@@ -126,7 +126,9 @@ class MetricsLog:
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
 
 
-def plot_curves(rows: list[dict], x: str, ys: list[str], path: Path, title: str = "") -> Path:
+def plot_curves(rows: list[dict], x: str, ys: list[str], path: Path, title: str = "",
+                hlines: dict[str, float] | None = None) -> Path:
+    """Curves of `ys` against `x` from metric rows, plus labelled horizontal reference lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -135,6 +137,8 @@ def plot_curves(rows: list[dict], x: str, ys: list[str], path: Path, title: str 
         pts = [(r[x], r[y]) for r in rows if y in r and x in r]
         if pts:
             ax.plot(*zip(*pts), label=y, marker="." if len(pts) < 40 else None)
+    for i, (label, value) in enumerate((hlines or {}).items()):
+        ax.axhline(value, color=f"C{i + len(ys)}", linestyle="--", label=label)
     ax.set_xlabel(x)
     ax.set_title(title)
     ax.grid(alpha=0.3)
