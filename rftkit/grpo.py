@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,39 +221,47 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         from tqdm import tqdm
         bar = tqdm(total=total_steps or None, initial=start, desc="rft train", unit="step", dynamic_ncols=True)
     step = start
-    while (cfg.steps <= 0 or step < cfg.steps) and (cfg.time_budget <= 0 or elapsed < cfg.time_budget):
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps)
-        model.eval()
-        batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors)
-        t_gen = time.perf_counter() - t0
-        model.train()
-        upd = grpo_update(model, optimizer, batch, cfg)
-        model.eval()
-        step += 1
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        n_tok = sum(len(c) for c in batch.completions)
-        row = {"step": step, "time": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
-               "reward": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
-               "accuracy": float(sum(v >= 1 for v in scores["task"]) / len(texts)),
-               "completion_len": n_tok / len(texts), "truncated_frac": sum(batch.truncated) / len(texts),
-               "gen_s": round(t_gen, 2), "step_s": round(dt, 2), "tok_per_s": round(n_tok / t_gen, 1),
-               **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
-               "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
-                           for i in range(min(cfg.log_samples, len(texts)))]}
-        if errors:
-            row["reward_errors"] = {k: dict(v) for k, v in errors.items()}
-        log.write(row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
-                            len=f"{row['completion_len']:.0f}", s=f"{dt:.1f}")
-        if on_step is not None:
-            on_step(step, row)
-        if step % cfg.checkpoint_every == 0:
+    try:
+        while (cfg.steps <= 0 or step < cfg.steps) and (cfg.time_budget <= 0 or elapsed < cfg.time_budget):
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps)
+            model.eval()
+            batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors)
+            t_gen = time.perf_counter() - t0
+            model.train()
+            upd = grpo_update(model, optimizer, batch, cfg)
+            model.eval()
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            n_tok = sum(len(c) for c in batch.completions)
+            row = {"step": step, "time": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
+                   "reward": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
+                   "accuracy": float(sum(v >= 1 for v in scores["task"]) / len(texts)),
+                   "completion_len": n_tok / len(texts), "truncated_frac": sum(batch.truncated) / len(texts),
+                   "gen_s": round(t_gen, 2), "step_s": round(dt, 2), "tok_per_s": round(n_tok / t_gen, 1),
+                   **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
+                   "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
+                               for i in range(min(cfg.log_samples, len(texts)))]}
+            if errors:
+                row["reward_errors"] = {k: dict(v) for k, v in errors.items()}
+            log.write(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
+                                len=f"{row['completion_len']:.0f}", s=f"{dt:.1f}")
+            if on_step is not None:
+                on_step(step, row)
+            if step % cfg.checkpoint_every == 0:
+                save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
+    except BaseException:
+        # a raising reward, Ctrl-C, ...: the adapter and optimizer are as of the last completed step; keep them
+        if step > start:
             save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
+        print(f"\nrft train: stopped after step {step}; checkpoint and metrics kept in {out} "
+              f"(continue with --resume)", file=sys.stderr)
+        raise
     if bar is not None:
         bar.close()
     save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})

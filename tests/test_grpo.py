@@ -21,8 +21,9 @@ def _setup(tok_dir):  # noqa: F811
 
 
 def _cfg(tmp_path, **kw):
+    kw = {"checkpoint_every": 2, **kw}
     return GRPOConfig(output=str(tmp_path), prompts_per_step=2, group_size=4, max_tokens=6, lr=5e-2,
-                      lora_r=4, micro_batch_groups=1, checkpoint_every=2, seed=3, **kw)
+                      lora_r=4, micro_batch_groups=1, seed=3, **kw)
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tok_dir):  # noqa: F811
@@ -66,3 +67,24 @@ def test_bad_configs_are_refused():
         GRPOConfig(steps=0, time_budget=0)
     with pytest.raises(ValueError, match="'ppo'"):
         GRPOConfig(loss_type="ppo")
+
+
+def test_a_raising_reward_stops_the_run_and_keeps_its_progress(tmp_path, tok_dir):  # noqa: F811
+    from rftkit.rewards import RewardError
+    model, tok, task = _setup(tok_dir)
+    calls = {"n": 0}
+
+    def flaky(completion, sample):
+        calls["n"] += 1
+        if calls["n"] > 2 * 8:                  # fails during step 3 (8 completions per step)
+            raise ZeroDivisionError("bad sample")
+        return digit_share(completion, sample)
+    task.default_reward = flaky
+    with pytest.raises(RewardError, match=r"reward 'task' raised ZeroDivisionError: bad sample on sample"):
+        train(_cfg(tmp_path, steps=5, checkpoint_every=100), model, tok, task, progress=False)
+    assert (tmp_path / "checkpoints" / "step-0000002").is_dir()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    task.default_reward = digit_share
+    m2, _, _ = _setup(tok_dir)
+    train(_cfg(tmp_path, steps=3, resume=True), m2, tok, task, progress=False)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
