@@ -1,18 +1,63 @@
-"""Shared training maths and plumbing for SFT, GRPO and scale-out: masked means, LR schedules,
-checkpoints (safetensors + JSON, never pickle), metrics logging and curves.
+"""Shared training maths and plumbing for SFT, GRPO and scale-out: token log-probs, masked means, LR
+schedules, seeds and RNG state, checkpoints (safetensors + JSON, never pickle), metrics logging and curves.
 
-    save_checkpoint(run_dir / "ckpt", step=10, trainable=model, optimizer=opt, state={"offset": 640})
+    save_checkpoint(run_dir / "checkpoints", step=10, model=model, optimizer=opt, state={"offset": 640})
+
+A checkpoint holds what a run needs to continue exactly and nothing that depends on how many processes ran
+it: trainable weights, optimizer state, the RNG states, and whatever the loop puts in `state` (the data
+position as a global sample offset). Tensors go to safetensors, everything else to JSON.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T] -> log p(target) [B, T], a chunk of rows at a time so that the
+    softmax's [*, V] temporaries stay small (the logits themselves are the caller's)."""
+    flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    out = [flat[i:i + chunk].float().gather(-1, t[i:i + chunk, None]).squeeze(-1)
+           - torch.logsumexp(flat[i:i + chunk].float(), dim=-1) for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(out).view(targets.shape)
+
+
+def _chunk_logprobs(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = F.linear(h, weight).float() / temperature                             # [c, V]
+    return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def hidden_logprobs(h: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, chunk: int = 1024,
+                    temperature: float = 1.0, recompute: bool = True) -> torch.Tensor:
+    """Final hidden states h [..., D] and targets [...] -> log p(target) [...], computing the [*, V] logits
+    one chunk of rows at a time. With `recompute` each chunk's logits are recomputed in backward instead of
+    kept, so [N, V] never exists (N = all rows; at V = 49152 that is the largest tensor of a step)."""
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    weight = lm_head.weight
+    if getattr(lm_head, "bias", None) is not None:
+        raise ValueError("hidden_logprobs supports an lm_head without bias")
+    grad = torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad)
+    out = []
+    for i in range(0, flat_h.shape[0], chunk):
+        args = (flat_h[i:i + chunk], flat_t[i:i + chunk], weight, temperature)
+        out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute and grad
+                   else _chunk_logprobs(*args))
+    return torch.cat(out).view(targets.shape) if out else flat_h.new_zeros(targets.shape)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -33,13 +78,60 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int | None = None, min_
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_seed(seed: int) -> None:
+    """Seed python, numpy (when installed) and torch (CPU and every GPU)."""
+    random.seed(seed)
+    torch.manual_seed(seed)          # also seeds all CUDA devices
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def get_rng_state() -> dict:
+    """Every RNG a training loop draws from, as plain JSON data (no pickle)."""
+    version, mt, gauss = random.getstate()
+    state = {"python": [version, list(mt), gauss], "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    try:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    if "numpy" in state:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int = 2) -> Path:
-    """folder/step-N/{weights,optimizer}.safetensors + state.json, written to a temp dir then renamed."""
+                    state: dict, keep: int = 2, rng: dict | None = None) -> Path:
+    """folder/step-N/{weights,optimizer}.safetensors + state.json, written to a temp dir then renamed; the
+    last `keep` checkpoints are kept. `rng` defaults to the RNG states now (`get_rng_state()`)."""
     from safetensors.torch import save_file
     folder = Path(folder)
     final = folder / f"step-{step:07d}"
@@ -61,7 +153,7 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: 
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     meta = {"step": step, "trainable": names, "optimizer_scalars": opt_scalars,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-            "state": state, "time": time.time()}
+            "state": state, "rng": rng if rng is not None else get_rng_state(), "time": time.time()}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -76,7 +168,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable weights and optimizer state; returns the saved `state` dict plus "step"."""
+    """Restore trainable weights and optimizer state; returns the saved `state` dict plus "step" and "rng"
+    (restore it with `set_rng_state` where the loop draws random numbers)."""
     from safetensors.torch import load_file
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
@@ -106,19 +199,34 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     st[key.split("::", 1)[1]] = v
             if st:
                 optimizer.state[p] = st
-    return {**meta["state"], "step": meta["step"]}
+    return {**meta["state"], "step": meta["step"], "rng": meta.get("rng")}
 
 
 class MetricsLog:
-    """One JSON object per line in `path`, appended (a resumed run continues the same file)."""
+    """One JSON object per line in `path`, appended (a resumed run continues the same file); numeric fields
+    also go to TensorBoard when `tensorboard` is set and the package is installed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tensorboard: bool = False, step_key: str = "step"):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.step_key = step_key
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:       # optional: the JSONL log is the record
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != self.step_key:
+                    self.tb.add_scalar(k, v, row.get(self.step_key, 0))
+            self.tb.flush()
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
