@@ -1,0 +1,373 @@
+"""Supervised fine-tuning on JSONL, as one flat loop.
+
+    rft sft --data train.jsonl --output runs/sft --epochs 3
+    run_sft(SFTConfig(data="train.jsonl"))                      # -> runs/sft/adapter (PEFT format)
+
+Each line is a chat, `{"messages": [...]}`, or `{"prompt": ..., "completion": ...}` (strings become a user
+and an assistant message; lists of messages are taken as they are). The model's chat template renders the
+chat; the loss is on the assistant tokens only. Each assistant turn is tokenized after the prompt it answers
+was tokenized exactly as `rft generate` tokenizes it, so training sees the token ids inference will see.
+
+The loss is the mean negative log-likelihood over the completion tokens of the whole global batch (not a
+mean of micro-batch means), so micro-batching and, in scale-out, the number of ranks do not change the
+gradient: `batch_backward(model, examples, micro_batch, n_tokens)` is that computation, callable with the
+global token count. Checkpoints hold the adapter (or all weights), the optimizer, the RNG states and the data
+position as a global sample offset, so `--resume` continues a killed run exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
+from rftkit.train_utils import (MetricsLog, hidden_logprobs, latest_checkpoint, load_checkpoint, lr_at, plot_curves,
+                                save_checkpoint, set_rng_state, set_seed)
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+@dataclass
+class SFTConfig:
+    data: str = ""                       # training JSONL: {"messages": [...]} or {"prompt", "completion"} per line
+    model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
+    output: str = "sft-run"              # run folder: metrics, checkpoints, adapter, loss curve
+    eval_data: str | None = None         # held-out JSONL (default: eval_fraction of data)
+    eval_fraction: float = 0.05          # share of data held out when eval_data is not given
+    eval_every: int = 50                 # steps between held-out evaluations (0 = only at the end)
+    epochs: float = 1.0                  # passes over the training data (when steps = 0)
+    steps: int = 0                       # optimizer steps (0 = from epochs)
+    batch_size: int = 8                  # examples per optimizer step (the global batch)
+    micro_batch: int = 8                 # examples per forward/backward (memory only: same gradients)
+    max_length: int = 1024               # tokens per example, prompt + completion
+    overlong: Literal["truncate", "drop"] = "truncate"   # what to do with longer examples
+    lr: float = 2e-4                     # peak learning rate (AdamW)
+    warmup_steps: int = 10               # linear warm-up
+    min_lr_ratio: float = 0.1            # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0            # AdamW weight decay
+    grad_clip: float = 1.0               # max gradient norm (0 = off)
+    full: bool = False                   # fine-tune all weights instead of a LoRA adapter
+    lora_r: int = 16                     # LoRA rank
+    lora_alpha: float = 32.0             # LoRA alpha
+    lora_dropout: float = 0.0            # dropout on the adapter input
+    rslora: bool = False                 # scale by alpha / sqrt(r)
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # LoRA target modules
+    seed: int = 0                        # data order, held-out split, LoRA init
+    checkpoint_every: int = 100          # steps between checkpoints
+    keep_checkpoints: int = 2            # checkpoints kept
+    resume: bool = False                 # continue from the latest checkpoint in output
+    device: str = "auto"                 # cpu, cuda, or auto
+    tensorboard: bool = False            # also log to output/tensorboard (when installed)
+
+    def __post_init__(self):
+        for name in ("batch_size", "micro_batch", "max_length", "lora_r", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.epochs <= 0 and self.steps == 0:
+            raise ValueError(f"set steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.overlong not in ("truncate", "drop"):
+            raise ValueError(f"overlong must be truncate or drop, got {self.overlong!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data: JSONL -> (token ids, completion mask)
+
+Example = tuple[list[int], list[int]]      # ids [T], mask [T]: 1 where the token is a completion token
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such JSONL file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append({**row, "_line": n})
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def _messages(row: dict, where: str) -> list[dict]:
+    if "messages" in row:
+        msgs = row["messages"]
+    elif "prompt" in row and "completion" in row:
+        p, c = row["prompt"], row["completion"]
+        msgs = ([{"role": "user", "content": p}] if isinstance(p, str) else p) + (
+            [{"role": "assistant", "content": c}] if isinstance(c, str) else c)
+    else:
+        raise ValueError(f"{where}: expected 'messages' or 'prompt' and 'completion', got keys "
+                         f"{sorted(k for k in row if k != '_line')}")
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+        raise ValueError(f"{where}: messages must be a list of {{'role', 'content'}} objects")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError(f"{where}: no assistant message to learn from")
+    return msgs
+
+
+def encode_example(tok, row: dict, where: str = "example") -> Example:
+    """Token ids of the rendered chat and the mask of the assistant tokens (each turn incl. its end token)."""
+    if tok.chat_template is None:                # plain text: prompt, completion, eos
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+            raise ValueError(f"{where}: the tokenizer has no chat template: give 'prompt' and 'completion' "
+                             f"strings")
+        p, c = tok.encode(row["prompt"]), tok.encode(row["completion"]) + tok.eos_token_ids[:1]
+        return p + c, [0] * len(p) + [1] * len(c)
+    msgs = _messages(row, where)
+    ids: list[int] = []
+    mask: list[int] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = tok.apply_chat_template(msgs[:i], add_generation_prompt=True)
+        full = tok.apply_chat_template(msgs[:i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError(f"{where}: the chat template does not render turn {i} as a continuation of the "
+                             f"turns before it; cannot tell the assistant tokens apart")
+        p, c = tok.encode(prompt[len(done):]), tok.encode(full[len(prompt):])
+        ids += p + c
+        mask += [0] * len(p) + [1] * len(c)
+        done = full
+    return ids, mask
+
+
+def encode_dataset(tok, rows: list[dict], path: str, max_length: int, overlong: str) -> tuple[list[Example], dict]:
+    """Encode rows; longer examples are cut to max_length or dropped. Returns the examples and counts."""
+    out, counts = [], {"examples": len(rows), "truncated": 0, "dropped": 0}
+    for row in rows:
+        ids, mask = encode_example(tok, row, f"{path}:{row['_line']}")
+        cut = len(ids) > max_length
+        if cut and overlong == "truncate":
+            ids, mask = ids[:max_length], mask[:max_length]
+        if (cut and overlong == "drop") or sum(mask[1:]) == 0:    # nothing to learn if the prompt fills it
+            counts["dropped"] += 1
+            continue
+        counts["truncated"] += cut
+        out.append((ids, mask))
+    counts["kept"] = len(out)
+    return out, counts
+
+
+def _seed(*parts) -> int:
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def sample_order(n: int, seed: int, offset: int, count: int) -> list[int]:
+    """Indices of global samples offset .. offset+count-1: epoch e is a permutation seeded by (seed, e). A
+    data position is this global offset, whatever the number of processes."""
+    out, perms = [], {}
+    for k in range(offset, offset + count):
+        e = k // n
+        if e not in perms:
+            perms[e] = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, "epoch", e))).tolist()
+        out.append(perms[e][k % n])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loss: completion tokens of a micro-batch, normalised by the global batch's count
+
+def _pad(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.zeros(len(examples), T, dtype=torch.long)
+    valid = torch.zeros(len(examples), T, dtype=torch.bool)
+    target = torch.zeros(len(examples), T, dtype=torch.bool)
+    for i, (x, m) in enumerate(examples):
+        ids[i, :len(x)] = torch.tensor(x)
+        valid[i, :len(x)] = True
+        target[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), valid.to(device), target.to(device)
+
+
+def completion_nll(model, examples: list[Example]) -> tuple[torch.Tensor, int, dict]:
+    """Summed -log p of the completion tokens of `examples` (one forward), their count, and the model's
+    auxiliary losses. Only the completion positions go through lm_head."""
+    ids, valid, target = _pad(examples, model.device)                              # [B, T] each
+    positions = torch.where(valid, torch.arange(ids.shape[1], device=ids.device)[None], -1)
+    h, aux = model(ids, positions=positions, return_hidden=True)                    # [B, T, D]
+    sel = target[:, 1:]                                      # the hidden state at t-1 predicts token t
+    logp = hidden_logprobs(h[:, :-1][sel], ids[:, 1:][sel], model.lm_head)          # [N]
+    return -logp.sum(), int(sel.sum()), aux
+
+
+def batch_backward(model, examples: list[Example], micro_batch: int, n_tokens: int | None = None,
+                   n_examples: int | None = None) -> dict:
+    """Accumulate into .grad the gradient of  sum(-log p over completion tokens) / n_tokens  over `examples`,
+    micro_batch examples per forward. n_tokens / n_examples default to this batch's; scale-out passes the
+    global batch's so that ranks' gradients sum to the single-process one. Examples are grouped by length
+    (less padding; the sum is the same)."""
+    n_tokens = n_tokens or sum(sum(m[1:]) for _, m in examples)
+    n_examples = n_examples or len(examples)
+    ordered = sorted(examples, key=lambda e: len(e[0]))
+    nll_sum, seen = 0.0, 0
+    for i in range(0, len(ordered), micro_batch):
+        mb = ordered[i:i + micro_batch]
+        nll, _, aux = completion_nll(model, mb)
+        loss = nll / n_tokens
+        for value in aux.values():       # MoE balancing losses, weighted by this share of the batch
+            loss = loss + value * len(mb) / n_examples
+        loss.backward()
+        nll_sum += float(nll.detach())
+        seen += sum(len(x) for x, _ in mb)
+    return {"nll_sum": nll_sum, "n_tokens": n_tokens, "seen_tokens": seen}
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Example], micro_batch: int) -> float:
+    """Token-mean held-out loss over the completion tokens of `examples`."""
+    ordered = sorted(examples, key=lambda e: len(e[0]))
+    total, n = 0.0, 0
+    for i in range(0, len(ordered), micro_batch):
+        nll, k, _ = completion_nll(model, ordered[i:i + micro_batch])
+        total, n = total + float(nll), n + k
+    return total / max(n, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    n_eval = round(len(examples) * fraction)
+    if fraction > 0 and n_eval == 0 and len(examples) >= 2:
+        n_eval = 1
+    if n_eval >= len(examples):
+        raise ValueError(f"eval_fraction {fraction} leaves no training examples out of {len(examples)}")
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(_seed(seed, "split"))).tolist()
+    return [examples[i] for i in perm[n_eval:]], [examples[i] for i in perm[:n_eval]]
+
+
+def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=None) -> dict:
+    """Run SFT; returns {"steps", "seconds", "output" (adapter or model folder), "data", "eval_loss"}.
+    `on_step(step, row)` is called after each step (and its checkpoint)."""
+    from rftkit.loading import load, resolve
+    if not cfg.data:
+        raise ValueError("--data is required: a JSONL file of chats or prompt/completion pairs")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded_here = model is None
+    if loaded_here:
+        model, tok = load(cfg.model, device=device)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = read_jsonl(cfg.data)
+    examples, counts = encode_dataset(tok, rows, cfg.data, cfg.max_length, cfg.overlong)
+    if cfg.eval_data:
+        train_set = examples
+        eval_set, eval_counts = encode_dataset(tok, read_jsonl(cfg.eval_data), cfg.eval_data, cfg.max_length,
+                                               cfg.overlong)
+        counts["eval"] = eval_counts
+    else:
+        train_set, eval_set = _split(examples, cfg.eval_fraction, cfg.seed)
+    if not train_set:
+        raise ValueError(f"{cfg.data}: no training examples left ({counts})")
+    counts.update(train=len(train_set), held_out=len(eval_set))
+    total_steps = cfg.steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
+    print(f"rft sft: {counts['examples']} examples, {counts['truncated']} truncated to {cfg.max_length} tokens, "
+          f"{counts['dropped']} dropped; {len(train_set)} train / {len(eval_set)} held out; {total_steps} steps")
+
+    set_seed(cfg.seed)
+    if cfg.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif not lora_modules(model):
+        apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                     rslora=cfg.rslora, targets=cfg.lora_targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard)
+    start, elapsed, tokens_seen = 0, 0.0, 0
+    ckpt = latest_checkpoint(out / "checkpoints") if cfg.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        set_rng_state(state["rng"])
+        start, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
+        if state["offset"] != start * cfg.batch_size:
+            raise ValueError(f"{ckpt}: data offset {state['offset']} is not step {start} x batch_size "
+                             f"{cfg.batch_size}; resume with the batch size the run was started with")
+        log.path.write_text("".join(json.dumps(r) + "\n" for r in log.read() if r.get("step", 0) <= start))
+        print(f"rft sft: resumed from {ckpt} (step {start})")
+    else:
+        log.path.write_text("")
+        log.write({"step": 0, "data": counts})
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=start, desc="rft sft", unit="step", dynamic_ncols=True)
+    eval_loss = None
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [train_set[i] for i in sample_order(len(train_set), cfg.seed, step * cfg.batch_size, cfg.batch_size)]
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        st = batch_backward(model, batch, cfg.micro_batch)
+        grad_norm = (float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None)
+        optimizer.step()
+        model.eval()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        tokens_seen += st["seen_tokens"]
+        row = {"step": step + 1, "loss": st["nll_sum"] / st["n_tokens"], "lr": lr, "grad_norm": grad_norm,
+               "completion_tokens": st["n_tokens"], "tokens": st["seen_tokens"],
+               "tok_per_s": round(st["seen_tokens"] / dt, 1), "step_s": round(dt, 3), "time": round(elapsed, 2),
+               "epoch": round((step + 1) * cfg.batch_size / len(train_set), 3)}
+        last = step + 1 == total_steps
+        if eval_set and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+            eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch)
+        log.write(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
+            save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
+                            {"offset": (step + 1) * cfg.batch_size, "elapsed": elapsed, "tokens": tokens_seen},
+                            keep=cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(step + 1, row)
+    if bar is not None:
+        bar.close()
+
+    if cfg.full:
+        from rftkit.loading import save_model_folder
+        tok_dir = resolve(cfg.model) if loaded_here or cfg.model else None     # its tokenizer files
+        final = out / "model"
+        save_model_folder(model, final, tokenizer_dir=tok_dir)
+    else:
+        final = out / "adapter"
+        save_lora(model, final, base=cfg.model or EMBEDDED)
+    rows_logged = [r for r in log.read() if "loss" in r]
+    if rows_logged:
+        plot_curves(rows_logged, "step", ["loss", "eval_loss"], out / "loss.png", title="SFT loss")
+    return {"steps": total_steps, "seconds": elapsed, "output": str(final), "data": counts, "eval_loss": eval_loss,
+            "tokens": tokens_seen}
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    result = train(cfg)
+    print(f"rft sft: {result['steps']} steps in {result['seconds']:.0f} s "
+          f"({result['tokens'] / max(result['seconds'], 1e-9):.0f} tokens/s); saved to {result['output']}")
+    return Path(result["output"])
