@@ -9,6 +9,7 @@ import transformers
 from rftkit.adapters import AdapterConfig, read_adapter, safe_adapter_path, validate_adapter, write_adapter
 from rftkit.loading import load_model
 from rftkit.lora import LoRAConfig, apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
+from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 
@@ -135,3 +136,37 @@ def test_adapter_names_cannot_escape_root(tmp_path):
     for bad in ["../x", "/etc/passwd", "a/b", "..", "", ".hidden", "a\\b", "x/../../y", "a..b"]:
         with pytest.raises(ValueError, match="invalid adapter name"):
             safe_adapter_path(tmp_path, bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_exported_merged_folder_gives_peft_logits_in_transformers(tmp_path, arch, tok_dir):  # noqa: F811
+    """rft export: base + our adapter, merged, loads in plain transformers with the logits of base + adapter in
+    PEFT; the tokenizer comes along."""
+    import peft
+    from rftkit.cli import main
+    torch.manual_seed(0)
+    extra = {"tie_word_embeddings": True} if arch == "qwen2" else {"tie_word_embeddings": False}
+    cfg = transformers.AutoConfig.for_model(arch, vocab_size=258, hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            **extra)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ref.save_pretrained(tmp_path / "base")
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            (tmp_path / "base" / f.name).write_bytes(f.read_bytes())
+    ours = load_model(str(tmp_path / "base"))
+    apply_lora(ours, LoRAConfig(r=4, alpha=8))
+    _randomise(ours)
+    save_lora(ours, tmp_path / "ad", base=str(tmp_path / "base"))
+    assert main(["export", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")]) == 0
+    ids = torch.randint(0, 258, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = ref(ids).logits
+        expected = peft.PeftModel.from_pretrained(ref, str(tmp_path / "ad")).eval()(ids).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert type(merged) is type(ref)                                         # a plain model, no PEFT
+        assert (merged(ids).logits - expected).abs().max() < 1e-4
+        assert (base - expected).abs().max() > 1e-2                              # and the adapter is in it
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert tok("héllo")["input_ids"] == transformers.AutoTokenizer.from_pretrained(tok_dir)("héllo")["input_ids"]
+    assert main(["export", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")]) == 2  # exists
