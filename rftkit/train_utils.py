@@ -37,16 +37,22 @@ def _chunk_logprobs(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temp
     return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+RECOMPUTE_BYTES = 1 << 30     # keep the logits for backward up to 1 GiB, recompute them above
+
+
 def hidden_logprobs(h: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, chunk: int = 1024,
-                    temperature: float = 1.0, recompute: bool = True) -> torch.Tensor:
+                    temperature: float = 1.0, recompute: bool | None = None) -> torch.Tensor:
     """Final hidden states h [..., D] and targets [...] -> log p(target) [...], computing the [*, V] logits
     one chunk of rows at a time. With `recompute` each chunk's logits are recomputed in backward instead of
-    kept, so [N, V] never exists (N = all rows; at V = 49152 that is the largest tensor of a step)."""
+    kept, so [N, V] never exists (N = all rows; at V = 49152 that is the largest tensor of a step); by default
+    only when keeping them would take more than RECOMPUTE_BYTES (recomputing costs one more lm_head matmul)."""
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     weight = lm_head.weight
     if getattr(lm_head, "bias", None) is not None:
         raise ValueError("hidden_logprobs supports an lm_head without bias")
     grad = torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad)
+    if recompute is None:
+        recompute = flat_h.shape[0] * weight.shape[0] * 4 > RECOMPUTE_BYTES
     out = []
     for i in range(0, flat_h.shape[0], chunk):
         args = (flat_h[i:i + chunk], flat_t[i:i + chunk], weight, temperature)

@@ -36,6 +36,26 @@ def test_hidden_logprobs_values_and_gradients(recompute):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_hidden_logprobs_recomputes_by_default_only_above_the_byte_limit(monkeypatch):
+    """Default: keep the chunk logits for backward while N·V·4 bytes <= RECOMPUTE_BYTES (each chunk computed
+    once), recompute them in backward above it (each chunk computed twice)."""
+    import rftkit.train_utils as tu
+    calls = {"n": 0}
+    real = tu._chunk_logprobs
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+    monkeypatch.setattr(tu, "_chunk_logprobs", counted)
+    head = torch.nn.Linear(8, 40, bias=False)
+    h, t = torch.randn(12, 8, requires_grad=True), torch.randint(0, 40, (12,))
+    for limit, expected in ((12 * 40 * 4, 3), (12 * 40 * 4 - 1, 6)):      # 3 chunks of 5, 5, 2 rows
+        monkeypatch.setattr(tu, "RECOMPUTE_BYTES", limit)
+        calls["n"] = 0
+        hidden_logprobs(h, t, head, chunk=5).sum().backward()
+        assert calls["n"] == expected, (limit, calls["n"])
+
+
 def test_masked_reductions():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     m = torch.tensor([[1, 1, 0], [0, 0, 1]])
