@@ -448,21 +448,29 @@ def convert_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict
 
 @torch.no_grad()
 def upcycle_dense(model: Transformer, n_experts: int, top_k: int, router_std: float = 0.02,
-                  seed: int = 0, **moe_overrides) -> Transformer:
-    """Dense model -> `rftkit_moe`: every MLP copied into E experts, a new random router (Komatsuzaki et al.
-    2023). Renormalised top-k weights sum to 1 over identical experts, so outputs equal the dense model's.
+                  seed: int = 0, model_type: str = "rftkit_moe", **moe_overrides) -> Transformer:
+    """Dense model -> MoE: every MLP copied into E experts, a new random router (Komatsuzaki et al. 2023).
+    Renormalised top-k weights sum to 1 over identical experts, so outputs equal the dense model's.
     While the experts are identical the LM loss gives the router no gradient (only the balance/z losses do);
-    experts diverge because they see different tokens, and routing follows."""
+    experts diverge because they see different tokens, and routing follows. `model_type="mixtral"` gives a
+    config transformers and vLLM load as MixtralForCausalLM (every layer MoE, no z-loss)."""
     cfg = model.cfg
     if cfg.moe is not None or cfg.mlp_bias:
         raise ValueError(f"upcycle_dense needs a dense model without MLP bias (moe={cfg.moe}, "
                          f"mlp_bias={cfg.mlp_bias})")
+    if model_type not in ("rftkit_moe", "mixtral"):
+        raise ValueError(f"upcycle_dense: model_type must be 'rftkit_moe' or 'mixtral', got {model_type!r}")
     mc = MoEConfig(**({"n_experts": n_experts, "top_k": top_k, "expert_ffn_dim": cfg.ffn_dim,
                        "renormalize": True} | moe_overrides))
     if not mc.renormalize or mc.scale_input or mc.shared_ffn_dim:
         raise ValueError("upcycle_dense keeps the dense function only with renormalize=True, scale_input=False "
                          "and no shared expert")
-    new = Transformer(replace(cfg, model_type="rftkit_moe", moe=asdict(mc))).to(model.device)
+    if model_type == "mixtral" and (mc.z_coef or mc.moe_layers is not None):
+        raise ValueError(f"a mixtral config has no router z-loss and no dense layers (z_coef={mc.z_coef}, "
+                         f"moe_layers={mc.moe_layers}); use model_type='rftkit_moe'")
+    new_cfg = replace(cfg, model_type=model_type, moe=asdict(mc))
+    new_cfg.to_hf()                              # refuses what the model type cannot express, before any work
+    new = Transformer(new_cfg).to(model.device)
     dense, state = model.state_dict(), new.state_dict()
     g = torch.Generator().manual_seed(seed)
     for k in state:
