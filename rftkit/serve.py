@@ -1,0 +1,447 @@
+"""`rft serve`: an OpenAI-compatible HTTP server for one base model and thousands of LoRA adapters.
+
+    rft serve --adapters adapters/ --port 8000
+    curl localhost:8000/v1/chat/completions -d '{"model": "math-v2", "messages": [...]}'
+
+The request's `model` field picks the adapter: the base model's id (its folder name, or
+`smollm2-135m-instruct`), an adapter name (a folder in `--adapters`), or `BASE:NAME`. An adapter that does not
+exist is a 404 naming it, never the base model in disguise; a half-written or invalid adapter folder is a 400
+saying what is wrong with it. Adapters load on first use and when their files change, so dropping a folder
+into the directory makes it servable without a restart.
+
+Layers: this module is HTTP only (FastAPI + uvicorn, imported nowhere else); `serve_api` checks bodies and
+turns engine tokens into text; `serve_worker` is the one thread that owns the engine. Endpoints:
+`/v1/completions`, `/v1/chat/completions` (SSE with `stream`), `/v1/models`, LoRAX's `/generate` and
+`/generate_stream` (`parameters.adapter_id`), `/v1/adapters` (+ `/load`, `/unload`), `/health`, `/metrics`.
+"""
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rftkit.serve_api import APIError, Request, accept, deltas, parse_chat, parse_completion, parse_lorax
+from rftkit.serve_worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None            # model folder, .gguf file, or None for the embedded smollm2-135m-instruct
+    adapters: str | None = None         # folder of adapter folders; a request's `model` field names one
+    host: str = "127.0.0.1"             # address to listen on
+    port: int = 8000                    # port to listen on
+    api_key: str | None = None          # require `Authorization: Bearer KEY` (default: $RFTKIT_API_KEY)
+    max_loaded_adapters: int = 256      # adapters kept loaded in host memory (LRU unload beyond)
+    adapter_slots: int = 32             # adapters on the device at once (LRU eviction beyond)
+    max_lora_rank: int = 64             # largest adapter rank the device slots hold
+    max_batch: int = 64                 # sequences decoded together
+    max_seq_len: int = 2048             # context per sequence: prompt + completion
+    kv_budget_mb: int = 1024            # KV-cache memory
+    max_n: int = 16                     # most samples (`n`) per request
+    max_body_bytes: int = 1 << 20       # largest request body
+    max_pending: int = 4096             # requests waiting for the engine before 503s
+    served_model_name: str | None = None  # the base model's id (default: its folder name)
+    device: str = "auto"                # cpu, cuda, or auto (cuda when present)
+
+    def __post_init__(self):
+        for name in ("port", "max_loaded_adapters", "adapter_slots", "max_lora_rank", "max_batch", "max_seq_len",
+                     "kv_budget_mb", "max_n", "max_body_bytes", "max_pending"):
+            if getattr(self, name) < (0 if name == "port" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class Server:
+    """The model, its tokenizer, the engine thread and the metrics behind one app."""
+
+    def __init__(self, cfg: ServeConfig, model=None, tok=None):
+        import torch
+
+        from rftkit.engine import Engine
+        from rftkit.loading import EMBEDDED, load
+        self.cfg = cfg
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        if model is None:
+            model, tok = load(cfg.model, device=device)
+        if cfg.adapters is not None and not Path(cfg.adapters).is_dir():
+            raise FileNotFoundError(f"{cfg.adapters}: no such adapter directory")
+        self.tok = tok
+        self.base_id = cfg.served_model_name or (EMBEDDED if cfg.model is None else Path(cfg.model).name)
+        self.api_key = cfg.api_key or os.environ.get("RFTKIT_API_KEY") or None
+        kw = {} if cfg.adapters is None else {"adapter_slots": cfg.adapter_slots, "max_lora_rank": cfg.max_lora_rank}
+        self.engine = Engine(model, kv_budget_bytes=cfg.kv_budget_mb << 20, max_seq_len=cfg.max_seq_len,
+                             max_batch=cfg.max_batch, **kw)
+        self.metrics = Metrics()
+        self.worker = EngineWorker(self.engine, cfg.adapters, cfg.max_loaded_adapters, cfg.max_pending, self.metrics)
+        self.eos = list(tok.eos_token_ids)
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ request -> engine jobs
+    def adapter_of(self, model: str) -> str | None:
+        """None for the base model, else the adapter name; 404 / 400 naming the model otherwise."""
+        if model in ("", self.base_id):
+            return None
+        name = model.removeprefix(self.base_id + ":")
+        try:
+            adapter_folder(self.cfg.adapters, name)
+        except ValueError as e:
+            raise APIError(400, f"model {model!r}: {e}", "model") from None
+        except AdapterError:
+            where = f"no adapter {name!r} in {self.cfg.adapters}" if self.cfg.adapters else "no adapter directory"
+            raise APIError(404, f"model {model!r} not found: not the base model {self.base_id!r} and {where}",
+                           "model", "model_not_found") from None
+        return name
+
+    def jobs(self, req: Request) -> list:
+        ctx, vocab, out = self.engine.max_seq_len, self.engine.model.cfg.vocab_size, []
+        for p in req.prompts:
+            if req.chat:
+                try:
+                    ids = self.tok.encode_chat(p)
+                except Exception as e:          # noqa: BLE001 - the template's own error (raise_exception)
+                    raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
+            elif isinstance(p, str):
+                ids = self.tok.encode(p, add_special_tokens=True)
+            else:
+                ids = p
+                if any(not 0 <= t < vocab for t in ids):
+                    raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            if not ids:
+                raise APIError(400, "the prompt is empty", "prompt")
+            max_tokens = req.max_tokens if req.max_tokens is not None else ctx - len(ids)
+            if len(ids) + max_tokens > ctx or max_tokens < 1:
+                raise APIError(400, f"max_tokens ({max_tokens}) + the prompt ({len(ids)} tokens) exceeds the "
+                               f"context of {ctx} tokens", "max_tokens")
+            out.append((ids, dataclasses.replace(req.params, max_tokens=max_tokens, stop_token_ids=self.eos,
+                                                 logprobs=req.logprobs or 0)))
+        return out
+
+    async def start(self, req: Request, t0: float):
+        """Submit `req` and wait until the engine thread accepted it: errors become HTTP errors here,
+        before any streamed byte."""
+        adapter = self.adapter_of(req.model)
+        jobs = self.jobs(req)
+        try:
+            stream = self.worker.submit(jobs, adapter)
+        except OverflowError as e:
+            raise APIError(503, str(e)) from None
+        except RuntimeError as e:
+            raise APIError(503, str(e)) from None
+        stream.t_submit = t0
+        try:
+            await accept(stream)
+        except AdapterError as e:
+            self.worker.release(stream, stream.rids)
+            raise APIError(e.status, str(e), "model", "invalid_adapter" if e.status == 400 else None) from None
+        except (ValueError, KeyError) as e:
+            self.worker.release(stream, stream.rids)
+            raise APIError(400, str(e)) from None
+        self.metrics.inc("prompt_tokens_total", sum(len(ids) for ids, _ in jobs))
+        return stream, [len(ids) for ids, _ in jobs]
+
+    async def run(self, stream, req: Request, http_request=None):
+        """Deltas of `stream` until done; the engine requests are aborted if the consumer stops early (client
+        gone, error) or a stop string ended them before the engine did."""
+        counts: dict = {}
+        watcher = None
+        if http_request is not None:      # non-streaming: nobody writes to the socket, so watch it
+            watcher = asyncio.create_task(self._watch(http_request, stream))
+        try:
+            async for d in deltas(stream, self.tok, req.params.n, req.stop, self.metrics, counts):
+                yield d
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.worker.release(stream, counts.get("unfinished", stream.rids))
+            self.metrics.inc("generation_tokens_total", sum(v for k, v in counts.items() if isinstance(k, int)))
+            self.metrics.observe("request_duration_seconds", time.perf_counter() - stream.t_submit)
+
+    @staticmethod
+    async def _watch(http_request, stream):
+        while not await http_request.is_disconnected():
+            await asyncio.sleep(0.25)
+        stream.queue.put_nowait((stream.rids[0], ConnectionAbortedError("client disconnected")))
+
+    def token_text(self, t: int) -> str:
+        return self.tok.decode([t], skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OpenAI response shapes
+
+FINISH = {"eos": "stop", "stop_sequence": "stop", "length": "length"}
+
+
+def _usage(prompt_lens: list[int], n: int, completion: int) -> dict:
+    p = sum(prompt_lens) * n
+    return {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
+
+
+def _chat_logprobs(server: Server, tokens: list) -> dict:
+    def entry(t, lp):
+        s = server.token_text(t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top or []]}
+                        for t, lp, top in tokens]}
+
+
+def _completion_logprobs(server: Server, tokens: list, offset: int) -> dict:
+    texts = [server.token_text(t) for t, _, _ in tokens]
+    offsets = []
+    for s in texts:
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": [{server.token_text(a): b for a, b in top or []} for _, _, top in tokens],
+            "text_offset": offsets}
+
+
+def _choice(server: Server, req: Request, index: int, text: str, tokens: list, finish: str | None,
+            stream: bool, first: bool = False) -> dict:
+    lp = None
+    if req.logprobs is not None:
+        lp = _chat_logprobs(server, tokens) if req.chat else _completion_logprobs(server, tokens, 0)
+    reason = FINISH[finish] if finish else None
+    if not req.chat:
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
+    if stream:
+        delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the app
+
+def build_app(server: Server):
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, FastAPI
+    from fastapi import Request as HTTPRequest
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.worker.start(asyncio.get_running_loop())
+        yield
+        server.worker.stop()
+
+    app = FastAPI(title="rftkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def auth(request: HTTPRequest):
+        if server.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise APIError(401, "missing API key: send the header Authorization: Bearer KEY")
+        if not hmac.compare_digest(header[7:].encode(), server.api_key.encode()):
+            raise APIError(401, "invalid API key")
+
+    async def body_of(request: HTTPRequest) -> dict:
+        limit = server.cfg.max_body_bytes
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            raise APIError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def sse(data) -> str:
+        return f"data: {json.dumps(data)}\n\n"
+
+    protected = [Depends(auth)]
+
+    async def openai(request: HTTPRequest, chat: bool):
+        t0 = time.perf_counter()
+        body = await body_of(request)
+        req = (parse_chat if chat else parse_completion)(body, server.cfg.max_n)
+        stream, prompt_lens = await server.start(req, t0)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": ("chat.completion" if chat else "text_completion"), "created": int(time.time()),
+                "model": req.model}
+        n = req.params.n * len(prompt_lens)
+        if req.stream:
+            head["object"] = "chat.completion.chunk" if chat else "text_completion"
+
+            async def events():
+                completion = 0
+                try:
+                    if chat:
+                        yield sse({**head, "choices": [_choice(server, req, i, "", [], None, True, True)
+                                                       for i in range(n)]})
+                    async for d in server.run(stream, req):
+                        completion += len(d.tokens)
+                        yield sse({**head, "choices": [_choice(server, req, d.index, d.text, d.tokens, d.finish,
+                                                               True)]})
+                    if req.include_usage:
+                        yield sse({**head, "choices": [], "usage": _usage(prompt_lens, req.params.n, completion)})
+                except Exception as e:     # noqa: BLE001 - headers are sent: report in the stream, then end it
+                    yield sse({"error": {"message": str(e), "type": "server_error"}})
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        texts, tokens, finish = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        async for d in server.run(stream, req, request):
+            texts[d.index].append(d.text)
+            tokens[d.index] += d.tokens
+            finish[d.index] = d.finish or finish[d.index]
+        choices = [_choice(server, req, i, "".join(texts[i]), tokens[i], finish[i], False) for i in range(n)]
+        return {**head, "choices": choices, "usage": _usage(prompt_lens, req.params.n, sum(map(len, tokens)))}
+
+    @app.post("/v1/completions", dependencies=protected)
+    async def completions(request: HTTPRequest):
+        return await openai(request, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=protected)
+    async def chat_completions(request: HTTPRequest):
+        return await openai(request, chat=True)
+
+    async def lorax(request: HTTPRequest, streaming: bool):
+        t0 = time.perf_counter()
+        req = parse_lorax(await body_of(request), server.base_id)
+        stream, prompt_lens = await server.start(req, t0)
+
+        def details(finish: str, generated: int, tokens: list | None) -> dict:
+            d = {"finish_reason": {"eos": "eos_token", "stop_sequence": "stop_sequence", "length": "length"}[finish],
+                 "generated_tokens": generated, "prompt_tokens": prompt_lens[0], "seed": req.params.seed}
+            if tokens is not None:
+                d["tokens"] = [{"id": t, "text": server.token_text(t), "logprob": lp, "special": t in server.eos}
+                               for t, lp, _ in tokens]
+            return d
+
+        prefix = req.prompts[0] if req.echo else ""
+        if streaming:
+            async def events():
+                text, count = [prefix], 0
+                try:
+                    async for d in server.run(stream, req):
+                        text.append(d.text)
+                        count += len(d.tokens)
+                        t, lp, _ = d.tokens[-1] if d.tokens else (None, None, None)
+                        yield sse({"token": {"id": t, "text": d.text, "logprob": lp, "special": t in server.eos},
+                                   "generated_text": "".join(text) if d.finish else None,
+                                   "details": details(d.finish, count, None) if d.finish else None})
+                except Exception as e:     # noqa: BLE001 - headers are sent: report in the stream
+                    yield sse({"error": str(e), "error_type": "generation"})
+            return StreamingResponse(events(), media_type="text/event-stream")
+        text, tokens, finish = [prefix], [], None
+        async for d in server.run(stream, req, request):
+            text.append(d.text)
+            tokens += d.tokens
+            finish = d.finish or finish
+        out = {"generated_text": "".join(text)}
+        if req.details:
+            out["details"] = details(finish, len(tokens), tokens)
+        return out
+
+    @app.post("/generate", dependencies=protected)
+    async def generate(request: HTTPRequest):
+        return await lorax(request, streaming=False)
+
+    @app.post("/generate_stream", dependencies=protected)
+    async def generate_stream(request: HTTPRequest):
+        return await lorax(request, streaming=True)
+
+    @app.get("/v1/models", dependencies=protected)
+    async def models():
+        card = {"object": "model", "created": server.created, "owned_by": "rftkit"}
+        return {"object": "list", "data": [{"id": server.base_id, **card, "parent": None}] + [
+            {"id": name, **card, "parent": server.base_id} for name in list_adapters(server.cfg.adapters)]}
+
+    async def adapter_call(fn, request: HTTPRequest):
+        body = await body_of(request)
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise APIError(400, f"name must be a string (an adapter folder in {server.cfg.adapters}), "
+                           f"got {json.dumps(name)}", "name")
+        try:
+            return await server.worker.call(fn, name)
+        except ValueError as e:
+            raise APIError(400, str(e), "name") from None
+        except AdapterError as e:
+            raise APIError(e.status, str(e), "name") from None
+
+    @app.get("/v1/adapters", dependencies=protected)
+    async def adapters():
+        loaded = {a["name"]: a for a in await server.worker.call(server.worker.adapter_info)} \
+            if server.cfg.adapters else {}
+        return {"object": "list", "max_loaded": server.cfg.max_loaded_adapters, "slots": server.cfg.adapter_slots,
+                "data": [{"name": name, "loaded": name in loaded, **loaded.get(name, {})}
+                         for name in sorted(set(list_adapters(server.cfg.adapters)) | set(loaded))]}
+
+    @app.post("/v1/adapters/load", dependencies=protected)
+    async def load_adapter(request: HTTPRequest):
+        t = time.perf_counter()
+        info = await adapter_call(server.worker.load_adapter, request)
+        return {**info, "loaded": True, "seconds": time.perf_counter() - t}
+
+    @app.post("/v1/adapters/unload", dependencies=protected)
+    async def unload_adapter(request: HTTPRequest):
+        body = await adapter_call(server.worker.unload_adapter, request)
+        return {"unloaded": True, **(body or {})}
+
+    @app.get("/health")
+    async def health():
+        snap = server.worker.snapshot
+        if not server.worker.alive:
+            return JSONResponse({"status": "error", "error": repr(server.worker.error)}, status_code=503)
+        return {"status": "ok", "model": server.base_id, "running": snap.get("running", 0),
+                "waiting": server.worker.pending()}
+
+    @app.get("/metrics", dependencies=protected)
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(server.worker.snapshot),
+                                 media_type="text/plain; version=0.0.4")
+
+    return _Counted(app, server.metrics)
+
+
+class _Counted:
+    """ASGI wrapper counting answered requests by endpoint and status (streaming passes through untouched)."""
+
+    PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/generate", "/generate_stream",
+             "/v1/adapters", "/v1/adapters/load", "/v1/adapters/unload", "/health", "/metrics"}
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            path = scope["path"] if scope["path"] in self.PATHS else "other"
+            self.metrics.inc("requests_total", endpoint=path, status=str(status[0]))
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    import uvicorn
+    server = Server(cfg)
+    print(f"rft serve: {server.base_id} on http://{cfg.host}:{cfg.port}/v1 (adapters: {cfg.adapters or 'none'}"
+          f"{', API key required' if server.api_key else ''})", flush=True)
+    uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

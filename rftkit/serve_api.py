@@ -1,0 +1,300 @@
+"""The server's request checking and text generation, apart from HTTP: OpenAI and LoRAX bodies in, a checked
+`Request` out; engine outputs in, text deltas (stop strings applied) out.
+
+    req = parse_chat(body, max_n=16)        # APIError(400, "... names the field ...") on bad input
+    async for d in deltas(stream, tok, req.n, req.stop, metrics):   # d.index, d.text, d.tokens, d.finish
+
+Every field is checked at this boundary and a bad one is refused with its name and value: OpenAI fields we do
+not implement (tools, response_format, logit_bias, penalties, ...) are a 400 naming them, never ignored.
+A field may still be sent with its neutral value (`frequency_penalty: 0`, `logit_bias: {}`), as clients do.
+Streamed and non-streamed answers come from the same `deltas`: joined, the stream is the answer.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from rftkit.sampling import SamplingParams
+from rftkit.tokenizer import IncrementalDecoder, find_stop
+
+MAX_STOPS = 4
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
+                413: "request_too_large", 503: "server_overloaded"}.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Request:
+    model: str                          # the `model` field as sent (base id, adapter name or base:adapter)
+    prompts: list                       # completions: str or token-id lists; chat: [messages]
+    max_tokens: int | None              # None = the rest of the context
+    params: SamplingParams              # max_tokens filled per prompt by the server
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None         # None = off; k = top alternatives per token
+    chat: bool = False
+    echo: bool = False                  # LoRAX return_full_text
+    details: bool = False               # LoRAX details
+
+
+# ----------------------------------------------------------------------------------------------------------
+# field checks
+
+def _show(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _get(body: dict, name: str, kind: str, default=None, lo=None, hi=None, where: str = ""):
+    v = body.get(name)
+    if v is None:
+        return default
+    label = where + name
+    ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+          "number": isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": isinstance(v, bool), "str": isinstance(v, str), "dict": isinstance(v, dict)}[kind]
+    if not ok:
+        what = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
+                "dict": "an object"}[kind]
+        raise APIError(400, f"{label} must be {what}, got {_show(v)}", label)
+    if lo is not None and v < lo or hi is not None and v > hi:
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise APIError(400, f"{label} must be {rng}, got {_show(v)}", label)
+    return v
+
+
+def _stops(v, label: str = "stop") -> list[str]:
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise APIError(400, f"{label} must be a non-empty string or a list of them, got {_show(v)}", label)
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"{label} has {len(stops)} strings; at most {MAX_STOPS}", label)
+    return stops
+
+
+def _unsupported(body: dict, known: set[str], neutral: dict) -> None:
+    bad = [k for k, v in body.items()
+           if k not in known and v is not None and v != neutral.get(k, None) and v not in ({}, [], False)]
+    if bad:
+        raise APIError(400, f"unsupported field{'s' if len(bad) > 1 else ''}: {', '.join(bad)} (rftkit serves "
+                       f"plain text generation; see docs/serving.md)", bad[0], "unsupported_field")
+
+
+# neutral values clients send by default; anything else in these fields is refused by name
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "repetition_penalty": 1, "typical_p": 1,
+           "response_format": {"type": "text"}, "tool_choice": "none", "best_of": 1, "adapter_source": "local"}
+IGNORED = {"user", "metadata", "store", "service_tier"}
+SAMPLING = {"model", "temperature", "top_p", "top_k", "min_p", "n", "max_tokens", "stop", "seed", "stream",
+            "stream_options", "ignore_eos"}
+
+
+def _sampling(body: dict, max_n: int, where: str = "") -> SamplingParams:
+    n = _get(body, "n", "int", 1, 1, where=where)
+    if n > max_n:
+        raise APIError(400, f"{where}n={n} exceeds the limit of {max_n} samples per request", where + "n")
+    return SamplingParams(temperature=float(_get(body, "temperature", "number", 1.0, 0, where=where)),
+                          top_p=float(_check_top_p(_get(body, "top_p", "number", 1.0, where=where), where)),
+                          top_k=_get(body, "top_k", "int", 0, 0, where=where),
+                          min_p=float(_get(body, "min_p", "number", 0.0, 0, 0.999, where=where)),
+                          n=n, seed=_get(body, "seed", "int", None, where=where),
+                          ignore_eos=_get(body, "ignore_eos", "bool", False, where=where))
+
+
+def _check_top_p(v, where=""):
+    if not 0 < v <= 1:
+        raise APIError(400, f"{where}top_p must be in (0, 1], got {_show(v)}", where + "top_p")
+    return v
+
+
+def _model(body: dict) -> str:
+    m = body.get("model")
+    if not isinstance(m, str):
+        raise APIError(400, f"model must be a string (the base model id or an adapter name), got {_show(m)}",
+                       "model")
+    return m
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _get(body, "stream", "bool", False)
+    opts = _get(body, "stream_options", "dict", {})
+    _unsupported(opts, {"include_usage"}, {})
+    return stream, _get(opts, "include_usage", "bool", False, where="stream_options.")
+
+
+def parse_completion(body: dict, max_n: int) -> Request:
+    _unsupported(body, SAMPLING | IGNORED | {"prompt", "logprobs", "echo", "suffix"}, NEUTRAL)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise APIError(400, f"prompt must be a string, a list of strings, or token ids, got {_show(prompt)}",
+                       "prompt")
+    if body.get("best_of") not in (None, 1, body.get("n", 1)):
+        raise APIError(400, f"best_of={_show(body['best_of'])} is not supported (only best_of = n)", "best_of")
+    stream, usage = _stream_flags(body)
+    return Request(_model(body), prompts, _get(body, "max_tokens", "int", 16, 1), _sampling(body, max_n),
+                   _stops(body.get("stop")), stream, usage, _get(body, "logprobs", "int", None, 0, 20))
+
+
+def _messages(v) -> list[dict]:
+    if not isinstance(v, list) or not v:
+        raise APIError(400, f"messages must be a non-empty list, got {_show(v)}", "messages")
+    out = []
+    for i, m in enumerate(v):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where} must be an object, got {_show(m)}", where)
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"{where}.role must be system, developer, user or assistant, got {_show(role)}",
+                           f"{where}.role")
+        _unsupported(m, {"role", "content", "name"}, {})
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"{where}.content[{j}]: only text parts are supported, got {_show(part)}",
+                                   f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise APIError(400, f"{where}.content must be a string, got {_show(content)}", f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def parse_chat(body: dict, max_n: int) -> Request:
+    _unsupported(body, SAMPLING | IGNORED | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"},
+                 NEUTRAL)
+    messages = _messages(body.get("messages"))
+    logprobs = _get(body, "logprobs", "bool", False)
+    top = _get(body, "top_logprobs", "int", None, 0, 20)
+    if top and not logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    max_tokens = _get(body, "max_completion_tokens", "int", None, 1)
+    max_tokens = _get(body, "max_tokens", "int", max_tokens, 1)
+    stream, usage = _stream_flags(body)
+    return Request(_model(body), [messages], max_tokens, _sampling(body, max_n), _stops(body.get("stop")),
+                   stream, usage, (top or 0) if logprobs else None, chat=True)
+
+
+LORAX = {"adapter_id", "adapter_source", "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "stop",
+         "seed", "details", "return_full_text", "ignore_eos_token", "decoder_input_details", "watermark",
+         "truncate", "api_token"}
+
+
+def parse_lorax(body: dict, base_id: str) -> Request:
+    """LoRAX / TGI `/generate` body: {"inputs": str, "parameters": {...}}; greedy unless sampling is asked."""
+    _unsupported(body, {"inputs", "parameters", "stream"}, {})
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs:
+        raise APIError(400, f"inputs must be a non-empty string, got {_show(inputs)}", "inputs")
+    p = _get(body, "parameters", "dict", {})
+    _unsupported(p, LORAX | {"repetition_penalty", "frequency_penalty", "presence_penalty", "typical_p",
+                             "best_of"}, NEUTRAL)
+    where = "parameters."
+    sample = _get(p, "do_sample", "bool", False, where=where) or any(
+        p.get(k) is not None for k in ("temperature", "top_p", "top_k"))
+    temperature = _get(p, "temperature", "number", 1.0, 0, where=where) if sample else 0.0
+    params = SamplingParams(temperature=float(temperature),
+                            top_p=float(_check_top_p(_get(p, "top_p", "number", 1.0, where=where), where)),
+                            top_k=_get(p, "top_k", "int", 0, 0, where=where),
+                            seed=_get(p, "seed", "int", None, where=where),
+                            ignore_eos=_get(p, "ignore_eos_token", "bool", False, where=where))
+    adapter = _get(p, "adapter_id", "str", None, where=where)
+    return Request(adapter or base_id, [inputs], _get(p, "max_new_tokens", "int", 20, 1, where=where), params,
+                   _stops(p.get("stop"), where + "stop"), echo=_get(p, "return_full_text", "bool", False, where=where),
+                   details=_get(p, "details", "bool", False, where=where))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# engine outputs -> text deltas
+
+@dataclass
+class Delta:
+    index: int                          # choice index: prompt i, sample j -> i * n + j
+    text: str
+    tokens: list                        # (token id, logprob, top alternatives [(id, logprob)] or None)
+    finish: str | None = None           # "eos" | "stop_sequence" | "length" once the choice is done
+
+
+class _Seq:
+    def __init__(self, tok):
+        self.decoder = IncrementalDecoder(tok)
+        self.pending = ""               # text held back: it may be the start of a stop string
+        self.tokens: list = []          # not yet handed out with a delta
+        self.count = 0
+        self.done = False
+
+
+async def accept(stream) -> None:
+    """Wait until the engine thread took every request of `stream`; raise what it refused with."""
+    for _ in stream.rids:
+        _, item = await stream.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+
+
+async def deltas(stream, tok, n: int, stops: list[str], metrics, counts: dict):
+    """Text deltas of every choice of an accepted `stream`, stop strings applied, until all are done.
+    `counts` receives the generated tokens per choice index and the requests the engine has not finished
+    (`counts["unfinished"]`: to abort)."""
+    seqs = {(rid, j): _Seq(tok) for rid in stream.rids for j in range(n)}
+    first = {rid: i for i, rid in enumerate(stream.rids)}
+    left = len(seqs)
+    engine_left = {rid: n for rid in stream.rids}
+    counts["unfinished"] = set(stream.rids)
+    first_token = True
+    while left:
+        rid, out = await stream.queue.get()
+        if isinstance(out, BaseException):
+            raise out
+        if first_token:
+            metrics.observe("time_to_first_token_seconds", time.perf_counter() - stream.t_submit)
+            first_token = False
+        if out.finished:
+            engine_left[rid] -= 1
+            if not engine_left[rid]:
+                counts["unfinished"].discard(rid)
+        s = seqs[(rid, out.index)]
+        if s.done:
+            continue
+        ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids   # the EOS is not text
+        s.count += len(out.token_ids)
+        tops = out.top_logprobs or [None] * len(out.token_ids)
+        s.tokens += list(zip(out.token_ids, out.logprobs, tops))
+        s.pending += s.decoder.add(ids) + (s.decoder.flush() if out.finished else "")
+        finish = None
+        hit, hold = find_stop(s.pending, stops) if stops else (None, 0)
+        if hit is not None:
+            text, finish = s.pending[:hit], "stop_sequence"
+            s.pending = ""
+        else:
+            cut = len(s.pending) if out.finished else len(s.pending) - hold
+            text, s.pending = s.pending[:cut], s.pending[cut:]
+            if out.finished:
+                finish = "length" if out.finish_reason == "length" else "eos"
+        index = first[rid] * n + out.index
+        if finish:
+            s.done = True
+            left -= 1
+            counts[index] = s.count
+        if text or finish:
+            yield Delta(index, text, s.tokens, finish)
+            s.tokens = []

@@ -1,0 +1,309 @@
+"""`rft serve` over real HTTP on loopback, driven by the official `openai` client: greedy answers equal
+transformers (base) and PEFT + transformers (adapters), streams join to the non-streamed text, bad input is a
+4xx naming the problem, a client killed mid-stream frees its batch row."""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import transformers
+
+from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
+
+KEY = "test-key"
+MSG = [{"role": "user", "content": "hello there"}]
+
+
+def _base_folder(root, tok_files):
+    """A random transformers Llama (V=258: 256 bytes + 2 specials, EOS 257) saved with the byte tokenizer."""
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model("llama", vocab_size=258, hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            eos_token_id=257, bos_token_id=256, tie_word_embeddings=False)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():                      # softer logits: greedy text that is not one repeated byte
+        ref.model.embed_tokens.weight.mul_(0.1)
+    ref.save_pretrained(root / "base")
+    for f in tok_files.iterdir():
+        if f.is_file():
+            (root / "base" / f.name).write_bytes(f.read_bytes())
+    return root / "base"
+
+
+def _peft_adapter(base, folder, seed, r=4, targets=("q_proj", "v_proj")):
+    import peft
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                    init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(str(folder))
+
+
+def _hf_greedy(base, messages, max_new_tokens, adapter=None, raw=None):
+    tok = transformers.AutoTokenizer.from_pretrained(str(base))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    if adapter is not None:
+        import peft
+        model = peft.PeftModel.from_pretrained(model, str(adapter)).eval()
+    text = raw if raw is not None else tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=257)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+class Running:
+    def __init__(self, app, server):
+        import uvicorn
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = server
+        self.uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.uv.started:
+                break
+            time.sleep(0.05)
+        assert self.uv.started
+
+    def client(self, key=KEY):
+        from openai import OpenAI
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def post(self, path, body=None, key=KEY, **kw):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kw)
+
+    def get(self, path, key=KEY):
+        return httpx.get(self.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    def metric(self, name):
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(f"rftkit_{name} "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self):
+        self.uv.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from rftkit.serve import ServeConfig, Server, build_app
+    root = tmp_path_factory.mktemp("serve")
+    (root / "tok").mkdir()
+    base = _base_folder(root, tok_dir.__wrapped__(root / "tok"))    # the fixture's body, module-scoped here
+    (root / "adapters").mkdir()
+    _peft_adapter(base, root / "adapters" / "alpha", seed=1)
+    _peft_adapter(base, root / "adapters" / "beta", seed=2, r=2, targets=("q_proj", "v_proj", "down_proj"))
+    cfg = ServeConfig(model=str(base), adapters=str(root / "adapters"), api_key=KEY, max_seq_len=2048,
+                      max_n=4, max_body_bytes=64 << 10, adapter_slots=2, max_loaded_adapters=8, device="cpu")
+    server = Server(cfg)
+    running = Running(build_app(server), server)
+    running.base, running.root = base, root
+    yield running
+    running.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def test_completions_and_chat_equal_transformers_greedy(served):
+    client = served.client()
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["base", "alpha", "beta"]
+    chat = client.chat.completions.create(model="base", messages=MSG, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == _hf_greedy(served.base, MSG, 12)
+    assert chat.usage.completion_tokens == chat.usage.total_tokens - chat.usage.prompt_tokens > 0
+    comp = client.completions.create(model="base", prompt="abc", max_tokens=10, temperature=0)
+    assert comp.choices[0].text == _hf_greedy(served.base, None, 10, raw="abc")
+    assert comp.usage.prompt_tokens == 3
+
+
+def test_streams_join_to_the_non_streamed_text(served):
+    client = served.client()
+    for kind in ("chat", "completion"):
+        common = dict(model="base", max_tokens=20, temperature=0, n=2, stop=["zz"])
+        if kind == "chat":
+            full = client.chat.completions.create(messages=MSG, logprobs=True, top_logprobs=2, **common)
+            chunks = list(client.chat.completions.create(messages=MSG, stream=True,
+                                                         stream_options={"include_usage": True}, **common))
+            parts = {0: [], 1: []}
+            for c in chunks[:-1]:
+                for ch in c.choices:
+                    parts[ch.index].append(ch.delta.content or "")
+            texts = [c.message.content for c in full.choices]
+            lp = full.choices[0].logprobs.content
+            assert len(lp) == full.usage.completion_tokens // 2 and all(len(e.top_logprobs) == 2 for e in lp)
+            assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in lp)   # greedy = top-1
+        else:
+            full = client.completions.create(prompt="abc", logprobs=1, **common)
+            chunks = list(client.completions.create(prompt="abc", stream=True,
+                                                    stream_options={"include_usage": True}, **common))
+            parts = {0: [], 1: []}
+            for c in chunks[:-1]:
+                for ch in c.choices:
+                    parts[ch.index].append(ch.text)
+            texts = [c.text for c in full.choices]
+            lp = full.choices[0].logprobs
+            assert len(lp.tokens) == len(lp.token_logprobs) == full.usage.completion_tokens // 2
+            assert all(t == pytest.approx(max(top.values())) for t, top in zip(lp.token_logprobs, lp.top_logprobs))
+        assert texts[0] == texts[1] and texts[0]                         # greedy: both samples agree
+        assert ["".join(parts[i]) for i in (0, 1)] == texts
+        assert len(parts[0]) > 3                                          # really streamed
+        assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_stop_strings_cut_the_text(served):
+    client = served.client()
+    full = client.completions.create(model="base", prompt="abc", max_tokens=20, temperature=0).choices[0]
+    stop = full.text[5:7]
+    assert stop and full.text.find(stop) == 5
+    for stream in (False, True):
+        if stream:
+            text = "".join(c.choices[0].text for c in client.completions.create(
+                model="base", prompt="abc", max_tokens=20, temperature=0, stop=[stop], stream=True) if c.choices)
+        else:
+            r = client.completions.create(model="base", prompt="abc", max_tokens=20, temperature=0, stop=stop)
+            text = r.choices[0].text
+            assert r.choices[0].finish_reason == "stop"
+        assert text == full.text[:5]
+
+
+def test_seeded_sampling_is_reproducible(served):
+    client = served.client()
+    a, b, c = (client.completions.create(model="base", prompt="abc", max_tokens=12, temperature=1.0, seed=s).choices[0]
+               .text for s in (7, 7, 8))
+    assert a == b != c
+
+
+def test_lorax_generate_and_stream(served):
+    body = {"inputs": "abc", "parameters": {"max_new_tokens": 10, "details": True}}
+    r = served.post("/generate", body)
+    assert r.status_code == 200, r.text
+    expected = served.client().completions.create(model="base", prompt="abc", max_tokens=10, temperature=0)
+    assert r.json()["generated_text"] == expected.choices[0].text
+    assert r.json()["details"]["generated_tokens"] == expected.usage.completion_tokens
+    with httpx.stream("POST", served.url + "/generate_stream", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as s:
+        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    assert "".join(e["token"]["text"] for e in events) == events[-1]["generated_text"] == expected.choices[0].text
+    assert served.post("/generate", {"inputs": "abc", "parameters": {"adapter_id": "nope"}}).status_code == 404
+
+
+def test_bad_input_is_a_4xx_naming_the_problem_then_service_goes_on(served):
+    import openai
+    chat = {"model": "base", "messages": MSG, "max_tokens": 4}
+    cases = [  # (body or raw bytes, key, status, words the message must contain)
+        (b'{"model": "base", "messages": [', KEY, 400, "malformed JSON"),
+        (b'[1, 2]', KEY, 400, "must be a JSON object"),
+        ({**chat, "max_tokens": "ten"}, KEY, 400, "max_tokens must be an integer"),
+        ({**chat, "messages": "hi"}, KEY, 400, "messages must be a non-empty list"),
+        ({**chat, "messages": [{"role": "wizard", "content": "x"}]}, KEY, 400, "messages[0].role"),
+        ({**chat, "temperature": "hot"}, KEY, 400, "temperature must be a number"),
+        ({**chat, "max_tokens": 5000}, KEY, 400, "exceeds the context of 2048 tokens"),
+        ({**chat, "temperature": -0.5}, KEY, 400, "temperature must be >= 0"),
+        ({**chat, "n": 5}, KEY, 400, "n=5 exceeds the limit of 4"),
+        ({**chat, "model": "nope"}, KEY, 404, "model 'nope' not found"),
+        ({**chat, "model": "../alpha"}, KEY, 400, "invalid adapter name '../alpha'"),
+        ({**chat, "model": "/etc/passwd"}, KEY, 400, "invalid adapter name '/etc/passwd'"),
+        ({**chat, "messages": [{"role": "user", "content": "x" * (70 << 10)}]}, KEY, 413, "exceeds the limit"),
+        (chat, "wrong", 401, "invalid API key"),
+        (chat, None, 401, "missing API key"),
+        ({**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, KEY, 400, "unsupported field: tools"),
+        ({**chat, "response_format": {"type": "json_object"}, "logit_bias": {"5": 3}}, KEY, 400,
+         "unsupported fields: response_format, logit_bias"),
+        ({**chat, "frequency_penalty": 0.5}, KEY, 400, "unsupported field: frequency_penalty"),
+    ]
+    for body, key, status, words in cases:
+        if isinstance(body, bytes):
+            r = httpx.post(served.url + "/v1/chat/completions", content=body, timeout=30,
+                           headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        else:
+            r = served.post("/v1/chat/completions", body, key=key)
+        assert r.status_code == status, (body if not isinstance(body, dict) else list(body), r.text)
+        assert words in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.NotFoundError, match="model 'nope' not found"):      # as the client shows it
+        served.client().chat.completions.create(model="nope", messages=MSG)
+    ok = {**chat, "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}  # neutral
+    r = served.post("/v1/chat/completions", ok)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    assert served.get("/health").json()["status"] == "ok"
+
+
+KILLED_CLIENT = """
+import os, signal, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+for chunk in client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=1900, stream=True, extra_body={"ignore_eos": True}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        print("streaming", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_client_killed_mid_stream_frees_its_row(served):
+    aborted = served.metric("aborted_requests_total")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, served.url + "/v1", KEY], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline() == "streaming\n"
+    assert proc.wait(timeout=30) == -9
+    t = time.perf_counter()
+    while served.metric("running_sequences") > 0 and time.perf_counter() - t < 10:
+        time.sleep(0.05)
+    assert served.metric("running_sequences") == 0
+    assert served.metric("aborted_requests_total") == aborted + 1
+    assert served.metric("decode_tokens_total") > 0
+
+
+def test_health_answers_fast_under_full_load(served):
+    import http.client
+
+    def health():       # a fresh connection per probe (a keep-alive client adds its own delayed-ACK waits)
+        t = time.perf_counter()
+        c = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+        c.request("GET", "/health")
+        body = json.loads(c.getresponse().read())
+        c.close()
+        return time.perf_counter() - t, body
+
+    def long_request(i):
+        return served.client().completions.create(model="base", prompt=f"p{i}", max_tokens=300, temperature=1,
+                                                  extra_body={"ignore_eos": True}).usage.completion_tokens
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(long_request, i) for i in range(24)]
+        while served.metric("running_sequences") < 16:
+            time.sleep(0.05)
+        times = []
+        for _ in range(20):
+            dt, body = health()
+            assert body["status"] == "ok" and body["running"] > 0
+            times.append(dt)
+            time.sleep(0.02)
+        assert [f.result() for f in futures] == [300] * 24
+    assert max(times) < 0.1, sorted(times)
+
+
+def test_metrics_are_prometheus_text(served):
+    text = served.get("/metrics").text
+    import re
+    for line in text.splitlines():
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or re.fullmatch(
+            r'rftkit_\w+(\{[\w]+="[^"]*"(,[\w]+="[^"]*")*\})? [0-9.e+-]+', line), line
+    for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total", "queue_depth",
+                 "time_to_first_token_seconds_count", "adapter_loads_total", "adapter_evictions_total"):
+        assert f"rftkit_{name}" in text, name
+    assert 'rftkit_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
