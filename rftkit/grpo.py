@@ -10,9 +10,15 @@ adapter on the clipped policy loss (rftkit.grpo_loss), with each prompt processe
 (rftkit.grpo_forward). The loss is normalised over the whole batch, so micro-batching changes nothing and
 there is no divisibility rule to satisfy: any P, any G >= 2.
 
-`grpo_update(model, optimizer, rollouts, cfg)` is the update alone, callable on given rollouts (scale-out
-uses it). Rollouts are seeded by (seed, step), and checkpoints hold the adapter, the optimizer state and the
-step, so a killed run resumes exactly.
+`grpo_update(model, optimizer, rollouts, cfg)` is the update alone, callable on given rollouts. Rollouts are
+seeded by (seed, step, prompt), and checkpoints hold the adapter, the optimizer state and the step, so a
+killed run resumes exactly.
+
+Under torchrun (rftkit.distributed) each process samples and scores the groups of its share of the step's
+prompts (a group never spans processes), the processes exchange their rollouts so that each holds the whole
+batch (advantages, dropped groups and normalisers are those of one process), each computes the gradient of
+its own groups, and the gradients are summed before clipping. Only rank 0 writes; the step is global, so a
+run resumes with any number of processes.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from rftkit import distributed as dist
 from rftkit.grpo_forward import group_logprobs
 from rftkit.grpo_loss import LossSpec, Totals, group_advantages, policy_loss
 from rftkit.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, lora_parameters, save_lora
@@ -68,6 +75,7 @@ class GRPOConfig:
     resume: bool = False                 # continue from the latest checkpoint in output
     on_reward_error: Literal["raise", "count"] = "raise"   # a raising reward stops the run, or is counted
     log_samples: int = 2                 # completions shown per step in the metrics log
+    dist_timeout: float = 1800.0         # under torchrun: seconds a process waits for the others before failing
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -102,9 +110,10 @@ def _pad_rows(rows: list[list[float]], T: int) -> torch.Tensor:
 
 
 def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Totals | None = None,
-                step_optimizer: bool = True) -> dict:
-    """One update of the policy on given rollouts. `totals` defaults to this batch's own; scale-out passes
-    the global batch's so that ranks' gradients sum to the single-process gradient."""
+                step_optimizer: bool = True, my_groups: list[int] | None = None) -> dict:
+    """One update of the policy on given rollouts. `totals` defaults to this batch's own. `my_groups`: the
+    prompts (indices into the batch) this process computes, default all; under torchrun each process passes
+    its share of the whole batch, and gradients and statistics are summed over processes before clipping."""
     P, G = batch.rewards.shape
     spec = cfg.spec()
     adv = group_advantages(batch.rewards, cfg.scale_rewards)                       # [P, G]
@@ -113,14 +122,17 @@ def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Tota
         keep = [i for i in range(P) if batch.rewards[i].std() > 0] if G > 1 else keep
     stats = {"groups_kept": len(keep), "zero_std_frac": 1 - len(keep) / P if cfg.dynamic_sampling else
              float(sum(batch.rewards[i].std() == 0 for i in range(P))) / P}
-    if not keep:
-        return {**stats, "skipped": 1}
     rows = [i * G + j for i in keep for j in range(G)]
     valid_len = [len(batch.completions[r]) for r in rows]
     if cfg.mask_truncated:
         valid_len = [0 if batch.truncated[r] else n for r, n in zip(rows, valid_len)]
     if totals is None:
         totals = Totals(n_seqs=len(rows), n_tokens=sum(valid_len))
+    if totals.n_seqs == 0:
+        return {**stats, "skipped": 1}
+    if my_groups is not None:
+        mine = set(my_groups)
+        keep = [i for i in keep if i in mine]
     sums = {"clip_low_tokens": 0.0, "clip_high_tokens": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0, "loss": 0.0}
     for _ in range(cfg.iterations):
         optimizer.zero_grad(set_to_none=True)
@@ -147,10 +159,12 @@ def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Tota
                 sums[k] += st[k]
             sums["entropy_sum"] += float((ent * mask).sum())
             sums["loss"] += float(loss.detach())
+        dist.all_reduce_grads(lora_parameters(model), "the gradient all-reduce")
         if cfg.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.grad_clip))
         if step_optimizer:
             optimizer.step()
+    sums = dict(zip(sums, dist.all_reduce_floats(list(sums.values()), what="update statistics")))
     n = max(totals.n_tokens, 1) * cfg.iterations
     stats.update(loss=sums["loss"] / cfg.iterations, clip_frac=(sums["clip_low_tokens"] + sums["clip_high_tokens"]) / n,
                  kl=sums["kl_sum"] / n, entropy=sums["entropy_sum"] / n, skipped=0)
@@ -161,25 +175,42 @@ def _seed(*parts) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
-def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weights: dict, errors: dict):
-    """Sample G completions for P training prompts and score them."""
+def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weights: dict, errors: dict,
+            indices: list[int] | None = None):
+    """Sample G completions for the step's P training prompts (or those of them at `indices`) and score them."""
     from rftkit.rewards import score_batch
     from rftkit.sampling import SamplingParams
     P, G = cfg.prompts_per_step, cfg.group_size
-    samples = [task.sample("train", step * P + i, seed=cfg.seed) for i in range(P)]
+    indices = list(range(P)) if indices is None else indices
+    samples = [task.sample("train", step * P + i, seed=cfg.seed) for i in indices]
     prompts = [tok.encode_chat(s["messages"]) for s in samples]
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, n=G,
                              seed=_seed(cfg.seed, step, i), stop_token_ids=list(tok.eos_token_ids))
-              for i in range(P)]
+              for i in indices]
     groups = engine.generate(prompts, params)
     comps = [c for g in groups for c in g]
     texts = [tok.decode(c.token_ids) for c in comps]
     expanded = [s for s in samples for _ in range(G)]
     scores = score_batch(rewards, texts, expanded, on_error=cfg.on_reward_error, errors=errors)
-    total = sum(torch.tensor(v) * weights[k] for k, v in scores.items()).view(P, G)
+    total = sum(torch.tensor(v) * weights[k] for k, v in scores.items()).view(len(indices), G)
     batch = Rollouts(prompts, [c.token_ids for c in comps], total.float(), [c.logprobs for c in comps],
                      [c.finish_reason == "length" for c in comps])
     return batch, scores, texts, expanded
+
+
+def gather_rollouts(batch: Rollouts, scores: dict, texts: list, samples: list, errors: dict, what: str):
+    """Every process's rollouts, scores, texts, samples and reward errors, joined in prompt order."""
+    parts = dist.all_gather((batch, scores, texts, samples, errors), what)
+    b = [p[0] for p in parts]
+    joined = Rollouts(sum((x.prompts for x in b), []), sum((x.completions for x in b), []),
+                      torch.cat([x.rewards for x in b]), sum((x.old_logprobs for x in b), []),
+                      sum((x.truncated for x in b), []))
+    all_errors: dict = {}
+    for p in parts:
+        for name, e in p[4].items():
+            all_errors.setdefault(name, {**e, "count": 0})["count"] += e["count"]
+    return (joined, {k: sum((p[1][k] for p in parts), []) for k in scores}, sum((p[2] for p in parts), []),
+            sum((p[3] for p in parts), []), all_errors)
 
 
 def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = True, on_step=None) -> dict:
@@ -188,6 +219,12 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     from rftkit.loading import load
     from rftkit.rewards import load_reward
     from rftkit.tasks import get_task
+    rank, world = dist.init(cfg.dist_timeout)          # (0, 1) outside torchrun
+    main = rank == 0                                    # only rank 0 writes
+    if cfg.prompts_per_step < world:
+        raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is smaller than the {world} processes: each "
+                         f"needs at least one prompt per step")
+    mine = dist.shard(list(range(cfg.prompts_per_step)))   # this process's prompts, whole groups
     if model is None:
         model, tok = load(cfg.model)
     task = task or get_task(cfg.task)
@@ -206,18 +243,24 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     start, elapsed = 0, 0.0
     if cfg.resume:
         ckpt = latest_checkpoint(out / "checkpoints")
+        found = dist.all_gather(str(ckpt), "resume")
+        if len(set(found)) > 1:
+            raise ValueError(f"processes see different latest checkpoints {found}: --output must be a folder "
+                             f"all of them share")
         if ckpt is not None:
             state = load_checkpoint(ckpt, model, optimizer)
             start, elapsed = state["step"], state["elapsed"]
-            print(f"rft train: resumed from {ckpt} (step {start}, {elapsed:.0f} s trained)")
-    (out / "config.json").write_text(__import__("json").dumps(asdict(cfg), indent=1))
+            if main:
+                print(f"rft train: resumed from {ckpt} (step {start}, {elapsed:.0f} s trained)")
+    if main:
+        (out / "config.json").write_text(__import__("json").dumps(asdict(cfg), indent=1))
     longest_prompt = max(len(tok.encode_chat(task.sample("train", i, cfg.seed)["messages"])) for i in range(64))
     engine = Engine(model, max_seq_len=longest_prompt * 2 + cfg.max_tokens + 64,
-                    max_batch=cfg.prompts_per_step * cfg.group_size, kv_budget_bytes=4 << 30)
+                    max_batch=len(mine) * cfg.group_size, kv_budget_bytes=4 << 30)
     errors: dict = {}
     total_steps = cfg.steps if cfg.steps > 0 else None
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
         bar = tqdm(total=total_steps or None, initial=start, desc="rft train", unit="step", dynamic_ncols=True)
     step = start
@@ -227,13 +270,17 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps)
             model.eval()
-            batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors)
+            batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors, mine)
             t_gen = time.perf_counter() - t0
+            all_errors = errors
+            if world > 1:      # every process holds the whole batch; each computes the gradient of its groups
+                batch, scores, texts, samples, all_errors = gather_rollouts(batch, scores, texts, samples, errors,
+                                                                            f"step {step + 1}'s rollouts")
             model.train()
-            upd = grpo_update(model, optimizer, batch, cfg)
+            upd = grpo_update(model, optimizer, batch, cfg, my_groups=mine)
             model.eval()
             step += 1
-            dt = time.perf_counter() - t0
+            dt = dist.all_reduce_floats([time.perf_counter() - t0], "max", "step time")[0]   # one clock for all
             elapsed += dt
             n_tok = sum(len(c) for c in batch.completions)
             row = {"step": step, "time": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
@@ -244,29 +291,31 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                    **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
                    "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
                                for i in range(min(cfg.log_samples, len(texts)))]}
-            if errors:
-                row["reward_errors"] = {k: dict(v) for k, v in errors.items()}
-            log.write(row)
+            if all_errors:
+                row["reward_errors"] = {k: dict(v) for k, v in all_errors.items()}
+            if main:
+                log.write(row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
                                 len=f"{row['completion_len']:.0f}", s=f"{dt:.1f}")
             if on_step is not None:
                 on_step(step, row)
-            if step % cfg.checkpoint_every == 0:
+            if main and step % cfg.checkpoint_every == 0:
                 save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
     except BaseException:
         # a raising reward, Ctrl-C, ...: the adapter and optimizer are as of the last completed step; keep them
-        if step > start:
+        if main and step > start:
             save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
         print(f"\nrft train: stopped after step {step}; checkpoint and metrics kept in {out} "
               f"(continue with --resume)", file=sys.stderr)
         raise
     if bar is not None:
         bar.close()
-    save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
-    save_lora(model, out / "adapter", base=cfg.model or "smollm2-135m-instruct")
-    rows = log.read()
+    if main:
+        save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
+        save_lora(model, out / "adapter", base=cfg.model or "smollm2-135m-instruct")
+    rows = log.read() if main else []
     if rows:
         plot_curves(rows, "step", ["reward", "accuracy"], out / "reward.png", title="GRPO training")
     return {"steps": step, "seconds": elapsed, "adapter": str(out / "adapter"), "reward_errors": errors}
@@ -274,5 +323,9 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
 
 def run_grpo(cfg: GRPOConfig) -> int:
     result = train(cfg)
-    print(f"rft train: {result['steps']} steps in {result['seconds']:.0f} s; adapter saved to {result['adapter']}")
+    main = dist.is_main()
+    dist.close()
+    if main:
+        print(f"rft train: {result['steps']} steps in {result['seconds']:.0f} s; adapter saved to "
+              f"{result['adapter']}")
     return 0

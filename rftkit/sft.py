@@ -11,8 +11,10 @@ was tokenized exactly as `rft generate` tokenizes it, so training sees the token
 The loss is the mean negative log-likelihood over the completion tokens of the whole global batch (not a
 mean of micro-batch means), so micro-batching and, in scale-out, the number of ranks do not change the
 gradient: `batch_backward(model, examples, micro_batch, n_tokens)` is that computation, callable with the
-global token count. Checkpoints hold the adapter (or all weights), the optimizer, the RNG states and the data
-position as a global sample offset, so `--resume` continues a killed run exactly.
+global token count. Under torchrun each process takes its share of every global batch (rftkit.distributed),
+gradients are summed across processes, and only rank 0 writes. Checkpoints hold the adapter (or all weights),
+the optimizer, the RNG states and the data position as a global sample offset, so `--resume` continues a
+killed run exactly, and a run resumed with another number of processes continues from the same sample.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from rftkit import distributed as dist
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
 from rftkit.train_utils import (MetricsLog, hidden_logprobs, latest_checkpoint, load_checkpoint, lr_at, plot_curves,
                                 save_checkpoint, set_rng_state, set_seed)
@@ -64,6 +67,7 @@ class SFTConfig:
     resume: bool = False                 # continue from the latest checkpoint in output
     device: str = "auto"                 # cpu, cuda, or auto
     tensorboard: bool = False            # also log to output/tensorboard (when installed)
+    dist_timeout: float = 1800.0         # under torchrun: seconds a process waits for the others before failing
 
     def __post_init__(self):
         for name in ("batch_size", "micro_batch", "max_length", "lora_r", "checkpoint_every", "keep_checkpoints"):
@@ -231,12 +235,13 @@ def batch_backward(model, examples: list[Example], micro_batch: int, n_tokens: i
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Example], micro_batch: int) -> float:
-    """Token-mean held-out loss over the completion tokens of `examples`."""
-    ordered = sorted(examples, key=lambda e: len(e[0]))
+    """Token-mean held-out loss over the completion tokens of `examples` (shared out across processes)."""
+    ordered = sorted(dist.shard(examples), key=lambda e: len(e[0]))
     total, n = 0.0, 0
     for i in range(0, len(ordered), micro_batch):
         nll, k, _ = completion_nll(model, ordered[i:i + micro_batch])
         total, n = total + float(nll), n + k
+    total, n = dist.all_reduce_floats([total, n], what="held-out loss")
     return total / max(n, 1)
 
 
@@ -259,7 +264,14 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     from rftkit.loading import load, resolve
     if not cfg.data:
         raise ValueError("--data is required: a JSONL file of chats or prompt/completion pairs")
+    rank, world = dist.init(cfg.dist_timeout)          # (0, 1) outside torchrun
+    main = rank == 0                                    # only rank 0 writes
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes: each needs at least "
+                         f"one example per step")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{dist.local_rank()}"
     loaded_here = model is None
     if loaded_here:
         model, tok = load(cfg.model, device=device)
@@ -279,8 +291,9 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         raise ValueError(f"{cfg.data}: no training examples left ({counts})")
     counts.update(train=len(train_set), held_out=len(eval_set))
     total_steps = cfg.steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
-    print(f"rft sft: {counts['examples']} examples, {counts['truncated']} truncated to {cfg.max_length} tokens, "
-          f"{counts['dropped']} dropped; {len(train_set)} train / {len(eval_set)} held out; {total_steps} steps")
+    if main:
+        print(f"rft sft: {counts['examples']} examples, {counts['truncated']} truncated to {cfg.max_length} tokens, "
+              f"{counts['dropped']} dropped; {len(train_set)} train / {len(eval_set)} held out; {total_steps} steps")
 
     set_seed(cfg.seed)
     if cfg.full:
@@ -292,9 +305,13 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard)
+    log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard and main)
     start, elapsed, tokens_seen = 0, 0.0, 0
     ckpt = latest_checkpoint(out / "checkpoints") if cfg.resume else None
+    found = dist.all_gather(str(ckpt), "resume")
+    if len(set(found)) > 1:
+        raise ValueError(f"processes see different latest checkpoints {found}: --output must be a folder all of "
+                         f"them share")
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         set_rng_state(state["rng"])
@@ -302,15 +319,19 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         if state["offset"] != start * cfg.batch_size:
             raise ValueError(f"{ckpt}: data offset {state['offset']} is not step {start} x batch_size "
                              f"{cfg.batch_size}; resume with the batch size the run was started with")
-        log.path.write_text("".join(json.dumps(r) + "\n" for r in log.read() if r.get("step", 0) <= start))
-        print(f"rft sft: resumed from {ckpt} (step {start})")
-    else:
+        if main:
+            log.path.write_text("".join(json.dumps(r) + "\n" for r in log.read() if r.get("step", 0) <= start))
+            print(f"rft sft: resumed from {ckpt} (step {start})")
+    elif main:
         log.path.write_text("")
         log.write({"step": 0, "data": counts})
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if world > 1:               # different dropout masks on each process (the data differs already)
+        torch.manual_seed(_seed(cfg.seed, "rank", rank, start))
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start, desc="rft sft", unit="step", dynamic_ncols=True)
     eval_loss = None
@@ -322,7 +343,11 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         batch = [train_set[i] for i in sample_order(len(train_set), cfg.seed, step * cfg.batch_size, cfg.batch_size)]
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        st = batch_backward(model, batch, cfg.micro_batch)
+        n_tokens = sum(sum(m[1:]) for _, m in batch)      # the global batch's: ranks' gradients sum to it
+        st = batch_backward(model, dist.shard(batch), cfg.micro_batch, n_tokens, len(batch))
+        dist.all_reduce_grads(params, f"step {step + 1}")
+        nll_sum, seen = dist.all_reduce_floats([st["nll_sum"], st["seen_tokens"]])
+        st.update(nll_sum=nll_sum, seen_tokens=int(seen))
         grad_norm = (float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None)
         optimizer.step()
         model.eval()
@@ -338,11 +363,12 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         last = step + 1 == total_steps
         if eval_set and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch)
-        log.write(row)
+        if main:
+            log.write(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or last:
+        if main and ((step + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
                             {"offset": (step + 1) * cfg.batch_size, "elapsed": elapsed, "tokens": tokens_seen},
                             keep=cfg.keep_checkpoints)
@@ -351,15 +377,14 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     if bar is not None:
         bar.close()
 
-    if cfg.full:
+    final = out / ("model" if cfg.full else "adapter")
+    if main and cfg.full:
         from rftkit.loading import save_model_folder
         tok_dir = resolve(cfg.model) if loaded_here or cfg.model else None     # its tokenizer files
-        final = out / "model"
         save_model_folder(model, final, tokenizer_dir=tok_dir)
-    else:
-        final = out / "adapter"
+    elif main:
         save_lora(model, final, base=cfg.model or EMBEDDED)
-    rows_logged = [r for r in log.read() if "loss" in r]
+    rows_logged = [r for r in log.read() if "loss" in r] if main else []
     if rows_logged:
         plot_curves(rows_logged, "step", ["loss", "eval_loss"], out / "loss.png", title="SFT loss")
     return {"steps": total_steps, "seconds": elapsed, "output": str(final), "data": counts, "eval_loss": eval_loss,
@@ -368,6 +393,9 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
 
 def run_sft(cfg: SFTConfig) -> Path:
     result = train(cfg)
-    print(f"rft sft: {result['steps']} steps in {result['seconds']:.0f} s "
-          f"({result['tokens'] / max(result['seconds'], 1e-9):.0f} tokens/s); saved to {result['output']}")
+    main = dist.is_main()
+    dist.close()
+    if main:
+        print(f"rft sft: {result['steps']} steps in {result['seconds']:.0f} s "
+              f"({result['tokens'] / max(result['seconds'], 1e-9):.0f} tokens/s); saved to {result['output']}")
     return Path(result["output"])
