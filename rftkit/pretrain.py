@@ -366,7 +366,8 @@ def plot_runs(folders: list[Path], path: Path, title: str = "") -> Path:
         if ev:
             ax.plot(*zip(*ev), color=f"C{i}", lw=2, marker=".", label=f"{label} held-out")
     ax.set_xlabel("training tokens (bytes)")
-    ax.set_ylabel("loss (nats per byte)")
+    ax.set_ylabel("loss (nats per byte, log scale)")
+    ax.set_yscale("log")
     ax.set_title(title or "rft pretrain: dense vs MoE at equal active parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
