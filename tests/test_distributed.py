@@ -264,7 +264,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, tok_
     wall = time.perf_counter() - t0
     assert r.returncode != 0
     assert "rank(s) 1 did not reach step 1's rollouts within 10 s" in r.stderr, r.stderr[-3000:]
-    assert wall < 120, wall               # rank 1 sleeps 600 s: the job ended at the timeout, not after it
+    assert wall < 60, wall                # 20 s here with startup; rank 1 sleeps 600 s
 
 
 from tests.test_tokenizer import tok_dir  # noqa: E402,F401  (fixture: byte-level tokenizer with a chat template)
