@@ -5,6 +5,9 @@
 
 A folder holds `adapter_config.json` and `adapter_model.safetensors` with PEFT's key names
 (`base_model.model.<module>.lora_A.weight`), so PEFT, vLLM and LoRAX load our adapters and we load theirs.
+MoE expert tensors are adapted as PEFT's `target_parameters` do (see rftkit.lora.LoRAParam): the module path
+of such an adapter is the experts module, with `.base_layer` once per wrapper nested inside (PEFT wraps the
+tensors in their registration order, gate_up_proj innermost), and lora_A / lora_B hold E·R rows / columns.
 Features we do not implement (DoRA, `modules_to_save`, biases, ...) are refused with the field named:
 loading them silently would serve a different model than the one trained.
 """
@@ -19,13 +22,14 @@ from pathlib import Path
 import torch
 
 CONFIG_FILE = "adapter_config.json"
+EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")   # registration order in transformers' and our experts
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 # fields that change what the adapter computes, with the only value we support
 UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "bias": "none", "fan_in_fan_out": False,
                "layers_to_transform": None, "layer_replication": None, "lora_bias": False,
-               "target_parameters": None, "trainable_token_indices": None, "use_qalora": False}
+               "trainable_token_indices": None, "use_qalora": False}
 # fields that do not change what a trained adapter computes (init methods, training-time options, bookkeeping)
 HARMLESS = {"base_model_name_or_path", "revision", "task_type", "peft_type", "inference_mode", "auto_mapping",
             "init_lora_weights", "layers_pattern", "lora_dropout", "megatron_config", "megatron_core",
@@ -45,6 +49,7 @@ class AdapterConfig:
     lora_dropout: float = 0.0                          # training only
     base_model_name_or_path: str | None = None
     bias: str = "none"                                 # the only supported value
+    target_parameters: list[str] | None = None         # adapted parameters (MoE experts), PEFT's field
 
     def _pattern(self, patterns: dict, module: str):
         # PEFT's rule: a pattern key matches a module path if the path ends with it at a name boundary
@@ -53,13 +58,25 @@ class AdapterConfig:
                 return value
         return None
 
+    def expert_param(self, module: str) -> str | None:
+        """The parameter path (`...mlp.experts.gate_up_proj`) a target_parameters module path adapts, else None."""
+        stripped, depth = module, 0
+        while stripped.endswith(".base_layer"):
+            stripped, depth = stripped[: -len(".base_layer")], depth + 1
+        if stripped.rsplit(".", 1)[-1] != "experts":           # PEFT's short names ("down_proj") match anywhere
+            return None
+        names = [n for n in EXPERT_PARAM_ORDER
+                 if any(f"{stripped}.{n}" == t or f"{stripped}.{n}".endswith("." + t) for t in self.target_parameters or [])]
+        return f"{stripped}.{names[-1 - depth]}" if depth < len(names) else None
+
     def rank(self, module: str) -> int:
+        module = self.expert_param(module) or module      # patterns of expert tensors name the parameter
         r = self._pattern(self.rank_pattern, module)
         return self.r if r is None else int(r)
 
     def scaling(self, module: str) -> float:
         r = self.rank(module)
-        alpha = self._pattern(self.alpha_pattern, module)
+        alpha = self._pattern(self.alpha_pattern, self.expert_param(module) or module)
         alpha = self.lora_alpha if alpha is None else alpha
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
@@ -68,7 +85,8 @@ class AdapterConfig:
         d.update(peft_type="LORA", task_type="CAUSAL_LM", bias="none", use_dora=False, fan_in_fan_out=False,
                  modules_to_save=None, init_lora_weights=True, inference_mode=True,
                  target_modules=(self.target_modules if isinstance(self.target_modules, str)
-                                 else sorted(set(self.target_modules))))
+                                 else sorted(set(self.target_modules))),
+                 target_parameters=sorted(set(self.target_parameters)) if self.target_parameters else None)
         return d
 
     @classmethod
@@ -92,7 +110,8 @@ class AdapterConfig:
                    target_modules=targets if isinstance(targets, str) else list(targets),
                    use_rslora=bool(d.get("use_rslora", False)), rank_pattern=d.get("rank_pattern") or {},
                    alpha_pattern=d.get("alpha_pattern") or {}, lora_dropout=d.get("lora_dropout", 0.0),
-                   base_model_name_or_path=d.get("base_model_name_or_path"))
+                   base_model_name_or_path=d.get("base_model_name_or_path"),
+                   target_parameters=list(d.get("target_parameters") or []) or None)
 
 
 def read_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -123,7 +142,8 @@ def read_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[str, tuple[tor
         if set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"{w_path}: module {module} has {sorted(ab)} but needs both lora_A and lora_B")
         A, B = ab["lora_A"], ab["lora_B"]
-        if A.shape[0] != B.shape[1] or A.shape[0] != cfg.rank(module):
+        expert = cfg.expert_param(module) is not None           # E·R rows; E is checked against the model
+        if A.shape[0] != B.shape[1] or (A.shape[0] % cfg.rank(module) if expert else A.shape[0] != cfg.rank(module)):
             raise ValueError(f"{w_path}: module {module} has lora_A {tuple(A.shape)} and lora_B "
                              f"{tuple(B.shape)}, not rank {cfg.rank(module)}")
         weights[module] = (A, B)
@@ -149,6 +169,9 @@ def validate_adapter(cfg: AdapterConfig, weights: dict, model, source: str = "ad
     """Every adapted module exists in the model as a linear layer with matching shapes and the config's rank."""
     modules = dict(model.named_modules())
     for module, (A, B) in weights.items():
+        if cfg.expert_param(module) is not None:
+            _validate_expert(cfg, module, A, B, model, source)
+            continue
         if A.shape[0] != cfg.rank(module) or B.shape[1] != A.shape[0]:
             raise ValueError(f"{source}: module {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
                              f"not rank {cfg.rank(module)} as adapter_config.json says")
@@ -159,6 +182,25 @@ def validate_adapter(cfg: AdapterConfig, weights: dict, model, source: str = "ad
         if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
             raise ValueError(f"{source}: module {module} is {base.out_features}x{base.in_features} in the model "
                              f"but the adapter has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+
+
+def _validate_expert(cfg: AdapterConfig, module: str, A, B, model, source: str) -> None:
+    path = cfg.expert_param(module)
+    parent, _, name = path.rpartition(".")
+    try:
+        experts = model.get_submodule(parent)
+    except AttributeError:
+        raise ValueError(f"{source}: module {module} (parameter {path}) is not in this model") from None
+    while hasattr(experts, "param_name") and hasattr(experts, "base_layer"):   # LoRA-wrapped already
+        experts = experts.base_layer
+    W = experts._parameters.get(name)
+    if W is None or W.dim() != 3:
+        raise ValueError(f"{source}: {path} is not a stacked expert tensor [E, out, in] of this model")
+    E, out, inp = W.shape
+    r = cfg.rank(module)
+    if tuple(A.shape) != (E * r, inp) or tuple(B.shape) != (out, E * r):
+        raise ValueError(f"{source}: {path} is {tuple(W.shape)} in the model (E, out, in) but the adapter has "
+                         f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)} (want E*r={E * r} with rank {r})")
 
 
 def safe_adapter_path(root: str | Path, name: str) -> Path:

@@ -6,6 +6,16 @@
 `apply_lora` swaps each targeted `nn.Linear` for a `LoRALinear` at the same module path, so adapter keys are
 PEFT's. `lora_disabled(model)` switches every adapter off: the base model, used as GRPO's KL reference with
 no second copy of the weights. A model with LoRA applied generates through the engine with its live adapter.
+
+MoE experts: the stacked expert tensors (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj`
+[E, D, F]) get one LoRA per expert, W_e + s·B_e·A_e, in PEFT's `target_parameters` layout (its
+`ParamWrapper`, PEFT >= 0.17): `LoRAParam` wraps the experts module once per adapted tensor, nested in the
+tensors' registration order, so with both tensors adapted the gate_up_proj adapter sits at
+`mlp.experts.base_layer` and the down_proj one at `mlp.experts`; lora_A is [E·R, in] (expert-major rows) and
+lora_B [out, E·R] (rank-major columns: column j·E + e), exactly PEFT's tensors, so the files interoperate.
+The adapted weight is materialised per forward ([E, out, in], as PEFT does); dropout is refused there (as in
+PEFT). `all-linear` covers attention, dense MLPs, shared experts and routed experts, not routers (PEFT 0.21's
+all-linear also adapts transformers' routers and gives gate_up_proj rank 2R; we load such files).
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import torch.nn.functional as F
 from rftkit.adapters import AdapterConfig, read_adapter, validate_adapter, write_adapter
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_NAMES = ("experts.gate_up_proj", "experts.down_proj")      # stacked MoE expert tensors
 
 
 @dataclass
@@ -37,15 +48,20 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank must be >= 1, got r={self.r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        unknown = [t for t in self.targets if t != "all-linear" and t not in LINEAR_NAMES]
+        unknown = [t for t in self.targets if t != "all-linear" and t not in LINEAR_NAMES + EXPERT_NAMES]
         if unknown or not self.targets:
             raise ValueError(f"unknown LoRA target modules {unknown or self.targets}; "
-                             f"use all-linear or some of {', '.join(LINEAR_NAMES)}")
+                             f"use all-linear or some of {', '.join(LINEAR_NAMES + EXPERT_NAMES)}")
 
-    def adapter_config(self, base: str | None = None, modules: list[str] | None = None) -> AdapterConfig:
-        names = sorted({m.rsplit(".", 1)[-1] for m in modules}) if modules else list(self.targets)
+    def adapter_config(self, base: str | None = None, modules: list[str] | None = None,
+                       params: list[str] | None = None) -> AdapterConfig:
+        """`modules`: adapted linear paths; `params`: adapted expert tensor paths (`...mlp.experts.down_proj`)."""
+        names = sorted({m.rsplit(".", 1)[-1] for m in modules}) if modules else []
+        if modules is None and params is None:
+            names = [t for t in self.targets if t not in EXPERT_NAMES]
+        tp = sorted({".".join(p.split(".")[-3:]) for p in params}) if params else None   # mlp.experts.<name>
         return AdapterConfig(r=self.r, lora_alpha=self.alpha, target_modules=names, use_rslora=self.rslora,
-                             lora_dropout=self.dropout, base_model_name_or_path=base)
+                             lora_dropout=self.dropout, base_model_name_or_path=base, target_parameters=tp)
 
 
 class LoRALinear(nn.Module):
@@ -84,6 +100,92 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+class LoRAParam(nn.Module):
+    """LoRA on one stacked expert tensor W [E, out, in] of `base_layer` (an experts module, or another
+    LoRAParam): reading `module.<param_name>` gives W + s·B_e·A_e per expert; other attributes pass through.
+    Shapes and nesting are PEFT's ParamWrapper's (module docstring)."""
+
+    def __init__(self, base_layer: nn.Module, param_name: str, r: int, scaling: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.param_name = param_name
+        W = self.weight_param()
+        self.n_experts, self.out_features, self.in_features = W.shape
+        self.r, self.scaling = r, scaling
+        E = self.n_experts
+        self.lora_A = nn.Parameter(torch.empty(E * r, self.in_features, device=W.device, dtype=W.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, E * r, device=W.device, dtype=W.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))      # PEFT's init of its nn.Linear(in, E·R)
+        self.enabled = True
+        self.merged = False
+
+    def weight_param(self) -> nn.Parameter:
+        """The experts module's own tensor (not adapted)."""
+        m = self.base_layer
+        while isinstance(m, LoRAParam):
+            m = m.base_layer
+        return m._parameters[self.param_name]
+
+    def delta(self) -> torch.Tensor:
+        E, R = self.n_experts, self.r
+        A = self.lora_A.view(E, R, self.in_features)                                      # [E, R, in]
+        B = self.lora_B.view(self.out_features, R, E).permute(2, 0, 1)                   # [E, out, R]
+        return torch.bmm(B, A) * self.scaling                                             # [E, out, in]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)            # own parameters and submodules
+        except AttributeError:
+            if name in ("lora_A", "lora_B"):        # an inner wrapper's are not ours
+                raise
+        value = getattr(self._modules["base_layer"], name)
+        if name == self.__dict__["param_name"] and self.enabled and not self.merged:
+            return value + self.delta()
+        return value
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight_param().add_(self.delta())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight_param().sub_(self.delta())
+            self.merged = False
+
+
+def _expert_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
+    """(experts module path, tensor name) to adapt, tensors in registration order per module."""
+    from rftkit.moe import Experts
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, Experts):
+            for name in m._parameters:
+                if "all-linear" in targets or f"experts.{name}" in targets:
+                    out.append((path, name))
+    return out
+
+
+def _wrap_param(model: nn.Module, path: str, name: str, r: int, scaling: float) -> str:
+    """Wrap the module at `path` (experts, maybe already wrapped) for tensor `name`. As in PEFT the newest
+    wrapper sits at `path`, older ones one `.base_layer` deeper each."""
+    current = model.get_submodule(path)
+    if isinstance(current, LoRAParam) and name in _wrapped_names(current):
+        raise ValueError(f"{path}.{name} already has LoRA applied")
+    _swap(model, path, LoRAParam(current, name, r, scaling))
+    return path
+
+
+def _wrapped_names(m: nn.Module) -> list[str]:
+    names = []
+    while isinstance(m, LoRAParam):
+        names.append(m.param_name)
+        m = m.base_layer
+    return names
+
+
 def _targets(model: nn.Module, targets: list[str]) -> list[str]:
     names = []
     for path, m in model.named_modules():
@@ -107,8 +209,26 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter: Adapter
     for p in model.parameters():
         p.requires_grad_(False)
     paths = modules if modules is not None else _targets(model, cfg.targets)
-    if not paths:
+    experts = _expert_targets(model, cfg.targets) if modules is None else []
+    if modules is not None and adapter is not None and adapter.target_parameters:     # a PEFT file's experts
+        experts = [(p, n) for p, n in _expert_targets(model, ["all-linear"])
+                   if any(f"{p}.{n}".endswith(t) for t in adapter.target_parameters)]
+    if not paths and not experts:
         raise ValueError(f"no linear modules of the model match the LoRA targets {cfg.targets}")
+    for path, name in experts:
+        key = f"{path}.{name}"
+        if adapter is not None:
+            r = adapter.rank(key)
+            alpha = adapter._pattern(adapter.alpha_pattern, key)
+            alpha = adapter.lora_alpha if alpha is None else alpha
+            s = alpha / math.sqrt(r) if adapter.use_rslora else alpha / r
+        else:
+            r, s = cfg.r, (cfg.alpha / math.sqrt(cfg.r) if cfg.rslora else cfg.alpha / cfg.r)
+        if cfg.dropout and adapter is None:
+            raise ValueError(f"LoRA dropout on expert tensors is not supported (as in PEFT): set dropout=0 or "
+                             f"leave experts out of the targets (got dropout={cfg.dropout})")
+        _wrap_param(model, path, name, r, s)
+    paths = [p for p in paths if not any(p == e or p.startswith(e + ".") for e, _ in experts)]
     for path in paths:
         base = model.get_submodule(path)
         if isinstance(base, LoRALinear):
@@ -122,8 +242,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter: Adapter
     return model
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAParam]:
+    """{module path: LoRA module}; expert tensors' paths are PEFT's (`...experts`, `...experts.base_layer`)."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAParam))}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -157,13 +278,23 @@ def save_lora(model: nn.Module, folder, cfg: LoRAConfig | None = None, base: str
     if not mods:
         raise ValueError("the model has no LoRA modules to save")
     cfg = cfg or getattr(model, "lora_config", None) or LoRAConfig(r=next(iter(mods.values())).r)
-    adapter = cfg.adapter_config(base, list(mods))
-    adapter.rank_pattern = {p: m.r for p, m in mods.items() if m.r != adapter.r}
+    key = {p: _param_path(p, m) for p, m in mods.items()}      # patterns name expert tensors by parameter
+    adapter = cfg.adapter_config(base, [p for p, m in mods.items() if isinstance(m, LoRALinear)],
+                                 [key[p] for p, m in mods.items() if isinstance(m, LoRAParam)])
+    adapter.rank_pattern = {key[p]: m.r for p, m in mods.items() if m.r != adapter.r}
     for p, m in mods.items():          # per-module scales (e.g. from a loaded alpha_pattern) are kept
         alpha = m.scaling * (math.sqrt(m.r) if cfg.rslora else m.r)
         if not math.isclose(alpha, cfg.alpha, rel_tol=1e-6):
-            adapter.alpha_pattern[p] = alpha
+            adapter.alpha_pattern[key[p]] = alpha
     write_adapter(folder, adapter, lora_state(model))
+
+
+def _param_path(path: str, m: nn.Module) -> str:
+    if not isinstance(m, LoRAParam):
+        return path
+    while path.endswith(".base_layer"):
+        path = path[: -len(".base_layer")]
+    return f"{path}.{m.param_name}"
 
 
 def load_lora(model: nn.Module, folder) -> AdapterConfig:
@@ -192,10 +323,10 @@ def load_lora(model: nn.Module, folder) -> AdapterConfig:
 def merge_lora(model: nn.Module, unwrap: bool = True) -> nn.Module:
     """Fold every adapter into its base weight: W += s·B·A. With `unwrap` the plain nn.Linear is put back
     (for export); without, the LoRALinear stays, merged, and `unmerge_lora` restores the base weights."""
-    for path, m in lora_modules(model).items():
+    for path, m in reversed(lora_modules(model).items()):     # nested expert wrappers: innermost first
         m.merge()
         if unwrap:
-            _swap(model, path, m.base)
+            _swap(model, path, m.base if isinstance(m, LoRALinear) else m.base_layer)
     return model
 
 
