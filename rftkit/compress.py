@@ -1,0 +1,404 @@
+"""rft compress: make the model smaller (and faster) before it ships, and measure what it cost.
+
+    rft compress --method int4 --adapter rft-demo/adapter --out smollm2-int4
+    model, record = compress(model, "wanda", sparsity=0.5, calib=calibration_batches(tok))
+    save_compressed(model, record, "out"); model = load_compressed("out")
+
+Methods (each a transform over modules, returning the model and a record of what it did per module):
+  int8, int4           weight-only quantization (rftkit.quantize): low-bit storage, fast decode kernel
+  magnitude, wanda     unstructured pruning at `sparsity` (rftkit.prune); 2:4 is `--pattern 2:4`
+  structured           MLP neurons and attention heads (whole GQA groups) ranked by calibration activation:
+                       a smaller dense model (`--ratio` kept removed)
+  svd                  low-rank factorization keeping `--energy` of each matrix's squared singular values
+  kmeans               weight sharing: each matrix clustered into `--clusters` shared values (rftkit.factorize)
+  distill              structured pruning, then KL distillation from the original (rftkit.distill)
+
+A compressed model is a folder: config.json (the dense architecture, possibly smaller), compress.json (which
+module is stored how, so the loader rebuilds the same modules), model.safetensors (low-bit tensors as they
+are) and the tokenizer files. Pruned weights are stored dense (zeros): the folder says so, and the report
+counts non-zeros, not bytes saved. Calibration and perplexity text is the standard library's
+`pydoc_data.topics` (~465 kB of English, always offline).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+METHODS = ("int8", "int4", "magnitude", "wanda", "structured", "svd", "kmeans", "distill")
+IMPLEMENTED = ("int8", "int4")          # the others are designed below but their modules are not written yet
+FORMAT = "rftkit-compressed"
+CONFIG = "compress.json"
+
+
+@dataclass
+class CompressConfig:
+    method: str = "int4"                 # int8, int4, magnitude, wanda, structured, svd, kmeans, distill
+    out: str = ""                        # folder for the compressed model (+ report.json)
+    model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
+    adapter: str | None = None           # LoRA adapter (PEFT) evaluated on top, unmerged
+    task: str = "arithmetic"             # task for the accuracy columns (arithmetic, countdown, jsonl:FILE, ...)
+    n: int = 200                         # held-out problems evaluated (0 = skip accuracy)
+    group_size: int = 32                 # int4 group along the input dimension
+    head_bits: int = 8                   # lm_head (and tied embedding) bits for int8/int4; 0 = keep fp32
+    sparsity: float = 0.5                # fraction of weights pruned (magnitude, wanda)
+    pattern: str = "unstructured"        # unstructured or N:M, e.g. 2:4 (magnitude, wanda)
+    ratio: float = 0.25                  # fraction of MLP neurons / attention head groups removed (structured, distill)
+    energy: float = 0.9                  # retained squared singular values per matrix (svd)
+    clusters: int = 16                   # codebook entries per matrix (kmeans)
+    calib_tokens: int = 8192             # calibration tokens from pydoc_data.topics
+    ppl_tokens: int = 16384              # perplexity tokens (a disjoint part of pydoc_data.topics); 0 = skip
+    distill_steps: int = 200             # optimizer steps of distillation
+    distill_lr: float = 1e-4             # distillation learning rate
+    speed_tokens: int = 64               # decode tokens timed per speed measurement; 0 = skip
+    batch: int = 32                      # rows of the batched decode measurement
+    seed: int = 0
+    sweep: bool = False                  # run a grid of methods/settings, write sweep.csv/json + pareto.png
+    overwrite: bool = False              # replace an existing output folder
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown compression method {self.method!r} (choose from {', '.join(METHODS)})")
+        validate(self.method, **{k: getattr(self, k) for k in ("group_size", "head_bits", "sparsity", "pattern",
+                                                              "ratio", "energy", "clusters")})
+        if self.method not in IMPLEMENTED or self.sweep:
+            raise ValueError(f"rft compress --method {self.method}{' --sweep' if self.sweep else ''}: not implemented "
+                             f"yet (issue 7); available: {', '.join(IMPLEMENTED)}")
+        return
+        validate(self.method, **{k: getattr(self, k) for k in ("group_size", "head_bits", "sparsity", "pattern",
+                                                              "ratio", "energy", "clusters")})
+
+
+def validate(method: str, group_size: int = 32, head_bits: int = 8, sparsity: float = 0.5,
+             pattern: str = "unstructured", ratio: float = 0.25, energy: float = 0.9, clusters: int = 16) -> None:
+    """Fail before any work on settings no transform can honour, naming the value."""
+    from rftkit.quantize import check_bits
+    if method in ("int8", "int4"):
+        check_bits(int(method[3:]), group_size)
+        if head_bits:
+            check_bits(head_bits, group_size)
+    if method in ("magnitude", "wanda"):
+        if not 0 < sparsity < 1:
+            raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+        if pattern != "unstructured":
+            n, _, m = pattern.partition(":")
+            if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+                raise ValueError(f"pattern must be unstructured or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
+    if method in ("structured", "distill") and not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if method == "svd" and not 0 < energy < 1:
+        raise ValueError(f"energy must be in (0, 1), got {energy}")
+    if method == "kmeans" and not 2 <= clusters <= 256:
+        raise ValueError(f"clusters must be in [2, 256] (one byte per index), got {clusters}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# text for calibration and perplexity
+
+def topics_text() -> str:
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def text_tokens(tok, n_tokens: int, offset_tokens: int = 0) -> torch.Tensor:
+    """`n_tokens` tokens of pydoc_data.topics starting `offset_tokens` in (calibration uses the start,
+    perplexity the part after it)."""
+    ids = tok.encode(topics_text())
+    if offset_tokens + n_tokens > len(ids):
+        raise ValueError(f"pydoc_data.topics has {len(ids)} tokens; asked for {n_tokens} after {offset_tokens}")
+    return torch.tensor(ids[offset_tokens:offset_tokens + n_tokens])
+
+
+def calibration_batches(tok, n_tokens: int = 8192, seq_len: int = 512) -> torch.Tensor:
+    ids = text_tokens(tok, n_tokens - n_tokens % seq_len)
+    return ids.view(-1, seq_len)                                               # [B, T]
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int = 512) -> float:
+    """exp(mean NLL) over non-overlapping windows of `seq_len` tokens."""
+    windows = ids[: len(ids) - len(ids) % seq_len].view(-1, seq_len)
+    nll, count = 0.0, 0
+    for w in windows.split(4):
+        logits, _ = model(w)
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll -= lp.gather(-1, w[:, 1:, None]).sum().item()
+        count += w[:, 1:].numel()
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transforms
+
+def compress(model, method: str, calib: torch.Tensor | None = None, teacher=None, **kw) -> tuple[nn.Module, dict]:
+    """Apply one method in place (structured/distill return a new, smaller model). Returns (model, record):
+    record["modules"] maps module paths to how they are stored; the rest says what was done."""
+    settings = {k: v for k, v in kw.items() if v is not None}
+    validate(method, **{k: v for k, v in settings.items() if k in ("group_size", "head_bits", "sparsity", "pattern",
+                                                                  "ratio", "energy", "clusters")})
+    record: dict = {"method": method, "settings": settings, "modules": {}}
+    if method in ("int8", "int4"):
+        from rftkit.quantize import quantize
+        head = settings.get("head_bits", 8) or None
+        record["modules"] = quantize(model, int(method[3:]), settings.get("group_size", 32), head)
+    elif method in ("magnitude", "wanda"):
+        from rftkit.prune import prune_unstructured
+        record.update(prune_unstructured(model, method, settings.get("sparsity", 0.5),
+                                         settings.get("pattern", "unstructured"), calib))
+    elif method == "structured":
+        from rftkit.prune import prune_structured
+        model, info = prune_structured(model, settings.get("ratio", 0.25), calib)
+        record.update(info)
+    elif method == "svd":
+        from rftkit.factorize import low_rank
+        record["modules"] = low_rank(model, settings.get("energy", 0.9))
+    elif method == "kmeans":
+        from rftkit.factorize import weight_share
+        record["modules"] = weight_share(model, settings.get("clusters", 16), seed=settings.get("seed", 0))
+    elif method == "distill":
+        from rftkit.distill import distill
+        from rftkit.prune import prune_structured
+        teacher = teacher if teacher is not None else model
+        student, info = prune_structured(_copy(model), settings.get("ratio", 0.25), calib)
+        record.update(info)
+        record["distill"] = distill(student, teacher, calib, steps=settings.get("distill_steps", 200),
+                                    lr=settings.get("distill_lr", 1e-4), seed=settings.get("seed", 0))
+        model = student
+    return model, record
+
+
+def _copy(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# save / load
+
+def _module_for(kind: dict, path: str, model) -> nn.Module:
+    """An empty module of the stored kind at `path` (the tensors come from the safetensors file)."""
+    cur = model.get_submodule(path)
+    if kind["kind"] == "quant":
+        from rftkit.quantize import QuantLinear
+        return QuantLinear(cur.in_features, cur.out_features, kind["bits"], kind["group_size"], cur.bias is not None)
+    if kind["kind"] == "quant_embedding":
+        from rftkit.quantize import QuantEmbedding
+        return QuantEmbedding(cur.num_embeddings, cur.embedding_dim)
+    if kind["kind"] == "lowrank":
+        from rftkit.factorize import LowRankLinear
+        return LowRankLinear(cur.in_features, cur.out_features, kind["rank"], cur.bias is not None)
+    if kind["kind"] == "kmeans":
+        from rftkit.factorize import SharedLinear
+        return SharedLinear(cur.in_features, cur.out_features, kind["clusters"], cur.bias is not None)
+    raise ValueError(f"{CONFIG}: unknown module kind {kind['kind']!r} at {path}")
+
+
+def _tied_quant(model) -> bool:
+    from rftkit.quantize import QuantEmbedding
+    return model.cfg.tie_embeddings and isinstance(model.model.embed_tokens, QuantEmbedding)
+
+
+def save_compressed(model, record: dict, folder, tokenizer_dir: Path | None = None, overwrite: bool = False) -> Path:
+    """config.json + compress.json + model.safetensors (+ tokenizer files), written to a temporary folder and
+    renamed. Tied weights are stored once."""
+    from safetensors.torch import save_file
+    from rftkit.lora import lora_modules
+    if lora_modules(model):
+        raise ValueError("save_compressed: the model has LoRA modules; save the adapter separately (save_lora)")
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise ValueError(f"{folder}: output folder exists and is not empty (pass --overwrite to replace it)")
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        drop = ("lm_head.qweight", "lm_head.scales") if _tied_quant(model) else ("lm_head.weight",)
+        for k in drop:
+            state.pop(k, None)
+    meta = {"format": "pt", "rftkit": FORMAT}
+    save_file(state, str(tmp / "model.safetensors"), metadata=meta)
+    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+    info = {"format": FORMAT, "version": 1, **{k: v for k, v in record.items() if k != "modules"},
+            "modules": record["modules"]}
+    (tmp / CONFIG).write_text(json.dumps(info, indent=2, default=str))
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                     "generation_config.json"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def is_compressed(folder) -> bool:
+    return (Path(folder) / CONFIG).is_file()
+
+
+def load_compressed(folder, device: str = "cpu") -> nn.Module:
+    """Rebuild a model saved by `save_compressed`: the same module kinds, the same tensors."""
+    from rftkit.loading import _SkipRandomInit, load_config, read_safetensors
+    from rftkit.model import Transformer, rope_inv_freq
+    from rftkit.quantize import _swap
+    folder = Path(folder)
+    info = json.loads((folder / CONFIG).read_text())
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG}: not an rftkit compressed model (format {info.get('format')!r})")
+    cfg = load_config(folder)
+    with _SkipRandomInit():
+        model = Transformer(cfg)
+        for path, kind in info["modules"].items():
+            _swap(model, path, _module_for(kind, path, model))
+    state = read_safetensors(folder / "model.safetensors")
+    tied_quant = cfg.tie_embeddings and info["modules"].get("model.embed_tokens", {}).get("kind") == "quant_embedding"
+    if tied_quant:
+        state["lm_head.qweight"] = state["model.embed_tokens.qweight"]
+        state["lm_head.scales"] = state["model.embed_tokens.scales"]
+    elif cfg.tie_embeddings and "lm_head" not in info["modules"]:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{folder}/model.safetensors does not fit {CONFIG}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    model.load_state_dict(state, assign=True)
+    if tied_quant:
+        model.model.embed_tokens.qweight = model.lm_head.qweight
+        model.model.embed_tokens.scales = model.lm_head.scales
+    elif cfg.tie_embeddings and "lm_head" not in info["modules"]:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)
+    return model.to(device).eval()
+
+
+def folder_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def count_params(model) -> tuple[int, int]:
+    """(logical weights, non-zero weights) over parameters and low-bit buffers, tied tensors once."""
+    seen, total, nonzero = set(), 0, 0
+    for m in model.modules():
+        if type(m).__name__ in ("QuantLinear", "QuantEmbedding"):
+            t = m.weight if type(m).__name__ == "QuantLinear" else m.qweight
+            key = m.qweight.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() if type(m).__name__ == "QuantEmbedding" else m.in_features * m.out_features
+                nonzero += int((m.qweight != 0).sum()) if type(m).__name__ == "QuantEmbedding" else \
+                    m.in_features * m.out_features
+            continue
+        for p in m.parameters(recurse=False):
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+                nonzero += int((p != 0).sum())
+    return total, nonzero
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measurements
+
+def decode_speed(model, tok, rows: int, tokens: int, prompt: str = "Write a story about a robot.") -> float:
+    """Generated tokens per second through the engine: `rows` prompts decoding `tokens` tokens each."""
+    from rftkit.engine import Engine
+    from rftkit.sampling import SamplingParams
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    engine = Engine(model, max_seq_len=len(ids) + tokens + 8, max_batch=max(rows, 1))
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    engine.generate([ids] * rows, params, progress=False)          # warm-up (and kernel build)
+    t0 = time.perf_counter()
+    engine.generate([ids] * rows, params, progress=False)
+    return rows * tokens / (time.perf_counter() - t0)
+
+
+def measure(model, tok, cfg: CompressConfig, task, adapter: str | None, ppl_ids) -> dict:
+    from rftkit.evaluate import evaluate
+    from rftkit.lora import load_lora
+    out: dict = {}
+    total, nonzero = count_params(model)
+    out.update(params=total, nonzero=nonzero)
+    if ppl_ids is not None:
+        out["perplexity"] = perplexity(model, ppl_ids)
+    if cfg.n:
+        out["accuracy"] = evaluate(model, tok, task, "test", cfg.n, seed=cfg.seed, progress=False)["accuracy"]
+        if adapter:
+            load_lora(model, adapter)
+            out["accuracy_adapter"] = evaluate(model, tok, task, "test", cfg.n, seed=cfg.seed,
+                                               progress=False)["accuracy"]
+    return out
+
+
+def speeds(pairs: dict, tok, cfg: CompressConfig) -> dict:
+    """Decode tok/s of each model, single-stream and batched, measured alternately in one run."""
+    res = {name: {"single": [], "batched": []} for name in pairs}
+    for _ in range(2):
+        for name, model in pairs.items():
+            res[name]["single"].append(decode_speed(model, tok, 1, cfg.speed_tokens))
+            res[name]["batched"].append(decode_speed(model, tok, cfg.batch, cfg.speed_tokens // 2))
+    return {name: {k: max(v) for k, v in r.items()} for name, r in res.items()}
+
+
+def run_compress(cfg: CompressConfig) -> dict:
+    if cfg.sweep:
+        from rftkit.compress_sweep import run_sweep
+        return run_sweep(cfg)
+    if not cfg.out:
+        raise ValueError("--out is required: the folder to write the compressed model to")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
+    from rftkit.loading import load, resolve
+    from rftkit.tasks import get_task
+    torch.manual_seed(cfg.seed)
+    folder = resolve(cfg.model)
+    original, tok = load(cfg.model)
+    model, _ = load(cfg.model)
+    calib = calibration_batches(tok, cfg.calib_tokens) if cfg.method in ("wanda", "structured", "distill") else None
+    t0 = time.perf_counter()
+    model, record = compress(model, cfg.method, calib=calib, teacher=original, group_size=cfg.group_size,
+                             head_bits=cfg.head_bits, sparsity=cfg.sparsity, pattern=cfg.pattern, ratio=cfg.ratio,
+                             energy=cfg.energy, clusters=cfg.clusters, distill_steps=cfg.distill_steps,
+                             distill_lr=cfg.distill_lr, seed=cfg.seed)
+    record["seconds"] = time.perf_counter() - t0
+    save_compressed(model, record, out, folder, cfg.overwrite)
+    model = load_compressed(out)                       # measure what was written
+    report: dict = {"method": cfg.method, "settings": record["settings"], "compress_seconds": record["seconds"]}
+    from rftkit.quantize import kernel_status
+    report["kernel"] = kernel_status()
+    report["bytes"] = {"original": folder_bytes(folder), "compressed": folder_bytes(out)}
+    ppl_ids = text_tokens(tok, cfg.ppl_tokens, cfg.calib_tokens) if cfg.ppl_tokens else None
+    task = get_task(cfg.task)
+    report["original"] = measure(original, tok, cfg, task, cfg.adapter, ppl_ids)
+    report["compressed"] = measure(model, tok, cfg, task, cfg.adapter, ppl_ids)
+    if cfg.speed_tokens:
+        report["speed"] = speeds({"original": original, "compressed": model}, tok, cfg)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    return report
+
+
+def format_report(r: dict) -> str:
+    b = r["bytes"]
+    lines = [f"rft compress {r['method']} {r['settings']}  ({r['kernel']})",
+             f"| | original | compressed | ratio |", "|---|---|---|---|",
+             f"| bytes on disk | {b['original']:,} | {b['compressed']:,} | {b['compressed'] / b['original']:.3f} |"]
+    o, c = r["original"], r["compressed"]
+    for key in ("params", "nonzero", "perplexity", "accuracy", "accuracy_adapter"):
+        if key in o:
+            fmt = "{:,}" if key in ("params", "nonzero") else "{:.4f}"
+            ratio = c[key] / o[key] if o[key] else float("nan")
+            lines.append(f"| {key} | {fmt.format(o[key])} | {fmt.format(c[key])} | {ratio:.3f} |")
+    if "speed" in r:
+        s = r["speed"]
+        for k in ("single", "batched"):
+            lines.append(f"| decode tok/s {k} | {s['original'][k]:.1f} | {s['compressed'][k]:.1f} | "
+                         f"{s['compressed'][k] / s['original'][k]:.2f} |")
+    return "\n".join(lines)

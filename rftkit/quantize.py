@@ -1,0 +1,317 @@
+"""Weight-only quantization: int8 per output channel, int4 in groups along the input, stored in low-bit form.
+
+    quantize(model, bits=4, group_size=32)       # swaps every nn.Linear (and a tied embedding) in place
+    y = QuantLinear.from_linear(linear, bits=8)(x)
+
+int8:  w[n, k] = q[n, k] * s[n]                  q int8 [N, K], s [N]         (symmetric, absmax / 127)
+int4:  w[n, k] = q[n, k] * d[n, g] + m[n, g]     q in 0..15, g = k // group  (min/max, llama.cpp's Q4_1)
+       two 4-bit values per byte: in each run of 32 inputs, byte j holds k = j (low nibble) and k = j + 16.
+
+The embedded SmolLM2 is a Q4_1 GGUF: its linear weights already sit on a 16-level grid per block of 32 with
+exactly this min/max rule, so int4 with group_size=32 gives back that grid (the error is the fp16 rounding of
+its scales), and the accuracy cost of int4 here is ~0 by construction. Larger groups or other models pay the
+usual RTN error.
+
+Matmul. torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` run a scalar loop on CPUs without
+AVX-512 (measured on this AVX2 machine: 0.16x / 0.07x of fp32 `F.linear` for a 576x576 weight at M = 1), and
+`torch.compile` of a dequantize-multiply-sum was 0.1x. So the few-row case (decode, M <= 8) uses a small C
+kernel (AVX2 + FMA, compiled once with the system `cc` into the cache, loaded with ctypes: no torch headers,
+~0.3 s to build) that reads the low-bit weights and never materialises fp32 ones: a decode step reads 4-8x
+fewer bytes. More rows (prefill, large batches) are compute-bound: the weight is dequantized and multiplied
+by MKL (`F.linear`), the reference path the kernel is tested against. Without a compiler, or on a CPU without
+AVX2, or on GPU, every call takes the reference path (`kernel_available()` says which).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BITS = (4, 8)
+KERNEL_MAX_ROWS = 8            # the C kernel keeps one accumulator per row in registers
+
+_KERNEL_SRC = r"""
+#include <stdint.h>
+#include <immintrin.h>
+static inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a)); a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1)); return _mm_cvtss_f32(a);
+}
+/* y[M,N] = x[M,K] @ (q[N,K] * s[N])^T ; K % 8 == 0, M <= 8 */
+void gemm_i8(const float* x, const int8_t* q, const float* s, float* y, int M, int N, int K, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int n = 0; n < N; n++) {
+    const int8_t* qr = q + (long)n * K;
+    __m256 acc[8];
+    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 8) {
+      __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qr + k))));
+      for (int m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (long)m * K + k), w, acc[m]);
+    }
+    for (int m = 0; m < M; m++) y[(long)m * N + n] = hsum(acc[m]) * s[n];
+  }
+}
+/* int4: w = q * d[n, g] + m[n, g], group = 32 * sub; xg[M, K/group] = group sums of x; M <= 8 */
+void gemm_i4(const float* x, const float* xg, const uint8_t* q, const float* d, const float* mn,
+             float* y, int M, int N, int K, int sub, int nt) {
+  int G = K / (32 * sub);
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int n = 0; n < N; n++) {
+    const uint8_t* qr = q + (long)n * K / 2;
+    float out[8] = {0};
+    for (int g = 0; g < G; g++) {
+      float part[8] = {0};
+      for (int b32 = 0; b32 < sub; b32++) {
+        int blk = g * sub + b32;
+        __m128i b = _mm_loadu_si128((const __m128i*)(qr + blk * 16));
+        __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        for (int m = 0; m < M; m++) {
+          const float* xv = x + (long)m * K + blk * 32;
+          __m256 a = _mm256_mul_ps(_mm256_loadu_ps(xv), w0);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(xv + 8), w1, a);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(xv + 16), w2, a);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(xv + 24), w3, a);
+          part[m] += hsum(a);
+        }
+      }
+      float dd = d[(long)n * G + g], mm = mn[(long)n * G + g];
+      for (int m = 0; m < M; m++) out[m] += part[m] * dd + mm * xg[(long)m * G + g];
+    }
+    for (int m = 0; m < M; m++) y[(long)m * N + n] = out[m];
+  }
+}
+"""
+
+_lib = None
+_lib_error: str | None = None
+
+
+def _load_kernel():
+    """Build (once, into the cache) and load the C kernel; None when this machine cannot."""
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        return _lib
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2" not in flags or " fma" not in flags:
+        _lib_error = "CPU without AVX2+FMA"
+        return None
+    from rftkit.loading import cache_dir
+    tag = hashlib.sha256(_KERNEL_SRC.encode()).hexdigest()[:12]
+    so = cache_dir() / "kernels" / f"qgemm-{tag}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "qgemm.c"
+            src.write_text(_KERNEL_SRC)
+            out = Path(tmp) / so.name
+            cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
+                   str(src), "-o", str(out)]
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                _lib_error = f"could not compile the int8/int4 kernel ({' '.join(cmd[:1])}: {e})"
+                return None
+            os.replace(out, so)                  # atomic: a concurrent process sees all or nothing
+    lib = ctypes.CDLL(str(so))
+    P, I = ctypes.c_void_p, ctypes.c_int
+    lib.gemm_i8.argtypes = [P, P, P, P, I, I, I, I]
+    lib.gemm_i4.argtypes = [P, P, P, P, P, P, I, I, I, I, I]
+    _lib = lib
+    return lib
+
+
+def kernel_available() -> bool:
+    return _load_kernel() is not None
+
+
+def kernel_status() -> str:
+    return "avx2 C kernel" if kernel_available() else f"reference only ({_lib_error})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# quantize / dequantize a matrix
+
+def check_bits(bits: int, group_size: int, in_features: int | None = None) -> None:
+    if bits not in BITS:
+        raise ValueError(f"unsupported bit width {bits!r}: weight-only quantization supports {BITS}")
+    if bits == 4:
+        if group_size < 32 or group_size % 32:
+            raise ValueError(f"int4 group_size must be a positive multiple of 32, got {group_size}")
+        if in_features is not None and in_features % group_size:
+            raise ValueError(f"int4 group_size {group_size} does not divide in_features={in_features}")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], s [N]) with w ~ q * s[:, None]."""
+    s = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, s.float()
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed uint8 [N, K/2], d [N, G], m [N, G]) with w ~ q * d + m, q in 0..15 per group."""
+    N, K = w.shape
+    check_bits(4, group_size, K)
+    wg = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    d = (hi - lo) / 15
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round((wg - lo[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    return pack_int4(q.reshape(N, K)), d, lo
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] in 0..15 -> [N, K/2]: per run of 32, byte j = q[j] | q[j + 16] << 4."""
+    N, K = q.shape
+    b = q.reshape(N, K // 32, 2, 16)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    N, half = packed.shape
+    b = packed.reshape(N, half // 16, 1, 16)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(N, half * 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# modules
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored as int8 or int4 (+ scales). `weight` is a read-only dequantized
+    view (for code that asks for a dtype or device, or multiplies by hand); LoRA wraps this module unmerged."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int = 32,
+                 bias: bool = False, device=None):
+        super().__init__()
+        check_bits(bits, group_size, in_features)
+        if in_features % 32:
+            raise ValueError(f"quantized linears need in_features divisible by 32, got {in_features}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        N, K = out_features, in_features
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.ones(N, device=device))
+        else:
+            G = K // group_size
+            self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.ones(N, G, device=device))
+            self.register_buffer("mins", torch.zeros(N, G, device=device))
+        self.bias = nn.Parameter(torch.zeros(N, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = 32) -> "QuantLinear":
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, w.device)
+        m.set_weight(w)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        return m
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor) -> None:
+        if self.bits == 8:
+            self.qweight, self.scales = quantize_int8(w.float())
+        else:
+            self.qweight, self.scales, self.mins = quantize_int4(w.float(), self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.bits == 8:
+            return self.qweight.float() * self.scales[:, None]
+        N, K, g = self.out_features, self.in_features, self.group_size
+        q = unpack_int4(self.qweight).float().reshape(N, K // g, g)
+        return (q * self.scales[..., None] + self.mins[..., None]).reshape(N, K)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+    @weight.setter
+    def weight(self, value):
+        raise ValueError("a QuantLinear's weight is read-only: keep LoRA unmerged on a quantized model, or merge "
+                         "before quantizing")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
+        lib = _load_kernel() if (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < M <= KERNEL_MAX_ROWS) \
+            else None
+        if lib is None:
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        x2 = x2.contiguous()
+        y = torch.empty(M, self.out_features)
+        nt = torch.get_num_threads()
+        if self.bits == 8:
+            lib.gemm_i8(x2.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(), y.data_ptr(),
+                        M, self.out_features, K, nt)
+        else:
+            xg = x2.reshape(M, K // self.group_size, self.group_size).sum(-1).contiguous()
+            lib.gemm_i4(x2.data_ptr(), xg.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(),
+                        self.mins.data_ptr(), y.data_ptr(), M, self.out_features, K, self.group_size // 32, nt)
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+class QuantEmbedding(nn.Module):
+    """int8 embedding, one scale per row; with tied embeddings the lm_head QuantLinear shares its tensors."""
+
+    def __init__(self, num_embeddings: int, dim: int, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, dim
+        self.register_buffer("qweight", torch.zeros(num_embeddings, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(num_embeddings, device=device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).float() * self.scales[ids][..., None]
+
+
+def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: int | None = 8,
+             skip: tuple[str, ...] = ()) -> dict:
+    """Swap every nn.Linear for a QuantLinear of `bits`; the lm_head (and a tied embedding, int8 only) gets
+    `head_bits` (None = left fp32). Returns {module path: {"kind": "quant", "bits", "group_size"}}."""
+    check_bits(bits, group_size)
+    if head_bits is not None:
+        check_bits(head_bits, group_size)
+    record = {}
+    tied = model.cfg.tie_embeddings
+    for path, m in list(model.named_modules()):
+        if not isinstance(m, nn.Linear) or path in skip or path == "lm_head":
+            continue
+        _swap(model, path, QuantLinear.from_linear(m, bits, group_size))
+        record[path] = {"kind": "quant", "bits": bits, "group_size": group_size}
+    if head_bits is not None:
+        head = QuantLinear.from_linear(model.lm_head, head_bits, group_size)
+        model.lm_head = head
+        record["lm_head"] = {"kind": "quant", "bits": head_bits, "group_size": group_size}
+        if tied and head_bits == 8:           # one int8 matrix serves the embedding and the lm_head
+            emb = QuantEmbedding(head.out_features, head.in_features, head.qweight.device)
+            emb.qweight, emb.scales = head.qweight, head.scales
+            model.model.embed_tokens = emb
+            record["model.embed_tokens"] = {"kind": "quant_embedding", "bits": 8}
+    return record

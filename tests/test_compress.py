@@ -1,0 +1,148 @@
+"""Compression: each method does its job on tiny models (against an independent reference or a property)."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rftkit.compress import CompressConfig, compress, count_params, load_compressed, save_compressed, validate
+from rftkit.quantize import (QuantLinear, kernel_available, pack_int4, quantize, quantize_int4, quantize_int8,
+                             unpack_int4)
+from tests.conftest import tiny_model
+
+torch.set_num_threads(1)
+
+
+def test_int8_int4_match_independent_dequantization():
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    q, s = quantize_int8(w)
+    ref = torch.round(w / (w.abs().amax(1, keepdim=True) / 127)) * (w.abs().amax(1, keepdim=True) / 127)
+    torch.testing.assert_close(q.float() * s[:, None], ref)
+    assert (q.float() * s[:, None] - w).abs().max() <= s.max() / 2 + 1e-6       # RTN: half a step at most
+    packed, d, m = quantize_int4(w, 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 48)
+    g = w.view(48, 3, 32)
+    lo, step = g.amin(-1, keepdim=True), (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+    ref4 = (torch.round((g - lo) / step) * step + lo).view(48, 96)
+    lin = QuantLinear.from_linear(nn.Linear(96, 48, bias=False).requires_grad_(False), 4, 32)
+    lin.set_weight(w)
+    torch.testing.assert_close(lin.dequantize(), ref4)
+
+
+def test_int4_pack_roundtrip_and_grid_exact():
+    q = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    # a matrix already on a Q4_1 grid (as the embedded model's linears are) comes back exactly
+    d, m = torch.rand(8, 2, 1) + 0.1, torch.randn(8, 2, 1)
+    q[:, ::32] = 0
+    q[:, 1::32] = 15                                  # every block uses its min and max level, as Q4_1's does
+    w = (q.view(8, 2, 32).float() * d + m).view(8, 64)
+    lin = QuantLinear(64, 8, bits=4, group_size=32)
+    lin.set_weight(w)
+    torch.testing.assert_close(lin.dequantize(), w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 8, 20])
+def test_kernel_equals_reference_path(bits, rows):
+    torch.manual_seed(1)
+    lin = nn.Linear(128, 40, bias=True)
+    q = QuantLinear.from_linear(lin, bits, 64 if bits == 4 else 32)
+    x = torch.randn(rows, 128)
+    ref = x @ q.dequantize().T + q.bias                 # the dequantized weight, multiplied by hand
+    torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)
+    if rows <= 8:
+        assert kernel_available()                       # the fast path was really taken on this machine
+
+
+def test_bad_settings_fail_before_work():
+    with pytest.raises(ValueError, match="bit width 3"):
+        QuantLinear(64, 8, bits=3)
+    with pytest.raises(ValueError, match="bit width 5"):
+        quantize(tiny_model(), bits=5)
+    for kw, match in [(dict(method="magnitude", sparsity=1.0), "sparsity .* got 1.0"),
+                      (dict(method="wanda", sparsity=0.0), "got 0.0"),
+                      (dict(method="structured", ratio=1.5), "ratio .* got 1.5"),
+                      (dict(method="svd", energy=1.2), "energy .* got 1.2"),
+                      (dict(method="int4", group_size=48), "group_size .* 48"),
+                      (dict(method="nope"), "nope")]:
+        with pytest.raises(ValueError, match=match):
+            CompressConfig(**kw)
+    with pytest.raises(ValueError, match="not implemented"):
+        CompressConfig(method="svd")
+    with pytest.raises(ValueError, match="N:M"):
+        validate("magnitude", pattern="4:2")
+
+
+def _quant_model(bits):
+    model = tiny_model(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
+    model, record = compress(model, f"int{bits}", head_bits=8)
+    return model, record
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_close_saves_small_reloads_identical(bits, tmp_path):
+    ref = tiny_model(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
+    model, record = _quant_model(bits)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        a, b = ref(ids)[0], model(ids)[0]
+    assert (a - b).abs().max() < (0.05 if bits == 8 else 0.3) * a.abs().max()
+    save_compressed(model, record, tmp_path / "m")
+    save_compressed(ref, {"modules": {}}, tmp_path / "fp32")
+    size = (tmp_path / "m" / "model.safetensors").stat().st_size
+    full = (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    # int8: 1 byte + per-row scale; int4: half a byte + two fp32 per group of 32 (+ the int8 tied embedding)
+    n_lin = sum(m.in_features * m.out_features for n, m in model.named_modules()
+                if isinstance(m, QuantLinear) and n != "lm_head")
+    n_emb = 96 * 64
+    expect = n_emb * 1 + (n_lin * (1 if bits == 8 else 0.5 + 8 / 32))
+    assert size < expect * 1.15 + 4096 and size < full * (0.3 if bits == 8 else 0.25)
+    back = load_compressed(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back(ids)[0], b)
+    assert json.loads((tmp_path / "m" / "compress.json").read_text())["method"] == f"int{bits}"
+    assert back.model.embed_tokens.qweight.data_ptr() == back.lm_head.qweight.data_ptr()   # tied, stored once
+
+
+def test_quantized_model_runs_in_engine():
+    from rftkit.engine import Engine
+    from rftkit.sampling import SamplingParams
+    model, _ = _quant_model(4)
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    outs = Engine(model, max_seq_len=64).generate(prompts, params, progress=False)
+    for p, o in zip(prompts, outs):                     # engine (kernel, cache) == plain greedy full forwards
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+        assert o[0].token_ids == ids[len(p):]
+
+
+@pytest.mark.xfail(strict=True, reason="rftkit.adapters.validate_adapter accepts only nn.Linear bases: "
+                   "QuantLinear needs to be admitted there (not done yet, issue 7)")
+def test_lora_wraps_quantized_unmerged(tmp_path):
+    from rftkit.lora import LoRAConfig, apply_lora, load_lora, lora_modules, merge_lora, save_lora
+    model, _ = _quant_model(4)
+    # an adapter trained on the fp32 model applies to the quantized one, unmerged: y = Q(W) x + s B A x
+    lora_src = tiny_model(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
+    apply_lora(lora_src, LoRAConfig(r=4))
+    for m in lora_modules(lora_src).values():
+        nn.init.normal_(m.lora_B, std=0.1)
+    save_lora(lora_src, tmp_path / "ad")
+    load_lora(model, tmp_path / "ad")
+    mods = lora_modules(model)
+    assert mods and all(isinstance(m.base, QuantLinear) for m in mods.values())
+    x = torch.randn(2, 64)
+    m = mods["model.layers.0.mlp.gate_proj"]
+    torch.testing.assert_close(m(x), m.base(x) + x @ m.delta().T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="read-only"):
+        merge_lora(model)
+
+
+def test_count_params_counts_tied_once():
+    model, _ = _quant_model(8)
+    ref = tiny_model(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
+    assert count_params(model)[0] == ref.num_parameters()
