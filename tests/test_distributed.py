@@ -254,6 +254,21 @@ def test_rft_train_on_two_processes_writes_once_and_resumes_on_one(tmp_path, tok
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r_["step"] for r_ in rows] == [1, 2, 3]
 
+    # the reference: the same 3 steps on one process, uninterrupted
+    r = subprocess.run([sys.executable, "-m", "rftkit.cli", "train", *common[:-1], f"--output={tmp_path / 'one'}",
+                        "--steps=3"], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ref = [json.loads(l) for l in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, ref):          # the same prompts, seeds and completions, whatever the process count
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["groups_kept"] == b["groups_kept"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    from safetensors.torch import load_file
+    got = load_file(str(run / "checkpoints/step-0000003/weights.safetensors"))
+    want = load_file(str(tmp_path / "one/checkpoints/step-0000003/weights.safetensors"))
+    for k in want:                       # AdamW steps: 6e-7 apart after 2 steps when written, B moved 5e-2
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert max(float(v.abs().max()) for k, v in want.items() if "lora_B" in k) > 1e-2
+
 
 @pytest.mark.slow
 def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, tok_dir):  # noqa: F811
