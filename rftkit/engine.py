@@ -3,27 +3,38 @@
     engine = Engine(model)
     outs = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=16, n=4))
 
-`step()` = schedule -> forward -> sample -> update. Each step prefills at most one chunk of a waiting
-request (so a long prompt never stalls running requests for long) and decodes one token for every running
-request in a single batched forward. Requests join and leave between steps.
+`step()` = schedule -> forward -> sample -> update. A step decodes one token for every running sequence in
+one batched forward, then prefills up to `prefill_chunk` prompt tokens of waiting requests in a second one (a
+long prompt is split over steps, so running requests never stall behind it). Requests join and leave
+between steps.
 
-KV cache: one contiguous slot per running sequence, `[slots, Hkv, S, hd]` per layer, allocated once within
-`kv_budget_bytes` (so the budget can never be exceeded; requests wait for a free slot). Running sequences
-always occupy slots 0..B-1 (a finished sequence's slot is refilled by moving the last one into it), so the
-decode step attends over a view of the cache, with no gather. The `n` samples of a request share one
-prefill: its prompt's keys/values are copied to the other n-1 slots.
+KV cache: paged. A pool of `block_size`-token blocks per layer, sized once within `kv_budget_bytes` (so the
+budget cannot be exceeded); a sequence holds a table of blocks, and attention gathers its blocks into a
+contiguous view each step (a copy of a few MB, a few % of a batched step). Pages buy three things:
+  - memory follows actual lengths (not max_seq_len per request), so more requests run at once;
+  - prefix caching: full blocks of prompt tokens are kept, keyed by (adapter, every token up to the block's
+    end), and a request whose prompt starts the same way (the chat template's system prompt) reuses them with
+    no copy; unreferenced cached blocks are evicted least-recently-used;
+  - the `n` samples of a request share their prompt's blocks (only the partial last block is copied).
+When a running sequence needs a block and none is free, the newest sequence is preempted: its blocks are
+freed and it is recomputed later (its prompt and generated tokens re-prefilled, mostly from the prefix cache),
+continuing exactly where it stopped — its seeded generator and tokens are kept.
 
-Adapters: the engine runs the model as it is. A model with LoRA applied (rftkit.lora) generates with its
-live adapter — that is how GRPO rollouts use the adapter being trained, with no merge and no reload.
+Adapters. A model with LoRA applied (rftkit.lora) generates with its live adapter — GRPO rollouts use the
+adapter being trained, with no merge and no reload. For serving many adapters at once, `engine.adapters` is an
+`rftkit.bank.AdapterBank`: `engine.adapters.register(name, folder)`, then `add_request(..., adapter=name)`;
+the adapter takes a bank slot when its request is admitted (LRU eviction of slots no running request uses),
+and each batch row uses its own request's adapter. The engine is single-threaded: call it from one thread.
 """
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
 
+from rftkit.bank import AdapterBank
 from rftkit.model import Transformer
 from rftkit.sampling import SamplingParams, sample
 
@@ -35,16 +46,22 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    adapter: str | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
-    slot: int = -1
-    prefilled: int = 0               # prompt tokens already in the cache
+    blocks: list[int] = field(default_factory=list)   # block table
+    cached: int = 0                  # tokens whose keys/values are in the cache
+    slot: int = 0                    # adapter bank slot (0 = base model)
     finish_reason: str | None = None
 
     @property
     def length(self) -> int:         # tokens in the cache once the last sampled token is fed back
         return len(self.prompt) + len(self.tokens)
+
+    @property
+    def context(self) -> list[int]:  # what must be in the cache before the next decode (or first sample)
+        return self.prompt + self.tokens[:-1] if self.tokens else self.prompt
 
 
 @dataclass
@@ -69,74 +86,141 @@ class Completion:
     top_logprobs: list | None = None
 
 
-class SlotCache:
-    """The model's cache protocol over preallocated slots; `rows` maps the batch rows to slots."""
+class BlockPool:
+    """Reference-counted KV blocks with a prefix cache of full prompt blocks. Block 0 is never handed out:
+    it pads block tables (its keys sit at positions no query attends to)."""
 
-    def __init__(self, n_layers, slots, n_kv, seq_len, head_dim, device, dtype):
-        shape = (slots, n_kv, seq_len, head_dim)
+    def __init__(self, n_blocks: int):
+        self.free: deque[int] = deque(range(1, n_blocks))
+        self.refs = [0] * n_blocks
+        self.key_of: dict[int, tuple] = {}                      # block -> prefix key
+        self.cached: dict[tuple, int] = {}                      # prefix key -> block
+        self.idle: OrderedDict[int, None] = OrderedDict()       # cached blocks nobody holds, LRU first
+
+    @property
+    def available(self) -> int:
+        return len(self.free) + len(self.idle)
+
+    def alloc(self) -> int | None:
+        if self.free:
+            b = self.free.popleft()
+        elif self.idle:
+            b, _ = self.idle.popitem(last=False)                  # evict the least recently used cached block
+            del self.cached[self.key_of.pop(b)]
+        else:
+            return None
+        self.refs[b] = 1
+        return b
+
+    def hold(self, b: int) -> None:
+        if self.refs[b] == 0:
+            self.idle.pop(b, None)
+        self.refs[b] += 1
+
+    def drop(self, b: int) -> None:
+        self.refs[b] -= 1
+        if self.refs[b] == 0:
+            if b in self.key_of:
+                self.idle[b] = None
+            else:
+                self.free.append(b)
+
+    def lookup(self, key: tuple) -> int | None:
+        return self.cached.get(key)
+
+    def publish(self, key: tuple, b: int) -> None:
+        if key not in self.cached and b not in self.key_of:
+            self.cached[key], self.key_of[b] = b, key
+
+    def forget(self) -> None:
+        """Empty the prefix cache (held blocks stay with their sequences and are freed when dropped)."""
+        for b in self.idle:
+            self.free.append(b)
+        self.idle.clear()
+        self.key_of.clear()
+        self.cached.clear()
+
+
+class PagedCache:
+    """The model's cache protocol over the block pool; `bind` sets the rows of the next forward."""
+
+    def __init__(self, n_layers, n_blocks, block_size, n_kv, head_dim, device, dtype):
+        shape = (n_blocks * block_size, n_kv, head_dim)        # token-major: a block is block_size rows
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.seq_len = seq_len
-        self.rows: torch.Tensor | None = None      # [B] slot ids of the current forward
-        self.contiguous = False                    # rows == 0..B-1: attend over a view
-        self.kpos: torch.Tensor | None = None
+        self.block_size = block_size
 
-    def bind(self, rows: list[int], max_len: int, device):
-        self.rows = torch.tensor(rows, device=device)
-        self.contiguous = rows == list(range(len(rows)))
-        self.max_len = max_len
-        self.kpos = torch.arange(max_len, device=device).expand(len(rows), max_len)
+    def bind(self, tables: list[list[int]], positions: torch.Tensor):
+        """tables: each row's blocks; positions [B, T] of the tokens this forward writes (-1 = padding)."""
+        bs, device = self.block_size, positions.device
+        width = max(map(len, tables))
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)      # [B, nb]
+        # the cache rows to read: every token of every block, in order   [B, nb * bs]
+        self.read = (table[:, :, None] * bs + torch.arange(bs, device=device)).reshape(len(tables), -1)
+        valid = positions >= 0
+        blk = table.gather(1, (positions.clamp(min=0) // bs))
+        self.write = (blk * bs + positions.clamp(min=0) % bs)[valid]                            # [n]
+        self.valid = valid
+        B, S = self.read.shape
+        self.kpos = torch.arange(S, device=device).expand(B, S)
 
     def update(self, layer, k, v, positions):
-        # k, v [B, Hkv, T, hd]; positions [B, T]; keys past a row's length sit at positions > its queries,
-        # so causality masks them: every row can attend over the same max_len keys
+        # k, v [B, Hkv, T, hd] -> every key/value of the rows' blocks [B, Hkv, S, hd]
         K, V = self.k[layer], self.v[layer]
-        idx = (self.rows[:, None], slice(None), positions)
-        K[idx] = k.transpose(1, 2)
-        V[idx] = v.transpose(1, 2)
-        if self.contiguous:
-            B = len(self.rows)
-            return K[:B, :, :self.max_len], V[:B, :, :self.max_len], self.kpos
-        return K[self.rows, :, :self.max_len], V[self.rows, :, :self.max_len], self.kpos
-
-    def copy_slot(self, src: int, dst: int, length: int):
-        for K, V in zip(self.k, self.v):
-            K[dst, :, :length] = K[src, :, :length]
-            V[dst, :, :length] = V[src, :, :length]
+        K[self.write] = k.transpose(1, 2)[self.valid]
+        V[self.write] = v.transpose(1, 2)[self.valid]
+        return K[self.read].transpose(1, 2), V[self.read].transpose(1, 2), self.kpos
 
 
 class Engine:
     def __init__(self, model: Transformer, kv_budget_bytes: int = 1 << 30, max_seq_len: int = 1024,
-                 max_batch: int = 64, prefill_chunk: int = 512, seed: int = 0):
+                 max_batch: int = 64, prefill_chunk: int = 512, block_size: int = 16, seed: int = 0,
+                 adapter_slots: int = 8, max_lora_rank: int = 64):
         cfg = model.cfg
         self.model = model
         self.device = model.device
         dtype = model.lm_head.weight.dtype
         self.max_seq_len = min(max_seq_len, cfg.max_seq_len or max_seq_len)
-        per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * self.max_seq_len * cfg.head_dim * dtype.itemsize
-        self.n_slots = min(max_batch, kv_budget_bytes // per_slot)
-        if self.n_slots < 1:
-            raise ValueError(f"kv_budget_bytes={kv_budget_bytes} holds no sequence of {self.max_seq_len} "
-                             f"tokens ({per_slot} bytes each); raise the budget or lower max_seq_len")
-        self.cache = SlotCache(cfg.n_layers, self.n_slots, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim,
-                               self.device, dtype)
-        self.kv_bytes = per_slot * self.n_slots
-        self.prefill_chunk = prefill_chunk
-        self.waiting: deque[list[Sequence]] = deque()   # requests (their n sequences) not yet prefilled
+        self.max_batch, self.block_size, self.prefill_chunk = max_batch, block_size, prefill_chunk
+        self.block_bytes = 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+        per_seq = -(-self.max_seq_len // block_size)
+        # never more than max_batch full-length sequences need (a smaller budget is shared, with preemption)
+        n_blocks = min(kv_budget_bytes // self.block_bytes, max_batch * per_seq + 1)
+        if n_blocks < 2:
+            raise ValueError(f"kv_budget_bytes={kv_budget_bytes} holds no {block_size}-token block "
+                             f"({self.block_bytes} bytes each); raise the budget")
+        self.pool = BlockPool(n_blocks)
+        self.cache = PagedCache(cfg.n_layers, n_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
+                                self.device, dtype)
+        self.kv_bytes = n_blocks * self.block_bytes
+        self.adapters = AdapterBank(model, adapter_slots)
+        self.max_lora_rank = max_lora_rank
+        self.waiting: deque[list[Sequence]] = deque()   # requests (or preempted sequences) not yet running
         self.prefilling: list[Sequence] | None = None
-        self.running: list[Sequence] = []               # running[i] sits in slot i
+        self.running: list[Sequence] = []
         self.ids = itertools.count()
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "shared_prefill_tokens": 0, "steps": 0,
-                      "finished": 0, "aborted": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "shared_prefill_tokens": 0,
+                      "prefix_cache_hit_tokens": 0, "preemptions": 0, "steps": 0, "finished": 0, "aborted": 0}
         self._pending: list[StepOutput] = []
+        self._weights = self._weights_version()
+
+    def _weights_version(self) -> int:
+        # in-place updates (optimizer steps, load_state_dict, merges) bump a tensor's version counter: a trainer
+        # stepping the live adapter between rollouts must not be served keys cached under the old weights
+        return sum(p._version for p in self.model.parameters())
+
+    def clear_prefix_cache(self) -> None:
+        self.pool.forget()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: int | None = None) -> int:
+                    request_id: int | None = None, adapter: str | None = None) -> int:
         params = params or SamplingParams()
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
+        if adapter is not None and adapter not in self.adapters.registered:
+            raise KeyError(f"adapter {adapter!r} is not registered")
         vocab = self.model.cfg.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -145,27 +229,33 @@ class Engine:
         if need > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
                              f"exceeds the engine's context of {self.max_seq_len} tokens")
-        if params.n > self.n_slots:
-            raise ValueError(f"n={params.n} exceeds the engine's {self.n_slots} sequence slots")
+        blocks = -(-need // self.block_size)
+        if blocks > len(self.pool.refs) - 1:
+            raise ValueError(f"a sequence of {need} tokens needs {blocks} KV blocks but the budget holds "
+                             f"{len(self.pool.refs) - 1}; raise kv_budget_bytes")
+        if params.n > self.max_batch:
+            raise ValueError(f"n={params.n} exceeds the engine's max_batch of {self.max_batch}")
         rid = next(self.ids) if request_id is None else request_id
         seqs = []
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seqs.append(Sequence(rid, i, list(prompt_ids), params, gen))
+            seqs.append(Sequence(rid, i, list(prompt_ids), params, gen, adapter))
         self.waiting.append(seqs)
         return rid
 
     def abort(self, request_id: int) -> None:
         self.waiting = deque(g for g in self.waiting if g[0].request_id != request_id)
         if self.prefilling and self.prefilling[0].request_id == request_id:
-            self._release(self.prefilling)
+            for s in self.prefilling:
+                self._free(s)
             self.prefilling = None
         for s in [s for s in self.running if s.request_id == request_id]:
             s.finish_reason = "abort"
             self._pending.append(StepOutput(s.request_id, s.index, [], [], True, "abort"))
             self._free(s)
+            self.running.remove(s)
         self.stats["aborted"] += 1
 
     def has_unfinished(self) -> bool:
@@ -173,93 +263,177 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + (len(self.prefilling) if self.prefilling else 0)
 
-    # ------------------------------------------------------------------ slots
+    @property
+    def kv_blocks_used(self) -> int:
+        return len(self.pool.refs) - 1 - self.pool.available
+
+    # ------------------------------------------------------------------ blocks
     def _free(self, seq: Sequence) -> None:
-        """Remove a running sequence; the last running sequence moves into its slot."""
-        i = seq.slot
-        last = self.running.pop()
-        if last is not seq:
-            self.cache.copy_slot(last.slot, i, last.length)
-            last.slot = i
-            self.running[i] = last
-        seq.slot = -1
+        for b in seq.blocks:
+            self.pool.drop(b)
+        seq.blocks, seq.cached = [], 0
+        if seq.slot:
+            self.adapters.release(seq.adapter)
+            seq.slot = 0
 
-    def _release(self, seqs):
-        for s in seqs:
-            if s.slot >= 0 and s in self.running:
-                self._free(s)
+    def _key(self, seq: Sequence, end: int) -> tuple:
+        return (seq.adapter, tuple(seq.prompt[:end]))
+
+    def _admit(self, group: list[Sequence]) -> bool:
+        """Give the group's first sequence its adapter slot and the blocks of its context (cached prefix
+        blocks held, fresh ones allocated); False (nothing taken) if they do not fit now."""
+        first, bs = group[0], self.block_size
+        ctx = first.context
+        hits = []
+        for end in range(bs, len(ctx), bs):          # full prompt blocks, leaving >= 1 token to compute
+            if end > len(first.prompt):
+                break
+            b = self.pool.lookup(self._key(first, end))
+            if b is None:
+                break
+            hits.append(b)
+        fresh = -(-len(ctx) // bs) - len(hits)
+        spare = len(group) - 1                        # the other samples' copies of the partial last block
+        if self.pool.available - sum(self.pool.refs[b] == 0 for b in hits) < fresh + spare + 1:
+            return False
+        if first.adapter is not None:
+            slot = self.adapters.acquire(first.adapter)
+            if slot is None:
+                return False
+            first.slot = slot
+        for b in hits:
+            self.pool.hold(b)
+        first.blocks = hits + [self.pool.alloc() for _ in range(fresh)]
+        first.cached = len(hits) * bs
+        self.stats["prefix_cache_hit_tokens"] += first.cached
+        return True
+
+    def _preempt_newest(self) -> Sequence:
+        victim = max(self.running, key=lambda s: (s.request_id, s.index))
+        self.running.remove(victim)
+        self._free(victim)
+        self.waiting.appendleft([victim])
+        self.stats["preemptions"] += 1
+        return victim
+
+    def _grow(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Each decoding sequence gets a block for the position it writes; preempt the newest when none is
+        free. Returns the sequences still running."""
+        for s in sorted(seqs, key=lambda s: (s.request_id, s.index)):
+            while s in self.running and (s.length - 1) // self.block_size >= len(s.blocks):
+                b = self.pool.alloc()
+                if b is not None:
+                    s.blocks.append(b)
+                elif self._preempt_newest() is s:
+                    break
+        return [s for s in seqs if s in self.running]
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         self.stats["steps"] += 1
+        version = self._weights_version()
+        if version != self._weights:
+            self.clear_prefix_cache()
+            self._weights = version
         outputs, self._pending = self._pending, []
-        decoding = [s for s in self.running if s.tokens]          # sequences with a token to feed back
+        decoding = self._grow([s for s in self.running if s.tokens])
         if decoding:
             self._decode(decoding, outputs)
         self._prefill(outputs)
         return outputs
 
+    def _forward(self, seqs, ids, pos, **kw):
+        self.cache.bind([s.blocks for s in seqs], pos)
+        self.adapters.set_rows([s.slot for s in seqs], self.device)
+        try:
+            return self.model(ids, positions=pos, cache=self.cache, **kw)
+        finally:
+            self.adapters.set_rows(None)
+
     def _prefill(self, outputs):
-        """Prefill up to `prefill_chunk` prompt tokens, over as many waiting requests as fit, in one forward."""
+        """Compute up to `prefill_chunk` context tokens, over as many waiting requests as fit, in one forward."""
         budget, batch = self.prefill_chunk, []                       # (group, start, end)
         while budget > 0:
             if self.prefilling is None:
-                if not self.waiting or len(self.running) + len(self.waiting[0]) > self.n_slots:
+                if not self.waiting or self.num_running + len(self.waiting[0]) > self.max_batch:
+                    break
+                if not self._admit(self.waiting[0]):
                     break
                 self.prefilling = self.waiting.popleft()
-                first = self.prefilling[0]
-                first.slot = len(self.running)
-                self.running.append(first)
             first = self.prefilling[0]
-            start = first.prefilled
-            end = min(len(first.prompt), start + budget)
+            ctx = first.context
+            start, end = first.cached, min(len(ctx), first.cached + budget)
             batch.append((self.prefilling, start, end))
             budget -= end - start
-            first.prefilled = end
-            if end < len(first.prompt):
+            first.cached = end
+            if end < len(ctx):
                 break                                                # the rest of it next step
-            self.prefilling = None                                   # slots for its n samples below
+            self.running.append(first)
+            self.prefilling = None
         if not batch:
             return
         T = max(e - s for _, s, e in batch)
         ids = torch.zeros(len(batch), T, dtype=torch.long)
         pos = torch.full((len(batch), T), -1, dtype=torch.long)
         for i, (g, s, e) in enumerate(batch):
-            ids[i, :e - s] = torch.tensor(g[0].prompt[s:e])
+            ids[i, :e - s] = torch.tensor(g[0].context[s:e])
             pos[i, :e - s] = torch.arange(s, e)
-        ids, pos = ids.to(self.device), pos.to(self.device)
-        self.cache.bind([g[0].slot for g, _, _ in batch], max(e for _, _, e in batch), self.device)
-        hidden, _ = self.model(ids, positions=pos, cache=self.cache, return_hidden=True)
+        hidden, _ = self._forward([g[0] for g, _, _ in batch], ids.to(self.device), pos.to(self.device),
+                                  return_hidden=True)
         self.stats["prefill_tokens"] += sum(e - s for _, s, e in batch)
-        done = [(i, g, e - s) for i, (g, s, e) in enumerate(batch) if e == len(g[0].prompt)]
-        if not done:
-            return
+        done = [(i, g, e - s) for i, (g, s, e) in enumerate(batch) if e == len(g[0].context)]
         for _, g, _ in done:
+            self._publish(g[0])
+        fresh = [(i, g, n) for i, g, n in done if not g[0].tokens]       # recomputed sequences need no sample
+        if not fresh:
+            return
+        for _, g, _ in fresh:
             self._share_prefill(g)
-        last = torch.stack([hidden[i, n - 1] for i, _, n in done])                    # [b, D]
+        last = torch.stack([hidden[i, n - 1] for i, _, n in fresh])                   # [b, D]
         logits = self.model.lm_head(last)
-        seqs = [s for _, g, _ in done for s in g]
-        rows = torch.tensor([j for j, (_, g, _) in enumerate(done) for _ in g])
+        seqs = [s for _, g, _ in fresh for s in g if s in self.running]
+        rows = torch.tensor([j for j, (_, g, _) in enumerate(fresh) for s in g if s in self.running])
         self._sample(seqs, logits[rows], outputs)
 
+    def _publish(self, seq: Sequence) -> None:
+        """Offer the sequence's full prompt blocks to the prefix cache."""
+        bs = self.block_size
+        for j in range(len(seq.prompt) // bs):
+            self.pool.publish(self._key(seq, (j + 1) * bs), seq.blocks[j])
+
     def _share_prefill(self, group):
-        """The n samples of a request share its prompt's keys/values: copy them into n-1 more slots."""
-        first = group[0]
+        """The n samples of a request share the prompt's full blocks; each gets a copy of the partial last one.
+        A sample that finds no free block waits, to be prefilled later (from the prefix cache)."""
+        first, bs = group[0], self.block_size
+        L = len(first.prompt)
+        full = L // bs
         for s in group[1:]:
-            s.slot = len(self.running)
+            blocks = first.blocks[:full]
+            if L % bs:
+                b = self.pool.alloc()
+                if b is None:
+                    self.waiting.appendleft([s])
+                    continue
+                for K in self.cache.k + self.cache.v:
+                    K[b * bs:b * bs + L % bs] = K[first.blocks[full] * bs:first.blocks[full] * bs + L % bs]
+                blocks = blocks + [b]
+            if s.adapter is not None:
+                s.slot = self.adapters.acquire(s.adapter)            # the slot is loaded and pinned already
+            for b in first.blocks[:full]:
+                self.pool.hold(b)
+            s.blocks, s.cached = blocks, L
             self.running.append(s)
-            self.cache.copy_slot(first.slot, s.slot, len(s.prompt))
-            s.prefilled = len(s.prompt)
-            self.stats["shared_prefill_tokens"] += len(s.prompt)
+            self.stats["shared_prefill_tokens"] += L
 
     def _decode(self, seqs: list[Sequence], outputs):
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
-        self.cache.bind([s.slot for s in seqs], max(s.length for s in seqs), self.device)
-        logits, _ = self.model(ids, positions=pos, cache=self.cache)
+        logits, _ = self._forward(seqs, ids, pos)
+        for s in seqs:
+            s.cached = s.length
         self.stats["decode_tokens"] += len(seqs)
         self._sample(seqs, logits[:, -1], outputs)
 
@@ -283,6 +457,7 @@ class Engine:
             if s.finish_reason is not None:
                 self.stats["finished"] += 1
                 self._free(s)
+                self.running.remove(s)
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,

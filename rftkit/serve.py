@@ -36,9 +36,7 @@ class ServeConfig:
     host: str = "127.0.0.1"             # address to listen on
     port: int = 8000                    # port to listen on
     api_key: str | None = None          # require `Authorization: Bearer KEY` (default: $RFTKIT_API_KEY)
-    max_loaded_adapters: int = 256      # adapters kept loaded in host memory (LRU unload beyond)
-    adapter_slots: int = 32             # adapters on the device at once (LRU eviction beyond)
-    max_lora_rank: int = 64             # largest adapter rank the device slots hold
+    max_loaded_adapters: int = 32       # adapters in device slots at once (LRU eviction of idle ones beyond)
     max_batch: int = 64                 # sequences decoded together
     max_seq_len: int = 2048             # context per sequence: prompt + completion
     kv_budget_mb: int = 1024            # KV-cache memory
@@ -49,7 +47,7 @@ class ServeConfig:
     device: str = "auto"                # cpu, cuda, or auto (cuda when present)
 
     def __post_init__(self):
-        for name in ("port", "max_loaded_adapters", "adapter_slots", "max_lora_rank", "max_batch", "max_seq_len",
+        for name in ("port", "max_loaded_adapters", "max_batch", "max_seq_len",
                      "kv_budget_mb", "max_n", "max_body_bytes", "max_pending"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -72,11 +70,10 @@ class Server:
         self.tok = tok
         self.base_id = cfg.served_model_name or (EMBEDDED if cfg.model is None else Path(cfg.model).name)
         self.api_key = cfg.api_key or os.environ.get("RFTKIT_API_KEY") or None
-        kw = {} if cfg.adapters is None else {"adapter_slots": cfg.adapter_slots, "max_lora_rank": cfg.max_lora_rank}
         self.engine = Engine(model, kv_budget_bytes=cfg.kv_budget_mb << 20, max_seq_len=cfg.max_seq_len,
-                             max_batch=cfg.max_batch, **kw)
+                             max_batch=cfg.max_batch, adapter_slots=cfg.max_loaded_adapters)
         self.metrics = Metrics()
-        self.worker = EngineWorker(self.engine, cfg.adapters, cfg.max_loaded_adapters, cfg.max_pending, self.metrics)
+        self.worker = EngineWorker(self.engine, cfg.adapters, cfg.max_pending, self.metrics)
         self.eos = list(tok.eos_token_ids)
         self.created = int(time.time())
 
@@ -382,7 +379,7 @@ def build_app(server: Server):
     async def adapters():
         loaded = {a["name"]: a for a in await server.worker.call(server.worker.adapter_info)} \
             if server.cfg.adapters else {}
-        return {"object": "list", "max_loaded": server.cfg.max_loaded_adapters, "slots": server.cfg.adapter_slots,
+        return {"object": "list", "max_loaded": server.cfg.max_loaded_adapters,
                 "data": [{"name": name, "loaded": name in loaded, **loaded.get(name, {})}
                          for name in sorted(set(list_adapters(server.cfg.adapters)) | set(loaded))]}
 

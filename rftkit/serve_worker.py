@@ -13,9 +13,9 @@ publishes after each step. Results go back with one `call_soon_threadsafe` per s
 the asyncio queue of the HTTP request that owns them.
 
 Adapters load on first use: a request naming adapter X makes this thread register `DIR/X` with the engine's
-bank (read + validated there), and re-register it when its files changed on disk. At most
-`max_loaded_adapters` stay registered; beyond that the least recently used one no running request needs is
-unloaded (the bank itself keeps only `adapter_slots` of them on the device, LRU too).
+bank (read and validated there: a bad folder fails here, naming the problem, not mid-batch), and re-register
+it when its files change on disk. The bank keeps only metadata per registered adapter; it copies an adapter's
+weights into one of its device slots when a request using it is admitted (LRU eviction of idle slots).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,12 +83,11 @@ class Stream:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, adapters_dir: str | Path | None = None, max_loaded_adapters: int = 64,
-                 max_pending: int = 4096, metrics: "Metrics | None" = None):
+    def __init__(self, engine: Engine, adapters_dir: str | Path | None = None, max_pending: int = 4096,
+                 metrics: "Metrics | None" = None):
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.adapters_dir = None if adapters_dir is None else Path(adapters_dir)
-        self.max_loaded = max_loaded_adapters
         self.max_pending = max_pending
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[int, Stream] = {}          # rid -> stream; event-loop thread only
@@ -99,7 +97,9 @@ class EngineWorker:
         self.error: BaseException | None = None      # set if the engine thread died
         self._stop = False
         # engine-thread state
-        self.registered: OrderedDict[str, tuple] = OrderedDict()   # name -> file signature, LRU order
+        self.registered: dict[str, tuple[str, tuple]] = {}         # name -> (engine key, file signature)
+        self.versions: dict[str, int] = {}                         # name -> registrations so far
+        self.stale: list[str] = []                                 # engine keys of replaced files, to unload
         self.active: dict[int, tuple[str | None, int]] = {}        # rid -> (adapter, sequences not finished)
         self.snapshot: dict = {}
 
@@ -196,13 +196,10 @@ class EngineWorker:
         if kind == "add":
             stream: Stream = cmd[1]
             try:
-                if stream.adapter is not None:
-                    self._ensure(stream.adapter)
-                    self.registered.move_to_end(stream.adapter)
+                key = None if stream.adapter is None else self._ensure(stream.adapter)
                 for rid, (prompt, params) in zip(stream.rids, stream.jobs):
-                    kw = {} if stream.adapter is None else {"adapter": stream.adapter}
-                    self.engine.add_request(prompt, params, request_id=rid, **kw)
-                    self.active[rid] = (stream.adapter, params.n)
+                    self.engine.add_request(prompt, params, request_id=rid, adapter=key)
+                    self.active[rid] = (key, params.n)
                     replies.append((rid, "accepted"))
             except Exception as e:             # noqa: BLE001 - handed to the request that caused it
                 for rid in stream.rids:
@@ -229,57 +226,71 @@ class EngineWorker:
             else:
                 self.active[rid] = (adapter, left - 1)
 
-    def _in_use(self, name: str) -> bool:
-        return any(a == name for a, _ in self.active.values())
+    def _in_use(self, key: str) -> bool:
+        return any(a == key for a, _ in self.active.values())
 
-    # adapter registry: engine thread only (called directly or through `call`)
-    def _ensure(self, name: str) -> None:
-        """Register DIR/name with the engine unless registered with the same files; errors name the problem."""
+    # adapter registry: engine thread only (called directly or through `call`). Each registration of a name
+    # gets its own engine key (`name`, then `name@2`, ...): requests running on the old files finish on them,
+    # and nothing cached for the old weights (prefix-cache blocks are keyed by adapter) serves the new ones.
+    def _ensure(self, name: str) -> str:
+        """The engine key of DIR/name, registering it if new or changed on disk; errors name the problem."""
         path = adapter_folder(self.adapters_dir, name)
         sig = _signature(path)
-        if self.registered.get(name) == sig:
-            return
+        key, old = self.registered.get(name, (None, None))
+        if old == sig:
+            return key
         if sig[0] is None:
             raise AdapterError(400, f"adapter {name!r} is incomplete: {path} has no {CONFIG_FILE}")
+        if key is not None:
+            self.stale.append(self.registered.pop(name)[0])
+        self.versions[name] = self.versions.get(name, 0) + 1
+        key = name if self.versions[name] == 1 else f"{name}@{self.versions[name]}"
         t = time.perf_counter()
         try:
-            self.engine.adapters.register(name, path)
+            self.engine.adapters.register(key, path)
         except (ValueError, FileNotFoundError) as e:
-            self.registered.pop(name, None)
             raise AdapterError(400, f"adapter {name!r} is invalid: {e}") from None
+        finally:
+            self._drop_stale()
         self.metrics.observe("adapter_load_seconds", time.perf_counter() - t)
-        self.registered[name] = sig
-        while len(self.registered) > self.max_loaded:
-            victim = next((n for n in self.registered if n != name and not self._in_use(n)), None)
-            if victim is None:
-                break
-            self.engine.adapters.unload(victim)
-            del self.registered[victim]
+        self.registered[name] = (key, sig)
+        return key
+
+    def _drop_stale(self) -> None:
+        for key in [k for k in self.stale if not self._in_use(k)]:
+            self.engine.adapters.unload(key)
+            self.stale.remove(key)
 
     def load_adapter(self, name: str) -> dict:
-        self._ensure(name)
-        self.registered.move_to_end(name)
-        return next(i for i in self.engine.adapters.info() if i["name"] == name)
+        """Register `name` and copy it into a device slot now, so its first request pays no load."""
+        key = self._ensure(name)
+        bank = self.engine.adapters
+        if bank.acquire(key) is None:
+            raise AdapterError(409, f"adapter {name!r}: all {bank.n_slots} device slots are in use by running "
+                               f"requests; retry when they finish")
+        bank.release(key)
+        return next(i for i in self.adapter_info() if i["name"] == name)
 
     def unload_adapter(self, name: str) -> None:
         if name not in self.registered:
             raise AdapterError(404, f"adapter {name!r} is not loaded")
-        if self._in_use(name):
-            n = sum(a == name for a, _ in self.active.values())
+        key = self.registered[name][0]
+        n = sum(a == key for a, _ in self.active.values())
+        if n:
             raise AdapterError(409, f"adapter {name!r} has {n} requests running; unload it when they finish")
-        self.engine.adapters.unload(name)
+        self.engine.adapters.unload(key)
         del self.registered[name]
 
     def adapter_info(self) -> list[dict]:
-        return self.engine.adapters.info()
+        public = {key: name for name, (key, _) in self.registered.items()}
+        return [{**i, "name": public[i["name"]]} for i in self.engine.adapters.info() if i["name"] in public]
 
     def _publish(self) -> None:
         e = self.engine
         snap = {"running": e.num_running, "waiting": sum(len(g) for g in e.waiting) + bool(e.prefilling),
-                "requests_active": len(self.active), "registered": len(self.registered), **e.stats}
-        bank = getattr(e, "adapters", None)
-        if bank is not None:
-            snap.update({f"adapter_{k}": v for k, v in bank.stats.items()})
+                "requests_active": len(self.active), "registered": len(self.registered),
+                "in_slots": len(e.adapters.slot_of), **e.stats}
+        snap.update({f"adapter_{k}": v for k, v in e.adapters.stats.items()})
         self.snapshot = snap
 
 
@@ -299,7 +310,8 @@ ENGINE = {   # snapshot key -> (metric, type, help)
     "waiting": ("queue_depth", "gauge", "sequences waiting for a batch row"),
     "running": ("running_sequences", "gauge", "sequences in the running batch"),
     "requests_active": ("running_requests", "gauge", "engine requests not finished"),
-    "registered": ("adapters_loaded", "gauge", "adapters registered with the engine (host copy)"),
+    "registered": ("adapters_registered", "gauge", "adapters read, validated and known to the engine"),
+    "in_slots": ("adapters_in_slots", "gauge", "adapters in a device slot"),
     "adapter_loads": ("adapter_loads_total", "counter", "adapter copies into a device slot"),
     "adapter_evictions": ("adapter_evictions_total", "counter", "adapters evicted from a device slot (LRU)"),
     "adapter_hits": ("adapter_slot_hits_total", "counter", "requests whose adapter was already in a slot"),

@@ -36,17 +36,59 @@ def test_greedy_equals_full_forward_argmax_with_joins_and_chunked_prefill():
     assert engine.stats["prefill_tokens"] == sum(map(len, prompts))
 
 
-def test_more_requests_than_slots_wait_and_complete_within_budget():
+def test_flood_beyond_the_budget_preempts_and_completes_within_it():
     model = tiny_model()
     cfg = model.cfg
-    per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * 64 * cfg.head_dim * 4
-    engine = Engine(model, kv_budget_bytes=3 * per_slot + 100, max_seq_len=64)
-    assert engine.n_slots == 3 and engine.kv_bytes <= 3 * per_slot + 100
-    prompts = [[i + 1, i + 2, i + 3] for i in range(10)]
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
-    for p, (c,) in zip(prompts, outs):
-        assert c.token_ids == reference_greedy(model, p, 6) and c.finish_reason == "length"
-    assert sum(t.numel() * t.element_size() for t in engine.cache.k + engine.cache.v) <= 3 * per_slot + 100
+    block = 2 * cfg.n_layers * 4 * cfg.n_kv_heads * cfg.head_dim * 4            # bytes of a 4-token block
+    budget = 9 * block + 100                                                      # block 0 pads: 8 usable
+    engine = Engine(model, kv_budget_bytes=budget, max_seq_len=64, block_size=4)
+    assert engine.kv_bytes <= budget
+    prompts = [[i + 1, i + 2, i + 3] for i in range(10)]                          # 3 + 12 tokens = 4 blocks
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    rids = [engine.add_request(p, greedy) for p in prompts]
+    got = {r: [] for r in rids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+        assert engine.kv_blocks_used <= 8
+    for rid, p in zip(rids, prompts):
+        assert got[rid] == reference_greedy(model, p, 12)
+    assert engine.stats["preemptions"] > 0                  # requests were preempted and resumed exactly
+    assert sum(t.numel() * t.element_size() for t in engine.cache.k + engine.cache.v) <= budget
+    with pytest.raises(ValueError, match="needs 9 KV blocks but the budget holds 8"):
+        engine.add_request([1] * 30, SamplingParams(max_tokens=5))
+
+
+def test_prefix_cache_hit_reuses_blocks_and_decodes_the_same():
+    model = tiny_model()
+    engine = Engine(model, max_seq_len=64, block_size=4)
+    system = list(range(20, 30))                                                  # 10 shared tokens
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    a = engine.generate([system + [1, 2]], greedy)[0][0]
+    assert engine.stats["prefix_cache_hit_tokens"] == 0
+    b = engine.generate([system + [3]], greedy)[0][0]
+    assert engine.stats["prefix_cache_hit_tokens"] == 8                         # two full blocks reused
+    assert a.token_ids == reference_greedy(model, system + [1, 2], 8)
+    assert b.token_ids == reference_greedy(model, system + [3], 8)
+    c = engine.generate([system[:8]], greedy)[0][0]                               # a whole-prompt hit recomputes
+    assert c.token_ids == reference_greedy(model, system[:8], 8)                 # its last block for logits
+
+
+def test_weights_changed_in_place_invalidate_the_prefix_cache():
+    # GRPO steps the live adapter between rollouts: keys cached under the old weights must not be reused
+    model = tiny_model()
+    engine = Engine(model, max_seq_len=64, block_size=4)
+    prompt = list(range(20, 30)) + [1]
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    engine.generate([prompt], greedy)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    after = engine.generate([prompt], greedy)[0][0]
+    assert engine.stats["prefix_cache_hit_tokens"] == 0
+    assert after.token_ids == reference_greedy(model, prompt, 8)
+    again = engine.generate([prompt], greedy)[0][0]                  # unchanged weights: cached again
+    assert engine.stats["prefix_cache_hit_tokens"] == 8 and again.token_ids == after.token_ids
 
 
 def test_logprobs_equal_log_softmax_of_full_forward():

@@ -110,7 +110,7 @@ def served(tmp_path_factory):
     _peft_adapter(base, root / "adapters" / "alpha", seed=1)
     _peft_adapter(base, root / "adapters" / "beta", seed=2, r=2, targets=("q_proj", "v_proj", "down_proj"))
     cfg = ServeConfig(model=str(base), adapters=str(root / "adapters"), api_key=KEY, max_seq_len=2048,
-                      max_n=4, max_body_bytes=64 << 10, adapter_slots=2, max_loaded_adapters=8, device="cpu")
+                      max_n=4, max_body_bytes=64 << 10, max_loaded_adapters=2, device="cpu")
     server = Server(cfg)
     running = Running(build_app(server), server)
     running.base, running.root = base, root
@@ -307,3 +307,60 @@ def test_metrics_are_prometheus_text(served):
                  "time_to_first_token_seconds_count", "adapter_loads_total", "adapter_evictions_total"):
         assert f"rftkit_{name}" in text, name
     assert 'rftkit_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+
+
+def test_adapters_equal_peft_greedy_alone_and_concurrently(served):
+    client = served.client()
+    ask = lambda model: client.chat.completions.create(model=model, messages=MSG, max_tokens=12,  # noqa: E731
+                                                       temperature=0).choices[0].message.content
+    expected = {name: _hf_greedy(served.base, MSG, 12, adapter=served.root / "adapters" / name)
+                for name in ("alpha", "beta")}
+    expected["base"] = _hf_greedy(served.base, MSG, 12)
+    assert len(set(expected.values())) == 3                        # the adapters change the answer
+    assert ask("alpha") == ask("base:alpha") == expected["alpha"]
+    order = ["alpha", "beta", "base"] * 4
+    with ThreadPoolExecutor(len(order)) as pool:                    # mixed in one batch
+        assert list(pool.map(ask, order)) == [expected[m] for m in order]
+
+
+def test_adapter_directory_is_live_and_refusals_name_the_adapter(served):
+    import shutil
+    adapters = served.root / "adapters"
+    client = served.client()
+    chat = lambda model: client.chat.completions.create(model=model, messages=MSG, max_tokens=12,  # noqa: E731
+                                                        temperature=0).choices[0].message.content
+    shutil.copytree(adapters / "alpha", adapters / "gamma")        # dropped in while serving
+    assert "gamma" in [m.id for m in client.models.list().data]
+    assert chat("gamma") == chat("alpha")
+    time.sleep(0.01)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):  # replaced: served as the new files
+        shutil.copy(adapters / "beta" / f, adapters / "gamma" / f)
+    assert chat("gamma") == chat("beta")
+
+    (adapters / "half").mkdir()                                     # weights written, config not yet
+    shutil.copy(adapters / "alpha" / "adapter_model.safetensors", adapters / "half")
+    r = served.post("/v1/chat/completions", {"model": "half", "messages": MSG})
+    assert r.status_code == 400 and "adapter 'half' is incomplete" in r.json()["error"]["message"]
+    (adapters / "half" / "adapter_config.json").write_text('{"r": 4, "lora_alpha"')
+    r = served.post("/v1/chat/completions", {"model": "half", "messages": MSG})
+    assert r.status_code == 400 and "adapter 'half' is invalid" in r.json()["error"]["message"]
+    assert "not valid JSON" in r.json()["error"]["message"]
+    shutil.copy(adapters / "alpha" / "adapter_config.json", adapters / "half")  # now complete
+    assert chat("half") == chat("alpha")
+
+    listing = {a["name"]: a for a in served.get("/v1/adapters").json()["data"]}
+    assert listing["alpha"]["loaded"] and listing["half"]["loaded"] and listing["half"]["rank"] == 4
+    assert sum(a.get("slot") is not None for a in listing.values()) <= 2   # max_loaded_adapters=2 device slots
+    assert served.metric("adapter_evictions_total") > 0 and served.metric("adapter_loads_total") >= 3
+    r = served.post("/v1/adapters/load", {"name": "beta"})
+    assert r.status_code == 200 and r.json()["slot"] is not None
+    assert served.post("/v1/adapters/unload", {"name": "beta"}).json()["unloaded"]
+    assert not {a["name"]: a for a in served.get("/v1/adapters").json()["data"]}["beta"]["loaded"]
+    assert chat("beta") == _hf_greedy(served.base, MSG, 12, adapter=adapters / "beta")   # loads again on use
+    for body, status, words in [({"name": "nope"}, 404, "adapter 'nope' not found"),
+                                ({"name": "../alpha"}, 400, "invalid adapter name"),
+                                ({"name": 3}, 400, "name must be a string")]:
+        r = served.post("/v1/adapters/load", body)
+        assert r.status_code == status and words in r.json()["error"]["message"], r.text
+    r = served.post("/v1/adapters/unload", {"name": "never-loaded"})
+    assert r.status_code == 404 and "not loaded" in r.json()["error"]["message"]

@@ -1,0 +1,210 @@
+"""Adapter bank: many LoRA adapters at once on one base model, one adapter per batch row.
+
+    bank = AdapterBank(model, n_slots=8)
+    bank.register("sql", "adapters/sql")      # reads + validates the PEFT folder now (clear error if bad)
+    slot = bank.acquire("sql")                # into a slot (LRU eviction of unused slots), pinned until release
+    bank.set_rows([slot, 0, slot])            # row i of the next forward uses slot rows[i]; slot 0 = base model
+    ... model forward ...
+    bank.release("sql")
+
+Punica's BGMV semantics (a slot index per batch row, slot 0 = no adapter), computed SGMV-style: the rows of
+a forward are grouped by slot and each group adds `x[rows] @ A^T @ B^T * scale` to the base output with two
+small matmuls. A gathered batched matmul (true BGMV) copies R x in weights per row; on CPU that costs more
+than it saves at the ranks served. Each slot holds, per module, its own (A [R, in], B [out, R], scale) or
+nothing, so adapters of different ranks and target sets share one bank, and `bind_live` can point a slot at
+a trainer's LoRA parameters (the same tensors, no copy).
+
+The bank wraps the model's linear layers in place the first time an adapter is registered (a model that is
+never given an adapter runs untouched). Adapter files are read from disk when put into a slot; `register`
+reads them once to validate, so a half-written or wrong folder fails at registration, not mid-batch.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rftkit.adapters import AdapterConfig, read_adapter
+
+
+class BankLinear(nn.Module):
+    """A linear layer (plain, LoRA or quantized) plus the bank's per-row adapters."""
+
+    def __init__(self, inner: nn.Module, bank: "AdapterBank"):
+        super().__init__()
+        self.inner = inner
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.slots: list[tuple[torch.Tensor, torch.Tensor, float] | None] = [None] * (bank.n_slots + 1)
+        self._bank = [bank]                       # a list, so the bank is not registered as a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        for slot, rows in self._bank[0].groups:
+            ab = self.slots[slot]
+            if ab is None:
+                continue
+            A, B, scale = ab
+            if rows is None:                                              # every row uses this slot
+                y = y + F.linear(F.linear(x, A), B) * scale
+            else:
+                delta = F.linear(F.linear(x.index_select(0, rows), A), B) * scale
+                y = y.index_add(0, rows, delta)
+        return y
+
+
+class AdapterBank:
+    def __init__(self, model: nn.Module, n_slots: int = 8):
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        self.model, self.n_slots = model, n_slots
+        self.registered: dict[str, dict] = {}          # name -> {path, cfg, modules, rank}
+        self.slot_of: dict[str, int] = {}              # name -> slot (1..n_slots)
+        self.owner: list[str | None] = [None] * (n_slots + 1)
+        self.pins = [0] * (n_slots + 1)
+        self.last_used = [0.0] * (n_slots + 1)
+        self.layers: dict[str, BankLinear] = {}
+        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.stats = {"loads": 0, "evictions": 0, "hits": 0}
+
+    # ------------------------------------------------------------------ registry
+    def _wrap(self) -> None:
+        if self.layers:
+            return
+        for path, m in list(self.model.named_modules()):
+            if path == "lm_head" or not hasattr(m, "in_features") or isinstance(m, BankLinear):
+                continue
+            parent, _, leaf = path.rpartition(".")
+            owner = self.model.get_submodule(parent) if parent else self.model
+            if isinstance(owner, (BankLinear,)) or leaf in ("base", "inner"):
+                continue                                            # the layer inside a wrapper
+            layer = BankLinear(m, self)
+            setattr(owner, leaf, layer)
+            self.layers[path] = layer
+
+    def _check(self, name: str, cfg: AdapterConfig, weights: dict, source: str) -> None:
+        for module, (A, B) in weights.items():
+            layer = self.layers.get(module)
+            if layer is None:
+                raise ValueError(f"{source}: module {module} is not a linear layer of this model")
+            if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+                raise ValueError(f"{source}: module {module} is {layer.out_features}x{layer.in_features} in "
+                                 f"the model but the adapter has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+
+    def register(self, name: str, folder: str | Path) -> None:
+        """Make `name` servable from `folder` (re-registering replaces it; a loaded copy is dropped)."""
+        self._wrap()
+        cfg, weights = read_adapter(folder)
+        self._check(name, cfg, weights, str(folder))
+        if name in self.registered:
+            self.unload(name)
+        self.registered[name] = {"path": str(folder), "cfg": cfg, "rank": max(A.shape[0] for A, _ in weights.values()),
+                                 "modules": sorted(weights)}
+
+    def bind_live(self, name: str, modules: dict[str, nn.Module]) -> int:
+        """Point a slot at live LoRA parameters ({module path: LoRALinear}, e.g. `lora_modules(trainer_model)`):
+        the slot reads the very tensors the trainer updates. Returns the slot (pinned until `unload`)."""
+        self._wrap()
+        if name in self.registered:
+            self.unload(name)
+        slot = self._free_slot()
+        if slot is None:
+            raise RuntimeError(f"no free adapter slot for {name!r}: all {self.n_slots} are in use")
+        for path, m in modules.items():
+            if path not in self.layers:
+                raise ValueError(f"live adapter {name!r}: module {path} is not a linear layer of this model")
+            self.layers[path].slots[slot] = (m.lora_A.detach(), m.lora_B.detach(), m.scaling)
+        self.registered[name] = {"path": None, "cfg": None, "rank": max(m.r for m in modules.values()),
+                                 "modules": sorted(modules)}
+        self._occupy(name, slot)
+        self.pins[slot] += 1
+        return slot
+
+    def unload(self, name: str) -> None:
+        if name not in self.registered:
+            raise KeyError(f"adapter {name!r} is not registered")
+        slot = self.slot_of.get(name)
+        if slot is not None:
+            if self.pins[slot] and self.registered[name]["path"] is not None:
+                raise RuntimeError(f"adapter {name!r} is in use by {self.pins[slot]} running sequence(s)")
+            self._clear(slot)
+        del self.registered[name]
+
+    def info(self) -> list[dict]:
+        return [{"name": n, "path": r["path"], "rank": r["rank"], "slot": self.slot_of.get(n),
+                 "last_used": self.last_used[self.slot_of[n]] if n in self.slot_of else None}
+                for n, r in self.registered.items()]
+
+    # ------------------------------------------------------------------ slots
+    def _clear(self, slot: int) -> None:
+        name = self.owner[slot]
+        for layer in self.layers.values():
+            layer.slots[slot] = None
+        self.owner[slot], self.pins[slot] = None, 0
+        self.slot_of.pop(name, None)
+
+    def _occupy(self, name: str, slot: int) -> None:
+        self.owner[slot] = name
+        self.slot_of[name] = slot
+        self.last_used[slot] = time.monotonic()
+
+    def _free_slot(self) -> int | None:
+        for s in range(1, self.n_slots + 1):
+            if self.owner[s] is None:
+                return s
+        idle = [s for s in range(1, self.n_slots + 1) if self.pins[s] == 0]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda s: self.last_used[s])           # least recently used
+        self._clear(victim)
+        self.stats["evictions"] += 1
+        return victim
+
+    def acquire(self, name: str) -> int | None:
+        """The slot holding `name`, loading it (evicting the LRU unpinned slot) if needed; None when every slot
+        is pinned by running sequences. The caller releases it when its sequence finishes."""
+        if name not in self.registered:
+            raise KeyError(f"adapter {name!r} is not registered")
+        slot = self.slot_of.get(name)
+        if slot is not None:
+            self.stats["hits"] += 1
+        else:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            cfg, weights = read_adapter(self.registered[name]["path"])
+            self._check(name, cfg, weights, self.registered[name]["path"])
+            device = next(self.model.parameters()).device
+            for module, (A, B) in weights.items():
+                layer = self.layers[module]
+                dtype = layer.inner.weight.dtype if layer.inner.weight.is_floating_point() else torch.float32
+                layer.slots[slot] = (A.to(device, dtype), B.to(device, dtype), cfg.scaling(module))
+            self._occupy(name, slot)
+            self.stats["loads"] += 1
+        self.pins[slot] += 1
+        self.last_used[slot] = time.monotonic()
+        return slot
+
+    def release(self, name: str) -> None:
+        slot = self.slot_of.get(name)
+        if slot is not None and self.pins[slot] > 0:
+            self.pins[slot] -= 1
+
+    def set_rows(self, rows: list[int] | None, device=None) -> None:
+        """Slot per batch row for the next forward (None or all zeros = base model only)."""
+        self.groups = []
+        if not rows:
+            return
+        distinct = sorted(set(rows) - {0})
+        if len(distinct) == 1 and all(r == distinct[0] for r in rows):
+            self.groups = [(distinct[0], None)]
+            return
+        for s in distinct:
+            idx = torch.tensor([i for i, r in enumerate(rows) if r == s], device=device)
+            self.groups.append((s, idx))
