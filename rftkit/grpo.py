@@ -225,20 +225,20 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is smaller than the {world} processes: each "
                          f"needs at least one prompt per step")
     mine = dist.shard(list(range(cfg.prompts_per_step)))   # this process's prompts, whole groups
+    task = task or get_task(cfg.task)                      # task and rewards first: a bad name fails in seconds
+    rewards = {"task": task.default_reward}
+    weights = {"task": 1.0}
+    for i, spec in enumerate(cfg.reward):
+        rewards[spec] = load_reward(spec)
+        weights[spec] = cfg.reward_weights[i] if cfg.reward_weights else 1.0
     if model is None:
         model, tok = load(cfg.model)
-    task = task or get_task(cfg.task)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if not lora_modules(model):
         apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets))
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    rewards = {"task": task.default_reward}
-    weights = {"task": 1.0}
-    for i, spec in enumerate(cfg.reward):
-        rewards[spec] = load_reward(spec)
-        weights[spec] = cfg.reward_weights[i] if cfg.reward_weights else 1.0
     log = MetricsLog(out / "metrics.jsonl")
     start, elapsed = 0, 0.0
     if cfg.resume:

@@ -309,8 +309,8 @@ def load_reward(spec: str) -> Reward:
     return fn
 
 
-class RewardError(RuntimeError):
-    pass
+class RewardError(ValueError):
+    """A reward raised or returned something that is not a finite number (the message shows the sample)."""
 
 
 def _show(completion: str, sample: dict) -> str:

@@ -21,9 +21,9 @@ def _setup(tok_dir):  # noqa: F811
 
 
 def _cfg(tmp_path, **kw):
-    kw = {"checkpoint_every": 2, **kw}
-    return GRPOConfig(output=str(tmp_path), prompts_per_step=2, group_size=4, max_tokens=6, lr=5e-2,
-                      lora_r=4, micro_batch_groups=1, seed=3, **kw)
+    kw = {"checkpoint_every": 2, "prompts_per_step": 2, "group_size": 4, "max_tokens": 6, "lr": 5e-2, "lora_r": 4,
+          "micro_batch_groups": 1, "seed": 3, **kw}
+    return GRPOConfig(output=str(tmp_path), **kw)
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tok_dir):  # noqa: F811
