@@ -161,13 +161,14 @@ def jsonl(path: str) -> Task:
     return Task(f"jsonl:{file.name}", problems, exact_match)
 
 
-def reasoning_gym(name: str, size: int = 2000, seed: int = 0) -> Task:
-    """A reasoning-gym generator, scored with the dataset's own `score_answer`."""
+def reasoning_gym(name: str, size: int = 2000, seed: int = 0, **config) -> Task:
+    """A reasoning-gym generator, scored with the dataset's own `score_answer`; `config` goes to the
+    generator's config (e.g. `datasets=[DatasetSpec(...)]` for "composite")."""
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
     if name not in DATASETS:
         raise ValueError(f"unknown reasoning-gym task {name!r}; names: {', '.join(sorted(DATASETS))}")
-    data = reasoning_gym.create_dataset(name, size=size, seed=seed)
+    data = reasoning_gym.create_dataset(name, size=size, seed=seed, **config)
     problems = {s: [] for s in SPLITS}
     for i, entry in enumerate(data):
         problems[split_of(entry["question"])].append({"messages": _user(entry["question"]), "entry": entry,

@@ -1,4 +1,5 @@
 """Rewards and tasks: built-ins on hand-made cases, loud failures, disjoint splits, reasoning-gym."""
+import json
 import math
 
 import pytest
@@ -75,23 +76,37 @@ def test_unknown_task_and_bad_jsonl_line(tmp_path):
         jsonl(str(f))
 
 
-# generators that publish no reference answer (answer is None: only a solution checker), and the one
-# that needs a configuration of sub-datasets to exist at all
-NO_REFERENCE = {"boxnet", "graph_color", "propositional_logic", "rubiks_cube", "rush_hour"}
-NEEDS_CONFIG = {"composite"}
+# generators whose `answer` is None: three publish a reference solution in the entry's metadata instead, two
+# publish none at all (only a checker: a solution would need a solver of our own)
+REFERENCE_IN_METADATA = {
+    "graph_color": lambda m: json.dumps({str(k): v for k, v in m["possible_answer"].items()}),
+    "propositional_logic": lambda m: m["example_answer"],
+    "rubiks_cube": lambda m: m["example_correct_answer"],
+}
+NO_REFERENCE = {"boxnet", "rush_hour"}
 
 
 def test_reasoning_gym_answers_score_one_through_our_wrapper():
+    from reasoning_gym.composite import DatasetSpec
     from reasoning_gym.factory import DATASETS
-    failed, no_reference = [], set()
-    for name in sorted(set(DATASETS) - NEEDS_CONFIG):
-        task = get_task(f"rg:{name}", size=4, seed=1)
+    failed, no_reference, checked = [], set(), set()
+    for name in sorted(DATASETS):
+        kw = {}
+        if name == "composite":          # a mixture: needs its sub-datasets named
+            kw = {"datasets": [DatasetSpec("basic_arithmetic", 1.0, {}), DatasetSpec("leg_counting", 1.0, {})]}
+        task = get_task(f"rg:{name}", size=4, seed=1, **kw)
         for split in SPLITS:
             for p in task.problems[split][:1]:
-                if p["answer"] is None:
+                answer = p["answer"]
+                if answer is None and name in REFERENCE_IN_METADATA:
+                    answer = REFERENCE_IN_METADATA[name](p["entry"]["metadata"])
+                if answer is None:
                     no_reference.add(name)
-                elif task.default_reward(str(p["answer"]), p) != 1.0:
+                    assert task.default_reward("no idea", p) < 1.0      # the checker is wired, and it checks
+                    continue
+                checked.add(name)
+                if task.default_reward(str(answer), p) != 1.0:
                     failed.append(name)
     assert failed == []
     assert no_reference == NO_REFERENCE
-    assert len(DATASETS) - len(NO_REFERENCE) - len(NEEDS_CONFIG) >= 100
+    assert checked | no_reference == set(DATASETS) and len(checked) == len(DATASETS) - 2
