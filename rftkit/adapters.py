@@ -177,11 +177,19 @@ def validate_adapter(cfg: AdapterConfig, weights: dict, model, source: str = "ad
                              f"not rank {cfg.rank(module)} as adapter_config.json says")
         m = modules.get(module)
         base = getattr(m, "base", m)      # LoRALinear wraps the original linear
-        if not isinstance(base, torch.nn.Linear):
+        if not isinstance(base, _linear_kinds()):
             raise ValueError(f"{source}: module {module} is not a linear layer of this model")
         if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
             raise ValueError(f"{source}: module {module} is {base.out_features}x{base.in_features} in the model "
                              f"but the adapter has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+
+
+def _linear_kinds() -> tuple[type, ...]:
+    """Layers LoRA wraps unmerged: plain linears and the compressed ones (rftkit.quantize / rftkit.factorize),
+    which all take x [.., in] to y [.., out] and expose a (read-only for quantized) `weight`."""
+    from rftkit.factorize import LowRankLinear, SharedLinear
+    from rftkit.quantize import QuantLinear
+    return (torch.nn.Linear, QuantLinear, LowRankLinear, SharedLinear)
 
 
 def _validate_expert(cfg: AdapterConfig, module: str, A, B, model, source: str) -> None:

@@ -7,31 +7,40 @@
 Methods (each a transform over modules, returning the model and a record of what it did per module):
   int8, int4           weight-only quantization (rftkit.quantize): low-bit storage, fast decode kernel
   magnitude, wanda     unstructured pruning at `sparsity` (rftkit.prune); 2:4 is `--pattern 2:4`
-  structured           MLP neurons and attention heads (whole GQA groups) ranked by calibration activation:
-                       a smaller dense model (`--ratio` kept removed)
+  structured           MLP neurons and attention heads (equally from every GQA group) ranked by calibration
+                       activation: a smaller dense model (`--ratio` of each removed)
   svd                  low-rank factorization keeping `--energy` of each matrix's squared singular values
+                       (or a fixed `--rank`)
   kmeans               weight sharing: each matrix clustered into `--clusters` shared values (rftkit.factorize)
-  distill              structured pruning, then KL distillation from the original (rftkit.distill)
+  distill              structured pruning, then KL distillation from the original (rftkit.distill) on
+                       calibration text + the teacher's answers to `--distill-samples` train prompts
 
 A compressed model is a folder: config.json (the dense architecture, possibly smaller), compress.json (which
 module is stored how, so the loader rebuilds the same modules), model.safetensors (low-bit tensors as they
-are) and the tokenizer files. Pruned weights are stored dense (zeros): the folder says so, and the report
-counts non-zeros, not bytes saved. Calibration and perplexity text is the standard library's
-`pydoc_data.topics` (~465 kB of English, always offline).
+are) and the tokenizer files. Unstructured-pruned weights are stored as their non-zero values plus a bitmask
+(1 bit per weight) and expanded to dense matrices on load: the disk shrinks, the matmuls do not (no sparse
+kernel on CPU beats MKL at 50%). Calibration and perplexity text is the standard library's
+`pydoc_data.topics` (~465 kB of English, always offline): calibration takes its first tokens, perplexity
+the ones after.
+
+An adapter meets a compressed model unmerged: quantized, pruned, factorized and shared layers are linear
+layers that LoRA wraps. Structured pruning and distillation change the shapes the adapter was trained for,
+so with `--adapter` those two compress the specialist (base + adapter merged) and its accuracy is reported.
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 METHODS = ("int8", "int4", "magnitude", "wanda", "structured", "svd", "kmeans", "distill")
-IMPLEMENTED = ("int8", "int4")          # the others are designed below but their modules are not written yet
 FORMAT = "rftkit-compressed"
 CONFIG = "compress.json"
 
@@ -49,33 +58,34 @@ class CompressConfig:
     sparsity: float = 0.5                # fraction of weights pruned (magnitude, wanda)
     pattern: str = "unstructured"        # unstructured or N:M, e.g. 2:4 (magnitude, wanda)
     ratio: float = 0.25                  # fraction of MLP neurons / attention head groups removed (structured, distill)
+    head_ratio: float = -1.0             # fraction of query heads per GQA group removed (-1 = same as ratio)
     energy: float = 0.9                  # retained squared singular values per matrix (svd)
+    rank: int = 0                        # fixed rank of every factorized matrix (svd); 0 = from --energy
     clusters: int = 16                   # codebook entries per matrix (kmeans)
     calib_tokens: int = 8192             # calibration tokens from pydoc_data.topics
     ppl_tokens: int = 16384              # perplexity tokens (a disjoint part of pydoc_data.topics); 0 = skip
     distill_steps: int = 200             # optimizer steps of distillation
     distill_lr: float = 1e-4             # distillation learning rate
+    distill_samples: int = 256           # task train prompts answered by the teacher as distillation text (0 = text only)
     speed_tokens: int = 64               # decode tokens timed per speed measurement; 0 = skip
     batch: int = 32                      # rows of the batched decode measurement
     seed: int = 0
     sweep: bool = False                  # run a grid of methods/settings, write sweep.csv/json + pareto.png
+    sweep_methods: str = "int8,int4,magnitude,wanda,structured,svd,kmeans"  # methods of the sweep grid
     overwrite: bool = False              # replace an existing output folder
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown compression method {self.method!r} (choose from {', '.join(METHODS)})")
-        validate(self.method, **{k: getattr(self, k) for k in ("group_size", "head_bits", "sparsity", "pattern",
-                                                              "ratio", "energy", "clusters")})
-        if self.method not in IMPLEMENTED or self.sweep:
-            raise ValueError(f"rft compress --method {self.method}{' --sweep' if self.sweep else ''}: not implemented "
-                             f"yet (issue 7); available: {', '.join(IMPLEMENTED)}")
-        return
-        validate(self.method, **{k: getattr(self, k) for k in ("group_size", "head_bits", "sparsity", "pattern",
-                                                              "ratio", "energy", "clusters")})
+        methods = self.sweep_methods.split(",") if self.sweep else [self.method]
+        for m in methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown compression method {m!r} (choose from {', '.join(METHODS)})")
+            validate(m, **{k: getattr(self, k) for k in ("group_size", "head_bits", "sparsity", "pattern", "ratio",
+                                                          "energy", "clusters", "rank", "head_ratio")})
 
 
 def validate(method: str, group_size: int = 32, head_bits: int = 8, sparsity: float = 0.5,
-             pattern: str = "unstructured", ratio: float = 0.25, energy: float = 0.9, clusters: int = 16) -> None:
+             pattern: str = "unstructured", ratio: float = 0.25, energy: float = 0.9, clusters: int = 16,
+             rank: int = 0, head_ratio: float = -1.0, model_cfg=None) -> None:
     """Fail before any work on settings no transform can honour, naming the value."""
     from rftkit.quantize import check_bits
     if method in ("int8", "int4"):
@@ -89,12 +99,26 @@ def validate(method: str, group_size: int = 32, head_bits: int = 8, sparsity: fl
             n, _, m = pattern.partition(":")
             if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
                 raise ValueError(f"pattern must be unstructured or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
-    if method in ("structured", "distill") and not 0 < ratio < 1:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
-    if method == "svd" and not 0 < energy < 1:
-        raise ValueError(f"energy must be in (0, 1), got {energy}")
+    if method in ("structured", "distill"):
+        if not 0 < ratio < 1:
+            raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+        if head_ratio != -1.0 and not 0 <= head_ratio < 1:
+            raise ValueError(f"head_ratio must be in [0, 1) (or -1 = ratio), got {head_ratio}")
+    if method == "svd":
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0 (0 = from energy), got {rank}")
+        if rank == 0 and not 0 < energy < 1:
+            raise ValueError(f"energy must be in (0, 1), got {energy}")
+        if model_cfg is not None and rank > _smallest_dim(model_cfg):
+            raise ValueError(f"rank {rank} is larger than the model's smallest linear layer allows "
+                             f"(at most {_smallest_dim(model_cfg)})")
     if method == "kmeans" and not 2 <= clusters <= 256:
         raise ValueError(f"clusters must be in [2, 256] (one byte per index), got {clusters}")
+
+
+def _smallest_dim(c) -> int:
+    """The smallest matrix dimension among a model config's linear layers (q, k, v, o, gate, up, down)."""
+    return min(c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,12 +159,16 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # transforms
 
-def compress(model, method: str, calib: torch.Tensor | None = None, teacher=None, **kw) -> tuple[nn.Module, dict]:
-    """Apply one method in place (structured/distill return a new, smaller model). Returns (model, record):
-    record["modules"] maps module paths to how they are stored; the rest says what was done."""
+def compress(model, method: str, calib: torch.Tensor | None = None, teacher=None,
+             distill_data: list[list[int]] | None = None, **kw) -> tuple[nn.Module, dict]:
+    """Apply one method (in place; structured/distill return a new, smaller model). Returns (model, record):
+    record["modules"] maps module paths to how they are stored; the rest says what was done. Distillation
+    trains on `distill_data` (token lists) if given, else on the calibration rows."""
     settings = {k: v for k, v in kw.items() if v is not None}
-    validate(method, **{k: v for k, v in settings.items() if k in ("group_size", "head_bits", "sparsity", "pattern",
-                                                                  "ratio", "energy", "clusters")})
+    validate(method, model_cfg=model.cfg, **{k: v for k, v in settings.items() if k in (
+        "group_size", "head_bits", "sparsity", "pattern", "ratio", "energy", "clusters", "rank", "head_ratio")})
+    head_ratio = settings.get("head_ratio", -1.0)
+    head_ratio = None if head_ratio == -1.0 else head_ratio
     record: dict = {"method": method, "settings": settings, "modules": {}}
     if method in ("int8", "int4"):
         from rftkit.quantize import quantize
@@ -150,31 +178,27 @@ def compress(model, method: str, calib: torch.Tensor | None = None, teacher=None
         from rftkit.prune import prune_unstructured
         record.update(prune_unstructured(model, method, settings.get("sparsity", 0.5),
                                          settings.get("pattern", "unstructured"), calib))
-    elif method == "structured":
+    elif method in ("structured", "distill"):
         from rftkit.prune import prune_structured
-        model, info = prune_structured(model, settings.get("ratio", 0.25), calib)
+        teacher = teacher if teacher is not None else copy.deepcopy(model)
+        model, info = prune_structured(model, settings.get("ratio", 0.25), calib, head_ratio,
+                                       settings.get("rank_by", "activation"), settings.get("seed", 0))
         record.update(info)
+        if method == "distill":
+            from rftkit.distill import distill
+            data = distill_data if distill_data is not None else calib
+            if data is None:
+                raise ValueError("distill needs data: calibration batches or teacher samples")
+            record["distill"] = distill(model, teacher, data, steps=settings.get("distill_steps", 200),
+                                        lr=settings.get("distill_lr", 1e-4), seed=settings.get("seed", 0),
+                                        log_every=settings.get("log_every", 0))
     elif method == "svd":
         from rftkit.factorize import low_rank
-        record["modules"] = low_rank(model, settings.get("energy", 0.9))
+        record["modules"] = low_rank(model, settings.get("energy", 0.9), settings.get("rank", 0))
     elif method == "kmeans":
         from rftkit.factorize import weight_share
         record["modules"] = weight_share(model, settings.get("clusters", 16), seed=settings.get("seed", 0))
-    elif method == "distill":
-        from rftkit.distill import distill
-        from rftkit.prune import prune_structured
-        teacher = teacher if teacher is not None else model
-        student, info = prune_structured(_copy(model), settings.get("ratio", 0.25), calib)
-        record.update(info)
-        record["distill"] = distill(student, teacher, calib, steps=settings.get("distill_steps", 200),
-                                    lr=settings.get("distill_lr", 1e-4), seed=settings.get("seed", 0))
-        model = student
     return model, record
-
-
-def _copy(model):
-    import copy
-    return copy.deepcopy(model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,6 +220,27 @@ def _module_for(kind: dict, path: str, model) -> nn.Module:
         from rftkit.factorize import SharedLinear
         return SharedLinear(cur.in_features, cur.out_features, kind["clusters"], cur.bias is not None)
     raise ValueError(f"{CONFIG}: unknown module kind {kind['kind']!r} at {path}")
+
+
+STORED_AS_IS = ("dense", "sparse")        # plain nn.Linear in memory (sparse: packed on disk, see below)
+
+
+def pack_sparse(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (non-zero values [nnz] in row-major order, bitmask uint8 [ceil(N*K/8)], bit i = entry i)."""
+    keep = (w != 0).reshape(-1)
+    bits = torch.nn.functional.pad(keep, (0, -len(keep) % 8)).view(-1, 8).to(torch.uint8)
+    mask = (bits << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    return w.reshape(-1)[keep].contiguous(), mask
+
+
+def unpack_sparse(values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    n = shape[0] * shape[1]
+    keep = ((mask[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[:n].bool()
+    if int(keep.sum()) != len(values):
+        raise ValueError(f"sparse tensor: the mask has {int(keep.sum())} entries set but {len(values)} values")
+    w = torch.zeros(n, dtype=values.dtype)
+    w[keep] = values
+    return w.view(shape)
 
 
 def _tied_quant(model) -> bool:
@@ -221,6 +266,9 @@ def save_compressed(model, record: dict, folder, tokenizer_dir: Path | None = No
         drop = ("lm_head.qweight", "lm_head.scales") if _tied_quant(model) else ("lm_head.weight",)
         for k in drop:
             state.pop(k, None)
+    for path, kind in record["modules"].items():
+        if kind["kind"] == "sparse":
+            state[f"{path}.weight_values"], state[f"{path}.weight_mask"] = pack_sparse(state.pop(f"{path}.weight"))
     meta = {"format": "pt", "rftkit": FORMAT}
     save_file(state, str(tmp / "model.safetensors"), metadata=meta)
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
@@ -255,8 +303,17 @@ def load_compressed(folder, device: str = "cpu") -> nn.Module:
     with _SkipRandomInit():
         model = Transformer(cfg)
         for path, kind in info["modules"].items():
-            _swap(model, path, _module_for(kind, path, model))
+            if kind["kind"] not in STORED_AS_IS:
+                _swap(model, path, _module_for(kind, path, model))
     state = read_safetensors(folder / "model.safetensors")
+    for path, kind in info["modules"].items():
+        if kind["kind"] == "sparse":
+            lin = model.get_submodule(path)
+            try:
+                values, mask = state.pop(f"{path}.weight_values"), state.pop(f"{path}.weight_mask")
+            except KeyError as e:
+                raise ValueError(f"{folder}/model.safetensors: sparse module {path} lacks {e}") from None
+            state[f"{path}.weight"] = unpack_sparse(values, mask, (lin.out_features, lin.in_features))
     tied_quant = cfg.tie_embeddings and info["modules"].get("model.embed_tokens", {}).get("kind") == "quant_embedding"
     if tied_quant:
         state["lm_head.qweight"] = state["model.embed_tokens.qweight"]
@@ -283,19 +340,22 @@ def folder_bytes(folder) -> int:
 
 
 def count_params(model) -> tuple[int, int]:
-    """(logical weights, non-zero weights) over parameters and low-bit buffers, tied tensors once."""
+    """(logical weights, non-zero weights) over parameters and low-bit buffers, tied tensors once. A quantized
+    or shared matrix counts as its N*K weights; a factorized one as its R*(N+K) parameters."""
+    from rftkit.factorize import SharedLinear
+    from rftkit.quantize import QuantEmbedding, QuantLinear
     seen, total, nonzero = set(), 0, 0
     for m in model.modules():
-        if type(m).__name__ in ("QuantLinear", "QuantEmbedding"):
-            t = m.weight if type(m).__name__ == "QuantLinear" else m.qweight
-            key = m.qweight.data_ptr()
+        if isinstance(m, (QuantLinear, QuantEmbedding, SharedLinear)):
+            key = (m.qweight if not isinstance(m, SharedLinear) else m.codes).data_ptr()
             if key not in seen:
                 seen.add(key)
-                total += t.numel() if type(m).__name__ == "QuantEmbedding" else m.in_features * m.out_features
-                nonzero += int((m.qweight != 0).sum()) if type(m).__name__ == "QuantEmbedding" else \
-                    m.in_features * m.out_features
-            continue
-        for p in m.parameters(recurse=False):
+                total += m.weight.numel()
+                nonzero += int((m.weight != 0).sum())
+            tensors = [] if isinstance(m, QuantEmbedding) or m.bias is None else [m.bias]
+        else:
+            tensors = list(m.parameters(recurse=False))
+        for p in tensors:
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel()
@@ -346,6 +406,22 @@ def speeds(pairs: dict, tok, cfg: CompressConfig) -> dict:
     return {name: {k: max(v) for k, v in r.items()} for name, r in res.items()}
 
 
+def compress_settings(cfg: CompressConfig) -> dict:
+    return dict(group_size=cfg.group_size, head_bits=cfg.head_bits, sparsity=cfg.sparsity, pattern=cfg.pattern,
+                ratio=cfg.ratio, head_ratio=cfg.head_ratio, energy=cfg.energy, rank=cfg.rank, clusters=cfg.clusters,
+                distill_steps=cfg.distill_steps, distill_lr=cfg.distill_lr, seed=cfg.seed, log_every=10)
+
+
+def distill_text(teacher, tok, cfg: CompressConfig, task, calib: torch.Tensor) -> list[list[int]]:
+    """Calibration rows plus the teacher's answers to `distill_samples` train prompts of the task."""
+    rows = [r.tolist() for r in calib]
+    if cfg.distill_samples:
+        from rftkit.distill import teacher_samples
+        convs = [s["messages"] for s in task.samples("train", cfg.distill_samples, seed=cfg.seed)]
+        rows += teacher_samples(teacher, tok, convs)
+    return rows
+
+
 def run_compress(cfg: CompressConfig) -> dict:
     if cfg.sweep:
         from rftkit.compress_sweep import run_sweep
@@ -355,31 +431,46 @@ def run_compress(cfg: CompressConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ValueError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
-    from rftkit.loading import load, resolve
+    from rftkit.loading import load, load_config, resolve
+    from rftkit.lora import load_lora, merge_lora
     from rftkit.tasks import get_task
-    torch.manual_seed(cfg.seed)
     folder = resolve(cfg.model)
+    validate(cfg.method, model_cfg=load_config(folder), **{k: getattr(cfg, k) for k in (
+        "group_size", "head_bits", "sparsity", "pattern", "ratio", "energy", "clusters", "rank", "head_ratio")})
+    task = get_task(cfg.task)
+    torch.manual_seed(cfg.seed)
     original, tok = load(cfg.model)
     model, _ = load(cfg.model)
-    calib = calibration_batches(tok, cfg.calib_tokens) if cfg.method in ("wanda", "structured", "distill") else None
+    adapter = cfg.adapter
+    merged = bool(adapter) and cfg.method in ("structured", "distill")
+    if merged:                          # shapes change: compress the specialist (base + adapter merged)
+        for m in (original, model):
+            load_lora(m, adapter)
+            merge_lora(m)
+        adapter = None
+    needs_calib = cfg.method in ("wanda", "structured", "distill")
+    calib = calibration_batches(tok, cfg.calib_tokens) if needs_calib else None
+    data = distill_text(original, tok, cfg, task, calib) if cfg.method == "distill" else None
     t0 = time.perf_counter()
-    model, record = compress(model, cfg.method, calib=calib, teacher=original, group_size=cfg.group_size,
-                             head_bits=cfg.head_bits, sparsity=cfg.sparsity, pattern=cfg.pattern, ratio=cfg.ratio,
-                             energy=cfg.energy, clusters=cfg.clusters, distill_steps=cfg.distill_steps,
-                             distill_lr=cfg.distill_lr, seed=cfg.seed)
+    model, record = compress(model, cfg.method, calib=calib, teacher=original, distill_data=data,
+                             **compress_settings(cfg))
     record["seconds"] = time.perf_counter() - t0
+    record["adapter_merged"] = cfg.adapter if merged else None
     save_compressed(model, record, out, folder, cfg.overwrite)
     model = load_compressed(out)                       # measure what was written
-    report: dict = {"method": cfg.method, "settings": record["settings"], "compress_seconds": record["seconds"]}
+    report: dict = {"method": cfg.method, "settings": record["settings"], "compress_seconds": record["seconds"],
+                    "adapter": cfg.adapter, "adapter_merged": merged}
+    if "distill" in record:
+        report["distill"] = record["distill"]
     from rftkit.quantize import kernel_status
     report["kernel"] = kernel_status()
     report["bytes"] = {"original": folder_bytes(folder), "compressed": folder_bytes(out)}
     ppl_ids = text_tokens(tok, cfg.ppl_tokens, cfg.calib_tokens) if cfg.ppl_tokens else None
-    task = get_task(cfg.task)
-    report["original"] = measure(original, tok, cfg, task, cfg.adapter, ppl_ids)
-    report["compressed"] = measure(model, tok, cfg, task, cfg.adapter, ppl_ids)
+    report["original"] = measure(original, tok, cfg, task, adapter, ppl_ids)
+    report["compressed"] = measure(model, tok, cfg, task, adapter, ppl_ids)
     if cfg.speed_tokens:
         report["speed"] = speeds({"original": original, "compressed": model}, tok, cfg)
+        report["loadavg"] = os.getloadavg()
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     return report
@@ -387,7 +478,8 @@ def run_compress(cfg: CompressConfig) -> dict:
 
 def format_report(r: dict) -> str:
     b = r["bytes"]
-    lines = [f"rft compress {r['method']} {r['settings']}  ({r['kernel']})",
+    merged = f"  (adapter {r['adapter']} merged before compressing)" if r.get("adapter_merged") else ""
+    lines = [f"rft compress {r['method']} {r['settings']}  ({r['kernel']}){merged}",
              f"| | original | compressed | ratio |", "|---|---|---|---|",
              f"| bytes on disk | {b['original']:,} | {b['compressed']:,} | {b['compressed'] / b['original']:.3f} |"]
     o, c = r["original"], r["compressed"]
@@ -401,4 +493,5 @@ def format_report(r: dict) -> str:
         for k in ("single", "batched"):
             lines.append(f"| decode tok/s {k} | {s['original'][k]:.1f} | {s['compressed'][k]:.1f} | "
                          f"{s['compressed'][k] / s['original'][k]:.2f} |")
+        lines.append(f"(load average during the run: {r['loadavg'][0]:.2f})")
     return "\n".join(lines)
