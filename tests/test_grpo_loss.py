@@ -89,3 +89,73 @@ def test_bad_spec_values_named():
         LossSpec(loss_type="ppo")
     with pytest.raises(ValueError, match="eps_low=1.5"):
         LossSpec(eps_low=1.5)
+
+
+def test_clip_is_one_sided_as_in_ppo():
+    # A < 0 with the ratio above 1 + eps, A > 0 with it below 1 - eps: min() keeps the unclipped term, so the
+    # gradient flows (the update may undo a move in the wrong direction without limit)
+    logp = torch.log(torch.tensor([[1.5, 0.5]])).requires_grad_()
+    adv_tokens = torch.tensor([-1.0, 1.0])
+    total = 0
+    for t in range(2):
+        loss, stats = policy_loss(logp[:, t:t + 1], torch.zeros(1, 1), adv_tokens[t:t + 1], torch.ones(1, 1),
+                                  LossSpec("dapo"), Totals(1, 2))
+        assert stats["clip_low_tokens"] == 0 and stats["clip_high_tokens"] == 0
+        total = total + loss
+    assert total.item() == pytest.approx((1.5 - 0.5) / 2)            # -min(rA, clip(r)A) per token, / 2 tokens
+    total.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[1.5 / 2, -0.5 / 2]]))   # d/dlogp of -A r = -A r
+    # clip-higher moves only the upper bound: r = 1.25, A = +1 is clipped at 1.2 symmetric, not at 1.28
+    lp = torch.log(torch.tensor([[1.25]]))
+    sym, st = policy_loss(lp, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1), LossSpec("dapo", 0.2, 0.2), Totals(1, 1))
+    high, st2 = policy_loss(lp, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1), LossSpec("dapo"), Totals(1, 1))
+    assert sym.item() == pytest.approx(-1.2) and st["clip_high_tokens"] == 1
+    assert high.item() == pytest.approx(-1.25) and st2["clip_high_tokens"] == 0
+
+
+def test_the_three_normalisations_on_one_group():
+    # one group of G = 4, rewards [1, 0, 0, 1], lengths [4, 1, 2, 3], on-policy (ratio 1), L_max = 4
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    T = [4, 1, 2, 3]
+    mask = torch.tensor([[1.0] * t + [0.0] * (4 - t) for t in T])
+    logp = torch.zeros(4, 4, requires_grad=True)
+    a_std = 0.5 / math.sqrt(1 / 3)                                  # (r - mean) / std, unbiased std = sqrt(1/3)
+    cases = {  # loss type, advantage scaling -> (loss, d loss / d logp of one token of completion i)
+        ("grpo", "group"): (0.0, [-a_std / (4 * 4), a_std / (4 * 1), a_std / (4 * 2), -a_std / (4 * 3)]),
+        ("dapo", "group"): (-a_std * (4 - 1 - 2 + 3) / 10, [-a_std / 10, a_std / 10, a_std / 10, -a_std / 10]),
+        ("dr_grpo", "none"): (-0.5 * (4 - 1 - 2 + 3) / 16, [-0.5 / 16, 0.5 / 16, 0.5 / 16, -0.5 / 16]),
+    }
+    for (lt, scale), (expected, grads) in cases.items():
+        adv = group_advantages(r, scale, eps=0.0).flatten()
+        assert adv.abs().tolist() == pytest.approx([a_std if scale == "group" else 0.5] * 4)
+        logp.grad = None
+        loss, _ = policy_loss(logp, logp.detach(), adv, mask, LossSpec(lt, max_completion_len=4), Totals(4, 10))
+        assert loss.item() == pytest.approx(expected, abs=1e-7), lt
+        loss.backward()
+        want = torch.tensor(grads)[:, None] * mask
+        assert torch.allclose(logp.grad, want, atol=1e-7), lt
+
+
+def test_gspo_clips_whole_sequences():
+    logp, old, adv, mask = _batch()
+    # sequence ratios s0 = sqrt(1.5) = 1.2247 (A = +1) and s1 = 0.55^(1/3) = 0.8193 (A = -1); with eps 0.1 both
+    # leave [0.9, 1.1]: terms -1.1 and +0.9, and no token of either sequence gets a gradient
+    spec = LossSpec(loss_type="grpo", importance="sequence", eps_low=0.1, eps_high=0.1)
+    loss, stats = policy_loss(logp, old, adv, mask, spec, Totals(2, 5))
+    assert loss.item() == pytest.approx((-1.1 + 0.9) / 2, rel=1e-6)
+    assert stats["clip_high_tokens"] == 2 and stats["clip_low_tokens"] == 3     # every valid token, by sequence
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(2, 3))
+
+
+def test_kl_gradient_and_sum_with_the_policy_term():
+    # k3 = exp(ref - logp) - (ref - logp) - 1; d k3 / d logp = 1 - exp(ref - logp)
+    logp = torch.zeros(1, 2, requires_grad=True)
+    ref = torch.tensor([[math.log(2.0), math.log(0.5)]])
+    spec = LossSpec(loss_type="grpo", beta=0.04)
+    loss, stats = policy_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), spec, Totals(1, 2), ref)
+    kl = [2 - math.log(2) - 1, 0.5 + math.log(2) - 1]
+    assert stats["kl_sum"] == pytest.approx(sum(kl), rel=1e-6)
+    assert loss.item() == pytest.approx((-1 + 0.04 * kl[0] - 1 + 0.04 * kl[1]) / 2, rel=1e-6)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[(-1 + 0.04 * (1 - 2)) / 2, (-1 + 0.04 * (1 - 0.5)) / 2]]))
