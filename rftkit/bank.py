@@ -7,10 +7,10 @@
     ... model forward ...
     bank.release("sql")
 
-Punica's BGMV semantics (a slot index per batch row, slot 0 = no adapter), computed SGMV-style: the rows of
-a forward are grouped by slot and each group adds `x[rows] @ A^T @ B^T * scale` to the base output with two
-small matmuls. A gathered batched matmul (true BGMV) copies R x in weights per row; on CPU that costs more
-than it saves at the ranks served. Each slot holds, per module, its own (A [R, in], B [out, R], scale) or
+Punica's BGMV semantics (a slot index per batch row, slot 0 = no adapter). On CPU one kernel call per module
+adds every row's `x @ A^T @ B^T * scale` (rftkit.kernels.lora_bgmv: the slots' weights read in place, no
+gather, no per-slot ops), so 16 distinct adapters cost about what one does. Elsewhere (CUDA, autograd) the
+rows are grouped by slot and each group adds its delta with two small matmuls. Each slot holds, per module, its own (A [R, in], B [out, R], scale) or
 nothing, so adapters of different ranks and target sets share one bank, and `bind_live` can point a slot at
 a trainer's LoRA parameters (the same tensors, no copy).
 
@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rftkit import kernels
 from rftkit.adapters import AdapterConfig, read_adapter
+from rftkit.model import linear
 
 
 class BankLinear(nn.Module):
@@ -37,7 +39,7 @@ class BankLinear(nn.Module):
         super().__init__()
         self.inner = inner
         self.in_features, self.out_features = inner.in_features, inner.out_features
-        self.slots: list[tuple[torch.Tensor, torch.Tensor, float] | None] = [None] * (bank.n_slots + 1)
+        self.slots = kernels.SlotTable(bank.n_slots)   # per slot: (A [R, in], B [out, R], scale) or None
         self._bank = [bank]                       # a list, so the bank is not registered as a submodule
 
     @property
@@ -45,17 +47,25 @@ class BankLinear(nn.Module):
         return self.inner.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner(x)
-        for slot, rows in self._bank[0].groups:
-            ab = self.slots[slot]
+        y = linear(self.inner, x)
+        bank = self._bank[0]
+        if not bank.groups:
+            return y
+        rows = bank.token_rows(x)
+        if rows is not None and y.is_contiguous():                       # CPU: every row in one kernel call
+            x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+            if kernels.lora_bgmv(x2, y2, rows, self.slots) is not None:
+                return y
+        for slot, idx in bank.groups:
+            ab = self.slots.tensors[slot]
             if ab is None:
                 continue
             A, B, scale = ab
-            if rows is None:                                              # every row uses this slot
+            if idx is None:                                               # every row uses this slot
                 y = y + F.linear(F.linear(x, A), B) * scale
             else:
-                delta = F.linear(F.linear(x.index_select(0, rows), A), B) * scale
-                y = y.index_add(0, rows, delta)
+                delta = F.linear(F.linear(x.index_select(0, idx), A), B) * scale
+                y = y.index_add(0, idx, delta)
         return y
 
 
@@ -71,6 +81,8 @@ class AdapterBank:
         self.last_used = [0.0] * (n_slots + 1)
         self.layers: dict[str, BankLinear] = {}
         self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.rows: torch.Tensor | None = None        # slot per batch row [B] (int32), None = base model only
+        self._token_rows: dict[int, torch.Tensor] = {}
         self.stats = {"loads": 0, "evictions": 0, "hits": 0}
 
     # ------------------------------------------------------------------ registry
@@ -119,7 +131,7 @@ class AdapterBank:
         for path, m in modules.items():
             if path not in self.layers:
                 raise ValueError(f"live adapter {name!r}: module {path} is not a linear layer of this model")
-            self.layers[path].slots[slot] = (m.lora_A.detach(), m.lora_B.detach(), m.scaling)
+            self.layers[path].slots.set(slot, m.lora_A.detach(), m.lora_B.detach(), m.scaling)
         self.registered[name] = {"path": None, "cfg": None, "rank": max(m.r for m in modules.values()),
                                  "modules": sorted(modules)}
         self._occupy(name, slot)
@@ -145,7 +157,7 @@ class AdapterBank:
     def _clear(self, slot: int) -> None:
         name = self.owner[slot]
         for layer in self.layers.values():
-            layer.slots[slot] = None
+            layer.slots.clear(slot)
         self.owner[slot], self.pins[slot] = None, 0
         self.slot_of.pop(name, None)
 
@@ -184,7 +196,8 @@ class AdapterBank:
             for module, (A, B) in weights.items():
                 layer = self.layers[module]
                 dtype = layer.inner.weight.dtype if layer.inner.weight.is_floating_point() else torch.float32
-                layer.slots[slot] = (A.to(device, dtype), B.to(device, dtype), cfg.scaling(module))
+                layer.slots.set(slot, A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous(),
+                                cfg.scaling(module))
             self._occupy(name, slot)
             self.stats["loads"] += 1
         self.pins[slot] += 1
@@ -198,13 +211,25 @@ class AdapterBank:
 
     def set_rows(self, rows: list[int] | None, device=None) -> None:
         """Slot per batch row for the next forward (None or all zeros = base model only)."""
-        self.groups = []
+        self.groups, self.rows, self._token_rows = [], None, {}
         if not rows:
             return
         distinct = sorted(set(rows) - {0})
+        if not distinct:
+            return
+        self.rows = torch.tensor(rows, dtype=torch.int32, device=device)               # [B]
         if len(distinct) == 1 and all(r == distinct[0] for r in rows):
             self.groups = [(distinct[0], None)]
             return
         for s in distinct:
             idx = torch.tensor([i for i, r in enumerate(rows) if r == s], device=device)
             self.groups.append((s, idx))
+
+    def token_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The slot of every token of x [B, .., in] as int32 [B * ..] for the CPU kernel; None on other devices."""
+        if self.rows is None or x.device.type != "cpu":
+            return None
+        per_row = x[0].numel() // x.shape[-1] if x.dim() > 2 else 1
+        if per_row not in self._token_rows:
+            self._token_rows[per_row] = self.rows.repeat_interleave(per_row)
+        return self._token_rows[per_row]

@@ -9,8 +9,9 @@ long prompt is split over steps, so running requests never stall behind it). Req
 between steps.
 
 KV cache: paged. A pool of `block_size`-token blocks per layer, sized once within `kv_budget_bytes` (so the
-budget cannot be exceeded); a sequence holds a table of blocks, and attention gathers its blocks into a
-contiguous view each step (a copy of a few MB, a few % of a batched step). Pages buy three things:
+budget cannot be exceeded); a sequence holds a table of blocks; attention gathers its blocks into a
+contiguous view for a prefill chunk; a decode step reads them in place (a kernel on CPU). Pages buy three
+things:
   - memory follows actual lengths (not max_seq_len per request), so more requests run at once;
   - prefix caching: full blocks of prompt tokens are kept, keyed by (adapter, every token up to the block's
     end), and a request whose prompt starts the same way (the chat template's system prompt) reuses them with
@@ -34,8 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rftkit import kernels
 from rftkit.bank import AdapterBank
-from rftkit.model import Transformer
+from rftkit.model import Transformer, attention, attention_mask
 from rftkit.sampling import SamplingParams, sample
 
 
@@ -142,7 +144,9 @@ class BlockPool:
 
 
 class PagedCache:
-    """The model's cache protocol over the block pool; `bind` sets the rows of the next forward."""
+    """The model's cache protocol over the block pool; `bind` sets the rows of the next forward. A decode step
+    (one query per row) reads each row's blocks in place (rftkit.kernels.paged_attention); a prefill chunk
+    gathers them into a contiguous view and runs the model's attention."""
 
     def __init__(self, n_layers, n_blocks, block_size, n_kv, head_dim, device, dtype):
         shape = (n_blocks * block_size, n_kv, head_dim)        # token-major: a block is block_size rows
@@ -154,22 +158,35 @@ class PagedCache:
         """tables: each row's blocks; positions [B, T] of the tokens this forward writes (-1 = padding)."""
         bs, device = self.block_size, positions.device
         width = max(map(len, tables))
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)      # [B, nb]
-        # the cache rows to read: every token of every block, in order   [B, nb * bs]
-        self.read = (table[:, :, None] * bs + torch.arange(bs, device=device)).reshape(len(tables), -1)
+        self.table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)   # [B, nb]
+        self.positions = positions
+        self.decode = positions.shape[1] == 1 and bool((positions >= 0).all())
+        blk = self.table.gather(1, (positions.clamp(min=0) // bs))
+        rows = blk * bs + positions.clamp(min=0) % bs                                            # [B, T]
+        if self.decode:
+            self.write, self.qpos = rows[:, 0], positions[:, 0]                                  # [B]
+            return
         valid = positions >= 0
-        blk = table.gather(1, (positions.clamp(min=0) // bs))
-        self.write = (blk * bs + positions.clamp(min=0) % bs)[valid]                            # [n]
-        self.valid = valid
-        B, S = self.read.shape
-        self.kpos = torch.arange(S, device=device).expand(B, S)
+        self.write, self.valid = rows[valid], valid                                              # [n]
+        # the cache rows to read: every token of every block, in order   [B, nb * bs]
+        B = len(tables)
+        self.read = (self.table[:, :, None] * bs + torch.arange(bs, device=device)).reshape(B, -1)
+        self.kpos = torch.arange(self.read.shape[1], device=device).expand(B, -1)
+        self.masks: dict = {}
 
-    def update(self, layer, k, v, positions):
-        # k, v [B, Hkv, T, hd] -> every key/value of the rows' blocks [B, Hkv, S, hd]
+    def attend(self, layer, q, k, v, positions, window):
+        # q [B, H, T, hd]; k, v [B, Hkv, T, hd] -> [B, H, T, hd]
         K, V = self.k[layer], self.v[layer]
+        if self.decode:
+            K.index_copy_(0, self.write, k[:, :, 0])
+            V.index_copy_(0, self.write, v[:, :, 0])
+            out = kernels.paged_attention(q[:, :, 0], K, V, self.table, self.qpos, self.block_size, window)
+            return out[:, :, None]
         K[self.write] = k.transpose(1, 2)[self.valid]
         V[self.write] = v.transpose(1, 2)[self.valid]
-        return K[self.read].transpose(1, 2), V[self.read].transpose(1, 2), self.kpos
+        if window not in self.masks:
+            self.masks[window] = attention_mask(self.positions, self.kpos, window)
+        return attention(q, K[self.read].transpose(1, 2), V[self.read].transpose(1, 2), self.masks[window])
 
 
 class Engine:

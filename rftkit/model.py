@@ -7,10 +7,14 @@
 Module and parameter names follow `transformers` (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`)
 so that HF state_dicts load as they are and PEFT adapter keys map one to one.
 
-The KV cache is a protocol, not a class hierarchy: attention hands each layer's new keys/values and their
-positions to `cache.update(layer, k, v, positions)` and gets back every key/value the query may look at, plus
-their positions (-1 = empty slot). The mask is built from positions alone (causal, sliding window, padding),
-so the simple contiguous `KVCache` here and the engine's paged cache share the same attention code.
+The KV cache is a protocol, not a class hierarchy: attention hands each layer's queries and new keys/values
+with their positions to `cache.attend(layer, q, k, v, positions, window)` and gets the attention output back.
+The contiguous `KVCache` here appends (`update`) and runs the shared `attention`, its mask built from
+positions alone (causal, sliding window, padding); the engine's paged cache reads its blocks in place.
+
+Decode speed: with a handful of rows a step is a chain of matrix-vector products bound by memory bandwidth,
+so plain `nn.Linear` layers go through `rftkit.kernels.linear` (a GEMV kernel for <= 8 rows on CPU, torch's
+F.linear otherwise, and always under autograd or on CUDA).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from rftkit import kernels
 
 SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -233,6 +239,18 @@ class KVCache:
             self.pos[layer] = torch.cat([self.pos[layer], positions], dim=1)
         return self.k[layer], self.v[layer], self.pos[layer]
 
+    def attend(self, layer: int, q, k, v, positions, window: int | None):
+        # q [B, H, T, hd]; k, v [B, Hkv, T, hd] -> [B, H, T, hd]
+        k, v, k_pos = self.update(layer, k, v, positions)                        # [B, Hkv, S, hd]
+        return attention(q, k, v, attention_mask(positions, k_pos, window))
+
+
+def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x), with plain nn.Linear layers through the decode kernel (rftkit.kernels.linear)."""
+    if type(m) is nn.Linear:
+        return kernels.linear(x, m.weight, m.bias)
+    return m(x)
+
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Boolean mask [B, 1, T, S] (True = attend) from query positions [B, T] and key positions [B, S]."""
@@ -262,24 +280,28 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, cache=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)       # [B, Hkv, T, hd]
+        q = linear(self.q_proj, x).view(B, T, self.n_heads, self.hd)
+        k = linear(self.k_proj, x).view(B, T, self.n_kv, self.hd)
+        v = linear(self.v_proj, x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)                              # [B, H, T, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k_pos = positions
         if cache is not None:
-            k, v, k_pos = cache.update(self.layer, k, v, positions)               # [B, Hkv, S, hd]
-        if mask is None or self.window is not None:
-            mask = attention_mask(positions, k_pos, self.window)
-        if T == 1:
-            out = _decode_attention(q, k, v, mask)
+            out = cache.attend(self.layer, q, k, v, positions, self.window)            # [B, H, T, hd]
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+            if mask is None or self.window is not None:
+                mask = attention_mask(positions, positions, self.window)
+            out = attention(q, k, v, mask)
+        return linear(self.o_proj, out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, hd]; k, v [B, Hkv, S, hd] (grouped-query: H a multiple of Hkv); mask [B, 1, T, S]."""
+    if q.shape[2] == 1:
+        return _decode_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _decode_attention(q, k, v, mask):
@@ -305,7 +327,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, dim, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class Block(nn.Module):
@@ -382,7 +404,7 @@ class Transformer(nn.Module):
             return x, aux
         if num_logits is not None:
             x = x[:, -num_logits:]
-        return self.lm_head(x), aux
+        return linear(self.lm_head, x), aux
 
     @property
     def device(self) -> torch.device:

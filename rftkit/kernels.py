@@ -1,0 +1,362 @@
+"""Hand-written CPU kernels for the decode path (fp32, AVX2 + FMA, OpenMP), each with its torch reference.
+
+    y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 8 rows
+    out = paged_attention(q, K, V, table, qpos, block_size, window)
+    lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
+
+Why. One decode step of a small model multiplies a handful of rows by every weight: it is bound by memory
+bandwidth, and torch's fp32 GEMV reached ~12 GB/s on this 2-core AVX2 machine where a copy reaches ~22-26.
+The paged KV cache's torch path gathers every row's blocks into a contiguous copy per layer and step
+(hundreds of MB per step at batch 64); the kernel reads the blocks where they are. The adapter bank's torch
+path runs two small matmuls plus an index_select/index_add per slot group and module; the kernel does every
+row's adapter in one call. Each kernel is a few dozen lines of C built once with the system compiler into the
+cache (like rftkit.quantize's int8/int4 kernel; no torch headers, < 1 s) and loaded with ctypes. The shared
+object links `libgomp.so.1`, which torch has loaded already, so kernels and torch share one OpenMP pool.
+
+Every entry point falls back to plain torch ops (the reference the tests compare against) when a kernel does
+not apply: no compiler or no AVX2, a CUDA or non-fp32 tensor, autograd recording, shapes the kernel does not
+handle. `set_enabled(False)` forces the reference path everywhere (A/B benchmarks, tests).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+GEMV_MAX_ROWS = 8              # the GEMV kernel keeps one accumulator per (row, weight row) in registers
+ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM = 16, 256
+
+_SRC = r"""
+#include <stdint.h>
+#include <math.h>
+#include <immintrin.h>
+#include <omp.h>
+
+static inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a)); a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1)); return _mm_cvtss_f32(a);
+}
+static inline float dot(const float* a, const float* b, int n) {       /* any n */
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= n; k += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+  }
+  float r = hsum(_mm256_add_ps(s0, s1));
+  for (; k < n; k++) r += a[k] * b[k];
+  return r;
+}
+
+/* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M, R compile-time */
+static inline void gemv_tile(const float* x, const float* W, const float* bias, float* y,
+                             long n0, long n1, int N, int K, const int M, const int R) {
+  long n = n0;
+  for (; n + R <= n1; n += R) {
+    __m256 acc[8];
+    for (int i = 0; i < M * R; i++) acc[i] = _mm256_setzero_ps();
+    const float* w = W + n * K;
+    for (int k = 0; k < K; k += 8) {
+      for (int r = 0; r < R; r++) {
+        __m256 wv = _mm256_loadu_ps(w + (long)r * K + k);
+        for (int m = 0; m < M; m++) acc[m * R + r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (long)m * K + k), wv, acc[m * R + r]);
+      }
+    }
+    for (int m = 0; m < M; m++)
+      for (int r = 0; r < R; r++) y[(long)m * N + n + r] = hsum(acc[m * R + r]) + (bias ? bias[n + r] : 0.f);
+  }
+  for (; n < n1; n++)
+    for (int m = 0; m < M; m++) y[(long)m * N + n] = dot(x + (long)m * K, W + n * K, K) + (bias ? bias[n] : 0.f);
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T + bias; K % 8 == 0, 1 <= M <= 8; each thread a contiguous run of rows */
+void gemv(const float* x, const float* W, const float* bias, float* y, int M, int N, int K, int nt) {
+  #pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    long n0 = ((long)N * t / T) & ~3L, n1 = t == T - 1 ? N : ((long)N * (t + 1) / T) & ~3L;
+    switch (M) {
+      case 1: gemv_tile(x, W, bias, y, n0, n1, N, K, 1, 4); break;
+      case 2: gemv_tile(x, W, bias, y, n0, n1, N, K, 2, 4); break;
+      case 3: gemv_tile(x, W, bias, y, n0, n1, N, K, 3, 2); break;
+      case 4: gemv_tile(x, W, bias, y, n0, n1, N, K, 4, 2); break;
+      case 5: gemv_tile(x, W, bias, y, n0, n1, N, K, 5, 1); break;
+      case 6: gemv_tile(x, W, bias, y, n0, n1, N, K, 6, 1); break;
+      case 7: gemv_tile(x, W, bias, y, n0, n1, N, K, 7, 1); break;
+      default: gemv_tile(x, W, bias, y, n0, n1, N, K, 8, 1); break;
+    }
+  }
+}
+
+/* One query per row over a paged cache, read in place. q [B, H, hd]; kc, vc [slots, Hkv, hd] (token-major
+   pool: cache row of position t of batch row b = table[b, t / bs] * bs + t % bs); qpos [B]: the query's
+   position, keys t in [max(0, qpos - window + 1), qpos] (window 0 = all); out [B, H, hd]. Online softmax
+   over chunks of 64 keys. hd % 8 == 0, hd <= 256, H / Hkv <= 16. */
+void paged_attn(const float* q, const float* kc, const float* vc, const int64_t* table, const int64_t* qpos,
+                float* out, int B, int H, int Hkv, int hd, int nbmax, int bs, int window, float scale, int nt) {
+  const int G = H / Hkv;
+  #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int task = 0; task < B * Hkv; task++) {
+    int b = task / Hkv, h = task % Hkv;
+    long p = qpos[b];
+    float* o = out + ((long)b * H + (long)h * G) * hd;
+    if (p < 0) { for (int i = 0; i < G * hd; i++) o[i] = 0.f; continue; }
+    long t0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const float* qh = q + ((long)b * H + (long)h * G) * hd;
+    float mx[16], l[16], sc[16][64];
+    __m256 acc[16][32];
+    for (int g = 0; g < G; g++) { mx[g] = -INFINITY; l[g] = 0.f; for (int d = 0; d < hd / 8; d++) acc[g][d] = _mm256_setzero_ps(); }
+    const int64_t* tb = table + (long)b * nbmax;
+    for (long c0 = t0; c0 <= p; c0 += 64) {
+      int n = p - c0 + 1 < 64 ? (int)(p - c0 + 1) : 64;
+      for (int j = 0; j < n; j++) {
+        long t = c0 + j;
+        const float* kv = kc + ((tb[t / bs] * bs + t % bs) * Hkv + h) * hd;
+        for (int g = 0; g < G; g++) sc[g][j] = dot(qh + (long)g * hd, kv, hd) * scale;
+      }
+      for (int g = 0; g < G; g++) {
+        float cm = mx[g];
+        for (int j = 0; j < n; j++) cm = sc[g][j] > cm ? sc[g][j] : cm;
+        float f = expf(mx[g] - cm);                 /* 0 on the first chunk (mx = -inf) */
+        l[g] *= f;
+        __m256 fv = _mm256_set1_ps(f);
+        for (int d = 0; d < hd / 8; d++) acc[g][d] = _mm256_mul_ps(acc[g][d], fv);
+        mx[g] = cm;
+        for (int j = 0; j < n; j++) { sc[g][j] = expf(sc[g][j] - cm); l[g] += sc[g][j]; }
+      }
+      for (int j = 0; j < n; j++) {
+        long t = c0 + j;
+        const float* vv = vc + ((tb[t / bs] * bs + t % bs) * Hkv + h) * hd;
+        for (int g = 0; g < G; g++) {
+          __m256 pj = _mm256_set1_ps(sc[g][j]);
+          for (int d = 0; d < hd / 8; d++) acc[g][d] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vv + d * 8), acc[g][d]);
+        }
+      }
+    }
+    for (int g = 0; g < G; g++) {
+      __m256 inv = _mm256_set1_ps(1.f / l[g]);
+      for (int d = 0; d < hd / 8; d++) _mm256_storeu_ps(o + (long)g * hd + d * 8, _mm256_mul_ps(acc[g][d], inv));
+    }
+  }
+}
+
+/* Punica BGMV over slots: y[m] += s[k] * B_k (A_k x[m]) with k = rows[m], for rows whose slot has weights
+   (A[k] != 0). x [M, K], y [M, N]; A_k [R_k, K], B_k [N, R_k] (pointers); tmp [M, Rmax] scratch. */
+void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, const int64_t* Bw,
+               const int32_t* R, const float* s, float* tmp, int M, int K, int N, int Rmax, int nt) {
+  #pragma omp parallel num_threads(nt)
+  {
+    #pragma omp for schedule(static)
+    for (long i = 0; i < (long)M * Rmax; i++) {
+      int m = i / Rmax, r = i % Rmax, k = rows[m];
+      tmp[i] = (A[k] && r < R[k]) ? s[k] * dot(x + (long)m * K, (const float*)A[k] + (long)r * K, K) : 0.f;
+    }
+    #pragma omp for schedule(static)
+    for (long i = 0; i < (long)M * N; i++) {
+      int m = i / N, k = rows[m];
+      if (A[k]) y[i] += dot((const float*)Bw[k] + (i % N) * R[k], tmp + (long)m * Rmax, R[k]);
+    }
+  }
+}
+"""
+
+_lib = None
+_error: str | None = None
+_enabled = True
+
+
+def _load():
+    """Build (once, into the cache) and load the kernels; None when this machine cannot."""
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2" not in flags or " fma" not in flags:
+        _error = "CPU without AVX2+FMA"
+        return None
+    from rftkit.loading import cache_dir
+    tag = hashlib.sha256(_SRC.encode()).hexdigest()[:12]
+    so = cache_dir() / "kernels" / f"decode-{tag}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = Path(tmp) / "decode.c", Path(tmp) / so.name
+            src.write_text(_SRC)
+            cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
+                   str(src), "-o", str(out), "-lm"]
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                _error = f"could not compile the decode kernels ({cmd[0]}: {e})"
+                return None
+            os.replace(out, so)                  # atomic: a concurrent process sees all or nothing
+    lib = ctypes.CDLL(str(so))
+    P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.gemv.argtypes = [P, P, P, P, I, I, I, I]
+    lib.paged_attn.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, I, Fl, I]
+    lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, I, I, I, I, I]
+    _lib = lib
+    return lib
+
+
+def set_enabled(on: bool) -> None:
+    """Use the kernels where they apply (default) or the torch reference everywhere."""
+    global _enabled
+    _enabled = bool(on)
+
+
+def available() -> bool:
+    return _enabled and _load() is not None
+
+
+def status() -> str:
+    if not _enabled:
+        return "torch reference (kernels disabled)"
+    return "avx2 C kernels" if _load() is not None else f"torch reference ({_error})"
+
+
+def _usable(*tensors: torch.Tensor):
+    """The library when every tensor is a CPU fp32 tensor outside autograd, else None."""
+    if not _enabled:
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or (t.requires_grad and torch.is_grad_enabled()):
+            return None
+    return _load()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# linear
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); x [.., K], weight [N, K]. <= 8 rows on CPU: the GEMV kernel."""
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    if not 0 < M <= GEMV_MAX_ROWS or K % 8 or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    lib = _usable(x, weight) if bias is None else _usable(x, weight, bias)
+    if lib is None:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(M, K).contiguous()
+    N = weight.shape[0]
+    y = torch.empty(*x.shape[:-1], N)
+    b = 0 if bias is None else bias.contiguous().data_ptr()
+    lib.gemv(x2.data_ptr(), weight.data_ptr(), b, y.data_ptr(), M, N, K, torch.get_num_threads())
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# paged decode attention
+
+def paged_attention_reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, table: torch.Tensor,
+                              qpos: torch.Tensor, block_size: int, window: int | None) -> torch.Tensor:
+    """Gather each row's blocks, mask by position, softmax. q [B, H, hd]; kc, vc [slots, Hkv, hd];
+    table [B, nb] block ids; qpos [B] -> [B, H, hd]."""
+    B, H, hd = q.shape
+    Hkv = kc.shape[1]
+    read = (table[:, :, None] * block_size + torch.arange(block_size, device=q.device)).reshape(B, -1)  # [B, S]
+    k, v = kc[read].transpose(1, 2), vc[read].transpose(1, 2)                                  # [B, Hkv, S, hd]
+    kp = torch.arange(read.shape[1], device=q.device)[None]                                    # [1, S]
+    allowed = kp <= qpos[:, None]
+    if window is not None:
+        allowed &= (qpos[:, None] - kp) < window
+    qg = q.reshape(B, Hkv, H // Hkv, hd)
+    scores = (qg @ k.transpose(-1, -2)) * hd ** -0.5                                           # [B, Hkv, G, S]
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    return (torch.softmax(scores.float(), -1).to(v.dtype) @ v).reshape(B, H, hd)
+
+
+def paged_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, table: torch.Tensor,
+                    qpos: torch.Tensor, block_size: int, window: int | None) -> torch.Tensor:
+    """Attention of one query per row over its cache blocks, read in place by the kernel (shapes as in
+    `paged_attention_reference`, which it falls back to)."""
+    B, H, hd = q.shape
+    Hkv = kc.shape[1]
+    lib = None
+    if hd % 8 == 0 and hd <= ATTN_MAX_HEAD_DIM and H // Hkv <= ATTN_MAX_GROUP and table.dtype == torch.int64 \
+            and kc.is_contiguous() and vc.is_contiguous():
+        lib = _usable(q, kc, vc)
+    if lib is None:
+        return paged_attention_reference(q, kc, vc, table, qpos, block_size, window)
+    q, table, qpos = q.contiguous(), table.contiguous(), qpos.contiguous()
+    out = torch.empty(B, H, hd)
+    lib.paged_attn(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), table.data_ptr(), qpos.data_ptr(), out.data_ptr(),
+                   B, H, Hkv, hd, table.shape[1], block_size, window or 0, hd ** -0.5, torch.get_num_threads())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-row LoRA (BGMV)
+
+class SlotTable:
+    """Per-module pointer table of the bank's slots for `lora_bgmv`: A [R, K] and B [N, R] of each slot (slot 0
+    = none) with its scale. Keeps the tensors alive; `set` / `clear` when a slot changes."""
+
+    def __init__(self, n_slots: int):
+        self.tensors: list[tuple | None] = [None] * (n_slots + 1)
+        self.A = torch.zeros(n_slots + 1, dtype=torch.int64)
+        self.B = torch.zeros(n_slots + 1, dtype=torch.int64)
+        self.R = torch.zeros(n_slots + 1, dtype=torch.int32)
+        self.s = torch.zeros(n_slots + 1, dtype=torch.float32)
+        self.kernel_ok = True                      # every set slot is CPU fp32 contiguous
+
+    def set(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        self.tensors[slot] = (A, B, scale)
+        self._refresh()
+
+    def clear(self, slot: int) -> None:
+        self.tensors[slot] = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.A.zero_(), self.B.zero_(), self.R.zero_(), self.s.zero_()
+        self.kernel_ok = True
+        for k, ab in enumerate(self.tensors):
+            if ab is None:
+                continue
+            A, B, scale = ab
+            ok = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (A, B))
+            self.kernel_ok &= ok
+            if ok:
+                self.A[k], self.B[k], self.R[k], self.s[k] = A.data_ptr(), B.data_ptr(), A.shape[0], scale
+
+    @property
+    def max_rank(self) -> int:
+        return max((ab[0].shape[0] for ab in self.tensors if ab is not None), default=0)
+
+
+def lora_bgmv_reference(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, table: SlotTable) -> torch.Tensor:
+    """y [M, N] + per row m: s_k * x[m] @ A_k^T @ B_k^T with k = rows[m] (slots without weights add nothing)."""
+    out = y.clone()
+    for k, ab in enumerate(table.tensors):
+        if ab is None:
+            continue
+        idx = (rows == k).nonzero().flatten()
+        if len(idx):
+            A, B, scale = ab
+            out.index_add_(0, idx, F.linear(F.linear(x[idx], A), B) * scale)
+    return out
+
+
+def lora_bgmv(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, table: SlotTable) -> torch.Tensor | None:
+    """Add every row's adapter to y in place with the kernel: x [M, K], y [M, N] contiguous, rows int32 [M].
+    Returns y, or None when the kernel does not apply (the caller takes its torch path)."""
+    if not table.kernel_ok or rows.dtype != torch.int32 or not y.is_contiguous():
+        return None
+    lib = _usable(x, y)
+    if lib is None:
+        return None
+    x = x.contiguous()
+    M, K = x.shape
+    R = max(table.max_rank, 1)
+    tmp = torch.empty(M, R)
+    lib.lora_bgmv(x.data_ptr(), y.data_ptr(), rows.data_ptr(), table.A.data_ptr(), table.B.data_ptr(),
+                  table.R.data_ptr(), table.s.data_ptr(), tmp.data_ptr(), M, K, y.shape[1], R,
+                  torch.get_num_threads())
+    return y

@@ -1,0 +1,115 @@
+"""The decode kernels against torch references: F.linear, gathered masked softmax attention, per-slot LoRA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rftkit import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.status()}")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("N,K", [(7, 16), (64, 40), (203, 96)])
+def test_gemv_equals_f_linear(M, N, K):
+    g = _gen(M * 1000 + N)
+    x, W, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    for bias in (None, b):
+        got = kernels.linear(x[:, None], W, bias)                   # [M, 1, N]: leading dims kept
+        want = F.linear(x[:, None], W, bias)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_falls_back_where_the_kernel_does_not_apply():
+    g = _gen(0)
+    W = torch.randn(10, 12, generator=g, requires_grad=True)         # K % 8 != 0, and autograd
+    x = torch.randn(2, 12, generator=g)
+    y = kernels.linear(x, W)
+    assert y.requires_grad
+    y.sum().backward()
+    torch.testing.assert_close(W.grad, x.sum(0).expand(10, 12))
+    x16 = torch.randn(9, 16, generator=g)                            # more rows than the GEMV kernel takes
+    W16 = torch.randn(5, 16, generator=g)
+    torch.testing.assert_close(kernels.linear(x16, W16), F.linear(x16, W16))
+
+
+def _paged_case(seed, B, H, Hkv, hd, bs, lengths):
+    g = _gen(seed)
+    nb = max(-(-L // bs) for L in lengths)
+    n_blocks = B * nb + 3
+    kc = torch.randn(n_blocks * bs, Hkv, hd, generator=g)
+    vc = torch.randn(n_blocks * bs, Hkv, hd, generator=g)
+    perm = torch.randperm(n_blocks - 1, generator=g) + 1             # blocks scattered over the pool
+    table = torch.zeros(B, nb, dtype=torch.int64)
+    for b, L in enumerate(lengths):
+        used = -(-L // bs)
+        table[b, :used] = perm[b * nb:b * nb + used]
+    q = torch.randn(B, H, hd, generator=g)
+    qpos = torch.tensor([L - 1 for L in lengths])
+    return q, kc, vc, table, qpos
+
+
+@pytest.mark.parametrize("H,Hkv,hd,bs", [(4, 2, 8, 4), (9, 3, 64, 16), (6, 6, 16, 16)])
+@pytest.mark.parametrize("window", [None, 5, 70])
+def test_paged_attention_kernel_equals_gathered_reference(H, Hkv, hd, bs, window):
+    lengths = [1, 5, 64, 65, 150, 17]                                # one and several 64-key chunks
+    q, kc, vc, table, qpos = _paged_case(H + hd, len(lengths), H, Hkv, hd, bs, lengths)
+    got = kernels.paged_attention(q, kc, vc, table, qpos, bs, window)
+    want = kernels.paged_attention_reference(q, kc, vc, table, qpos, bs, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and an independent check of one row by hand: row 4 (150 keys), head 1
+    b, h = 4, 1
+    kv_head = h // (H // Hkv)
+    rows = [int(table[b, t // bs]) * bs + t % bs for t in range(150)]
+    start = 0 if window is None else 150 - window
+    keys, vals = kc[rows[start:], kv_head], vc[rows[start:], kv_head]
+    p = torch.softmax(keys @ q[b, h] / hd ** 0.5, 0)
+    torch.testing.assert_close(got[b, h], p @ vals, rtol=1e-5, atol=1e-5)
+
+
+def _slot_table(seed, ranks, K, N, n_slots=5):
+    g = _gen(seed)
+    table = kernels.SlotTable(n_slots)
+    for slot, r in ranks.items():
+        table.set(slot, torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), 0.5 + slot)
+    return table
+
+
+def test_lora_bgmv_kernel_equals_per_slot_matmuls():
+    K, N = 24, 37
+    table = _slot_table(0, {1: 2, 2: 16, 4: 5}, K, N)               # slot 3 empty, mixed ranks
+    g = _gen(1)
+    rows = torch.tensor([0, 1, 2, 4, 2, 3, 1, 0, 4], dtype=torch.int32)
+    x, y = torch.randn(len(rows), K, generator=g), torch.randn(len(rows), N, generator=g)
+    want = y.clone()
+    for m, k in enumerate(rows.tolist()):                            # the formula, row by row
+        if table.tensors[k] is not None:
+            A, B, s = table.tensors[k]
+            want[m] += s * (B @ (A @ x[m]))
+    torch.testing.assert_close(kernels.lora_bgmv_reference(x, y, rows, table), want, rtol=1e-5, atol=1e-4)
+    got = kernels.lora_bgmv(x, y.clone(), rows, table)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    table.clear(2)                                                   # an evicted slot adds nothing
+    want2 = y.clone()
+    for m, k in enumerate(rows.tolist()):
+        if k in (1, 4):
+            A, B, s = table.tensors[k]
+            want2[m] += s * (B @ (A @ x[m]))
+    torch.testing.assert_close(kernels.lora_bgmv(x, y.clone(), rows, table), want2, rtol=1e-5, atol=1e-4)
+
+
+def test_disabled_kernels_take_the_reference_path():
+    table = _slot_table(0, {1: 4}, 8, 8)
+    x, y, rows = torch.randn(2, 8), torch.randn(2, 8), torch.tensor([1, 0], dtype=torch.int32)
+    kernels.set_enabled(False)
+    try:
+        assert not kernels.available()
+        assert kernels.lora_bgmv(x, y, rows, table) is None          # caller falls back to its torch path
+        assert "disabled" in kernels.status()
+    finally:
+        kernels.set_enabled(True)
+    assert kernels.lora_bgmv(x, y, rows, table) is y
