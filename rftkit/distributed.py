@@ -16,6 +16,14 @@ global batch's token and sequence counts (rftkit.sft, rftkit.grpo_loss), so the 
 single-process gradient. The price is no overlap: negligible for LoRA (megabytes of gradient), noticeable for
 full fine-tuning of large models over slow links.
 
+FSDP (`shard_model`, `rft sft --fsdp`): for models whose weights do not fit one device, PyTorch's FSDP2
+(`fully_shard`) shards every decoder block's parameters, gradients and optimizer state across the ranks and
+gathers a block's weights just for its forward and backward. Gradients are reduce-scattered as sums (the same
+global-batch normalisation applies), and every rank runs the same number of forward/backward passes (shorter
+shards add passes with zero weight), because each pass is a collective. Checkpoints gather the full tensors
+and rank 0 writes them in the usual format, so an FSDP run resumes with or without FSDP, on any rank count.
+It works on CPU (gloo) and GPU (NCCL); the tests run it on CPU.
+
 Timeouts: before each collective every rank passes a gloo `monitored_barrier`; rank 0 waits at most
 `timeout_s` for the others and fails with the ranks that did not arrive, torchrun then stops the rest. The
 process group's own timeout is the same, as a backstop.
@@ -152,6 +160,47 @@ def _reduce_bucket(params: list[torch.Tensor]) -> None:
         n = p.grad.numel()
         p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
         offset += n
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard `model` across the ranks with FSDP2: each decoder block (`model.model.layers[i]`) is one unit, the
+    root (embeddings, tied lm_head, final norm) another. Gradients are reduced as sums, not means."""
+    from torch.distributed.fsdp import fully_shard
+    if world_size() == 1:
+        return model
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"shard_model: {type(model).__name__} has no model.layers to shard block by block")
+    for block in layers:
+        fully_shard(block)
+    fully_shard(model)
+    for unit in [*layers, model]:                      # the setting is per unit
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)   # gloo has no PREMUL_SUM
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP-sharded parameter or state (a collective: every rank must call it), or
+    `t` itself when it is not sharded."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) where dst may be a sharded DTensor and src the whole tensor (every rank has it)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(dst, DTensor):
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.copy_(src)
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """An optimizer state `value` (whole, from a checkpoint) laid out like `param` (sharded or not)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(param, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value.to(param.device)
 
 
 def all_reduce_floats(values: list[float], op: str = "sum", what: str = "statistics") -> list[float]:

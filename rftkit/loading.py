@@ -206,12 +206,16 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, d
     return model.eval()
 
 
-def save_model_folder(model: Transformer, folder: Path, tokenizer_dir: Path | None = None) -> None:
-    """config.json + model.safetensors (tied embeddings stored once) + the tokenizer files."""
+def save_model_folder(model: Transformer, folder: Path, tokenizer_dir: Path | None = None, write: bool = True) -> None:
+    """config.json + model.safetensors (tied embeddings stored once) + the tokenizer files. With an FSDP-sharded
+    model every rank calls it (the weights are gathered) and only the one with write=True writes."""
     from safetensors.torch import save_file
+    from rftkit.distributed import full_tensor
+    state = {k: full_tensor(v.detach()).contiguous().cpu() for k, v in model.state_dict().items()}
+    if not write:
+        return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

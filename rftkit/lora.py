@@ -252,8 +252,10 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def lora_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (A [R, in], B [out, R])}, the weights `write_adapter` takes."""
-    return {p: (m.lora_A.detach(), m.lora_B.detach()) for p, m in lora_modules(model).items()}
+    """{module path: (A [R, in], B [out, R])}, the weights `write_adapter` takes (FSDP-sharded ones gathered:
+    then every rank must call it)."""
+    from rftkit.distributed import full_tensor
+    return {p: (full_tensor(m.lora_A.detach()), full_tensor(m.lora_B.detach())) for p, m in lora_modules(model).items()}
 
 
 @contextlib.contextmanager
@@ -273,7 +275,10 @@ def lora_disabled(model: nn.Module):
             m.enabled = e
 
 
-def save_lora(model: nn.Module, folder, cfg: LoRAConfig | None = None, base: str | None = None) -> None:
+def save_lora(model: nn.Module, folder, cfg: LoRAConfig | None = None, base: str | None = None,
+              write: bool = True) -> None:
+    """The model's adapter as a PEFT folder. With an FSDP-sharded model every rank calls it; write=False ranks
+    take part in gathering the weights and write nothing."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA modules to save")
@@ -286,7 +291,9 @@ def save_lora(model: nn.Module, folder, cfg: LoRAConfig | None = None, base: str
         alpha = m.scaling * (math.sqrt(m.r) if cfg.rslora else m.r)
         if not math.isclose(alpha, cfg.alpha, rel_tol=1e-6):
             adapter.alpha_pattern[key[p]] = alpha
-    write_adapter(folder, adapter, lora_state(model))
+    weights = lora_state(model)
+    if write:
+        write_adapter(folder, adapter, weights)
 
 
 def _param_path(path: str, m: nn.Module) -> str:

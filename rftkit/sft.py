@@ -68,6 +68,7 @@ class SFTConfig:
     device: str = "auto"                 # cpu, cuda, or auto
     tensorboard: bool = False            # also log to output/tensorboard (when installed)
     dist_timeout: float = 1800.0         # under torchrun: seconds a process waits for the others before failing
+    fsdp: bool = False                   # under torchrun: shard weights, gradients and optimizer state (FSDP2)
 
     def __post_init__(self):
         for name in ("batch_size", "micro_batch", "max_length", "lora_r", "checkpoint_every", "keep_checkpoints"):
@@ -211,35 +212,49 @@ def completion_nll(model, examples: list[Example]) -> tuple[torch.Tensor, int, d
     return -logp.sum(), int(sel.sum()), aux
 
 
+def _passes(n: int, micro_batch: int, world: int) -> int:
+    """Forward/backward passes of the rank with the largest share of n examples (FSDP: all ranks run these)."""
+    return max(-(-len(dist.shard(list(range(n)), r, world)) // micro_batch) for r in range(world))
+
+
 def batch_backward(model, examples: list[Example], micro_batch: int, n_tokens: int | None = None,
-                   n_examples: int | None = None) -> dict:
+                   n_examples: int | None = None, passes: int = 0) -> dict:
     """Accumulate into .grad the gradient of  sum(-log p over completion tokens) / n_tokens  over `examples`,
     micro_batch examples per forward. n_tokens / n_examples default to this batch's; scale-out passes the
     global batch's so that ranks' gradients sum to the single-process one. Examples are grouped by length
-    (less padding; the sum is the same)."""
+    (less padding; the sum is the same). `passes`: at least this many forward/backward passes, the extra ones
+    with zero weight (under FSDP every pass is a collective, so all ranks run the same number)."""
     n_tokens = n_tokens or sum(sum(m[1:]) for _, m in examples)
     n_examples = n_examples or len(examples)
     ordered = sorted(examples, key=lambda e: len(e[0]))
+    starts = list(range(0, len(ordered), micro_batch))
     nll_sum, seen = 0.0, 0
-    for i in range(0, len(ordered), micro_batch):
-        mb = ordered[i:i + micro_batch]
+    for j in range(max(len(starts), passes)):
+        real = j < len(starts)
+        mb = ordered[starts[j]:starts[j] + micro_batch] if real else ordered[:1]
         nll, _, aux = completion_nll(model, mb)
         loss = nll / n_tokens
         for value in aux.values():       # MoE balancing losses, weighted by this share of the batch
             loss = loss + value * len(mb) / n_examples
-        loss.backward()
-        nll_sum += float(nll.detach())
-        seen += sum(len(x) for x, _ in mb)
+        (loss if real else loss * 0.0).backward()
+        if real:
+            nll_sum += float(nll.detach())
+            seen += sum(len(x) for x, _ in mb)
     return {"nll_sum": nll_sum, "n_tokens": n_tokens, "seen_tokens": seen}
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], micro_batch: int) -> float:
+def evaluate_loss(model, examples: list[Example], micro_batch: int, fsdp: bool = False) -> float:
     """Token-mean held-out loss over the completion tokens of `examples` (shared out across processes)."""
     ordered = sorted(dist.shard(examples), key=lambda e: len(e[0]))
+    starts = list(range(0, len(ordered), micro_batch))
+    passes = _passes(len(examples), micro_batch, dist.world_size()) if fsdp else 0
     total, n = 0.0, 0
-    for i in range(0, len(ordered), micro_batch):
-        nll, k, _ = completion_nll(model, ordered[i:i + micro_batch])
+    for j in range(max(len(starts), passes)):
+        if j >= len(starts):                          # FSDP: a pass the other ranks need; nothing counted
+            completion_nll(model, examples[:1])
+            continue
+        nll, k, _ = completion_nll(model, ordered[starts[j]:starts[j] + micro_batch])
         total, n = total + float(nll), n + k
     total, n = dist.all_reduce_floats([total, n], what="held-out loss")
     return total / max(n, 1)
@@ -302,6 +317,9 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     elif not lora_modules(model):
         apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                      rslora=cfg.rslora, targets=cfg.lora_targets))
+    fsdp = cfg.fsdp and world > 1
+    if fsdp:
+        dist.shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -344,11 +362,17 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         model.train()
         optimizer.zero_grad(set_to_none=True)
         n_tokens = sum(sum(m[1:]) for _, m in batch)      # the global batch's: ranks' gradients sum to it
-        st = batch_backward(model, dist.shard(batch), cfg.micro_batch, n_tokens, len(batch))
-        dist.all_reduce_grads(params, f"step {step + 1}")
+        passes = _passes(len(batch), cfg.micro_batch, world) if fsdp else 0
+        if fsdp:
+            dist.sync(f"step {step + 1}")
+        st = batch_backward(model, dist.shard(batch), cfg.micro_batch, n_tokens, len(batch), passes)
+        if not fsdp:                                    # FSDP reduce-scatters the gradients in backward
+            dist.all_reduce_grads(params, f"step {step + 1}")
         nll_sum, seen = dist.all_reduce_floats([st["nll_sum"], st["seen_tokens"]])
         st.update(nll_sum=nll_sum, seen_tokens=int(seen))
-        grad_norm = (float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None)
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
         optimizer.step()
         model.eval()
         if device == "cuda":
@@ -362,28 +386,28 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
                "epoch": round((step + 1) * cfg.batch_size / len(train_set), 3)}
         last = step + 1 == total_steps
         if eval_set and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-            eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch)
+            eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch, fsdp)
         if main:
             log.write(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
-        if main and ((step + 1) % cfg.checkpoint_every == 0 or last):
+        if (main or fsdp) and ((step + 1) % cfg.checkpoint_every == 0 or last):    # FSDP: all ranks gather
             save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
                             {"offset": (step + 1) * cfg.batch_size, "elapsed": elapsed, "tokens": tokens_seen},
-                            keep=cfg.keep_checkpoints)
+                            keep=cfg.keep_checkpoints, write=main)
         if on_step is not None:
             on_step(step + 1, row)
     if bar is not None:
         bar.close()
 
     final = out / ("model" if cfg.full else "adapter")
-    if main and cfg.full:
+    if (main or fsdp) and cfg.full:
         from rftkit.loading import save_model_folder
         tok_dir = resolve(cfg.model) if loaded_here or cfg.model else None     # its tokenizer files
-        save_model_folder(model, final, tokenizer_dir=tok_dir)
-    elif main:
-        save_lora(model, final, base=cfg.model or EMBEDDED)
+        save_model_folder(model, final, tokenizer_dir=tok_dir, write=main)
+    elif main or fsdp:
+        save_lora(model, final, base=cfg.model or EMBEDDED, write=main)
     rows_logged = [r for r in log.read() if "loss" in r] if main else []
     if rows_logged:
         plot_curves(rows_logged, "step", ["loss", "eval_loss"], out / "loss.png", title="SFT loss")

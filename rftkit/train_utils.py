@@ -131,21 +131,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters as whole CPU tensors (FSDP-sharded ones gathered: then every rank must call it)."""
+    from rftkit.distributed import full_tensor
+    return {n: full_tensor(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int = 2, rng: dict | None = None) -> Path:
+                    state: dict, keep: int = 2, rng: dict | None = None, write: bool = True) -> Path:
     """folder/step-N/{weights,optimizer}.safetensors + state.json, written to a temp dir then renamed; the
-    last `keep` checkpoints are kept. `rng` defaults to the RNG states now (`get_rng_state()`)."""
+    last `keep` checkpoints are kept. `rng` defaults to the RNG states now (`get_rng_state()`). With an
+    FSDP-sharded model every rank calls it (the tensors are gathered) and only the one with write=True writes."""
     from safetensors.torch import save_file
+    from rftkit.distributed import full_tensor
     folder = Path(folder)
-    final = folder / f"step-{step:07d}"
-    tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    save_file(trainable_state(model), str(tmp / "weights.safetensors"))
+    weights = trainable_state(model)
     opt_tensors, opt_scalars = {}, {}
     by_param = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
@@ -153,9 +152,17 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: 
             for k, v in optimizer.state.get(p, {}).items():
                 key = f"{by_param[id(p)]}::{k}"
                 if torch.is_tensor(v):
-                    opt_tensors[key] = v.detach().cpu().contiguous()
+                    opt_tensors[key] = full_tensor(v.detach()).cpu().contiguous()
                 else:
                     opt_scalars[key] = v
+    final = folder / f"step-{step:07d}"
+    if not write:
+        return final
+    tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    save_file(weights, str(tmp / "weights.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     meta = {"step": step, "trainable": names, "optimizer_scalars": opt_scalars,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
@@ -177,6 +184,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore trainable weights and optimizer state; returns the saved `state` dict plus "step" and "rng"
     (restore it with `set_rng_state` where the loop draws random numbers)."""
     from safetensors.torch import load_file
+    from rftkit.distributed import copy_into, like
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "weights.safetensors"))
@@ -188,7 +196,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         for n, t in weights.items():
             if params[n].shape != t.shape:
                 raise ValueError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
-            params[n].copy_(t)
+            copy_into(params[n], t)
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         group.update(saved)
@@ -199,7 +207,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             st = {}
             for key, v in opt_tensors.items():
                 if key.startswith(name + "::"):
-                    st[key.split("::", 1)[1]] = v.to(p.device)
+                    st[key.split("::", 1)[1]] = like(p, v)
             for key, v in meta["optimizer_scalars"].items():
                 if key.startswith(name + "::"):
                     st[key.split("::", 1)[1]] = v

@@ -124,6 +124,31 @@ def run_cases(outdir: Path | None = None) -> dict:
     return out
 
 
+def run_fsdp_sft(outdir: Path) -> None:
+    """run_cases' SFT part with the model sharded by FSDP2 (every rank runs the same number of passes)."""
+    from rftkit.sft import _passes, batch_backward
+    model, batches = _sft_case()
+    dist.shard_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    out = {}
+    for step, batch in enumerate(batches):
+        opt.zero_grad(set_to_none=True)
+        n_tokens = sum(sum(m[1:]) for _, m in batch)
+        batch_backward(model, dist.shard(batch), 2, n_tokens, len(batch), _passes(len(batch), 2, dist.world_size()))
+        if step == 0:
+            out["sft_grads"] = {n: dist.full_tensor(p.grad) for n, p in model.named_parameters()}
+        opt.step()
+    out["sft_params"] = {n: dist.full_tensor(p.detach()) for n, p in model.named_parameters()}
+    local = {n: p.to_local().numel() for n, p in model.named_parameters()}
+    whole = {n: p.numel() for n, p in model.named_parameters()}
+    if dist.is_main():
+        from safetensors.torch import save_file
+        for name, tensors in out.items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(outdir / f"fsdp_{name}.safetensors"))
+        (outdir / "fsdp_shards.json").write_text(json.dumps({"local": local, "whole": whole}))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # fast, one process
 
@@ -183,6 +208,23 @@ def test_two_processes_give_the_one_process_gradients_and_parameters(tmp_path):
     assert any(float(v.abs().max()) > 0 for v in ref["grpo_grads"].values())
 
 
+@pytest.mark.slow
+def test_fsdp_on_two_processes_gives_the_one_process_gradients_and_parameters(tmp_path):
+    from safetensors.torch import load_file
+    r = _torchrun([__file__, "fsdp", str(tmp_path)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    shards = json.loads((tmp_path / "fsdp_shards.json").read_text())
+    # each rank holds half of every weight matrix (dim 0 split), not a copy
+    assert shards["local"]["model.layers.0.mlp.up_proj.weight"] * 2 == shards["whole"]["model.layers.0.mlp.up_proj.weight"]
+    ref = run_cases()
+    for name in ("sft_grads", "sft_params"):
+        got = load_file(str(tmp_path / f"fsdp_{name}.safetensors"))
+        for k, v in ref[name].items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+    moved = max(float((ref["sft_params"][k] - v).abs().max()) for k, v in ref["sft_start"].items())
+    assert moved > 0.05, moved
+
+
 def _model_folder(tmp_path, tok_dir):
     from rftkit.loading import save_model_folder
     model = tiny_model(vocab_size=258, max_seq_len=512)
@@ -192,7 +234,8 @@ def _model_folder(tmp_path, tok_dir):
 
 
 @pytest.mark.slow
-def test_rft_sft_under_torchrun_matches_one_process(tmp_path, tok_dir):  # noqa: F811
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_rft_sft_under_torchrun_matches_one_process(tmp_path, tok_dir, fsdp):  # noqa: F811
     from safetensors.torch import load_file
     from rftkit.sft import SFTConfig, train
     folder = _model_folder(tmp_path, tok_dir)
@@ -202,7 +245,7 @@ def test_rft_sft_under_torchrun_matches_one_process(tmp_path, tok_dir):  # noqa:
     args = dict(data=str(data), model=str(folder), steps=3, batch_size=5, micro_batch=2, lr=1e-2, warmup_steps=1,
                 lora_r=4, lora_alpha=8, eval_fraction=0.2, checkpoint_every=2, device="cpu")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
-    r = _torchrun(["-m", "rftkit.cli", "sft", *flags, f"--output={tmp_path / 'two'}"])
+    r = _torchrun(["-m", "rftkit.cli", "sft", *flags, f"--output={tmp_path / 'two'}"] + ["--fsdp"] * fsdp)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     train(SFTConfig(**args, output=str(tmp_path / "one")), progress=False)
     for run in ("one", "two"):
@@ -220,6 +263,18 @@ def test_rft_sft_under_torchrun_matches_one_process(tmp_path, tok_dir):  # noqa:
         assert a["completion_tokens"] == b["completion_tokens"] and a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert rows[-1]["eval_loss"] == pytest.approx(ref[-1]["eval_loss"], rel=1e-5)
+    from rftkit.adapters import read_adapter
+    (_, mine), (_, theirs) = read_adapter(tmp_path / "two/adapter"), read_adapter(tmp_path / "one/adapter")
+    for k, (A, B) in theirs.items():                                # the final adapter, gathered if sharded
+        torch.testing.assert_close(mine[k][0], A, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(mine[k][1], B, rtol=1e-5, atol=1e-7)
+    # the 2-process checkpoint of step 2 resumes on one process and lands on the uninterrupted step 3
+    import shutil
+    shutil.rmtree(tmp_path / "two/checkpoints/step-0000003")
+    train(SFTConfig(**args, output=str(tmp_path / "two"), resume=True), progress=False)
+    again = load_file(str(tmp_path / "two/checkpoints/step-0000003/weights.safetensors"))
+    for k in one:
+        torch.testing.assert_close(again[k], one[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def _rft_files(tmp_path, sleepy: bool = False):
@@ -290,4 +345,6 @@ if __name__ == "__main__":              # torchrun worker: CASE OUTDIR
     dist.init(60)
     if case == "cases":
         run_cases(outdir)
+    elif case == "fsdp":
+        run_fsdp_sft(outdir)
     dist.close()
