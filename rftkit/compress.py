@@ -335,6 +335,28 @@ def load_compressed(folder, device: str = "cpu") -> nn.Module:
     return model.to(device).eval()
 
 
+@torch.no_grad()
+def densify(model) -> nn.Module:
+    """Every compressed module replaced by the plain nn.Linear / nn.Embedding of its (dequantized) weight,
+    in place: for exporting (HF folder, GGUF) and for merging an adapter. Tied embeddings stay tied."""
+    from rftkit.factorize import LowRankLinear, SharedLinear
+    from rftkit.quantize import QuantEmbedding, QuantLinear, _swap
+    for path, m in list(model.named_modules()):
+        if isinstance(m, (QuantLinear, LowRankLinear, SharedLinear)):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.copy_(m.weight)
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+            _swap(model, path, lin.requires_grad_(False))
+        elif isinstance(m, QuantEmbedding):
+            emb = nn.Embedding(m.num_embeddings, m.embedding_dim)
+            emb.weight.copy_(m.weight)
+            _swap(model, path, emb.requires_grad_(False))
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def folder_bytes(folder) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 

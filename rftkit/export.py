@@ -1,8 +1,12 @@
 """Export: a model with its adapter merged, as a Hugging Face folder that `transformers` (and vLLM, llama.cpp's
-converter, ...) load as a plain model.
+converter, ...) load as a plain model, or as a GGUF file that llama.cpp runs.
 
     rft export --adapter runs/sft/adapter --out merged-model
+    rft export --adapter runs/sft/adapter --gguf merged.gguf [--gguf-type f16|f32|q8_0]
     run_export(ExportConfig(adapter="runs/sft/adapter", out="merged-model"))
+
+`--model` may also be a folder written by `rft compress`: it is rebuilt with its compressed modules and
+exported dequantized (rftkit.gguf_export says what that means for GGUF).
 
 The folder holds config.json (`ModelConfig.to_hf()`), model.safetensors (W + s·B·A folded into each adapted
 weight) and the base model's tokenizer files. It is written to a temporary folder and renamed, so a reader
@@ -21,6 +25,9 @@ from rftkit.adapters import CONFIG_FILE
 @dataclass
 class ExportConfig:
     out: str = ""                        # output folder (config.json, model.safetensors, tokenizer files)
+    gguf: str = ""                       # also (or only) write a GGUF file that llama.cpp runs
+    gguf_type: str = "f16"               # GGUF matrix type: f32, f16 or q8_0 (norms stay f32)
+    gguf_pre: str | None = None          # llama.cpp pre-tokenizer name (default: derived from tokenizer.json)
     adapter: str | None = None           # LoRA adapter folder (PEFT format) to merge; None = the model as is
     model: str | None = None             # base model (default: the adapter's base_model_name_or_path, else embedded)
     overwrite: bool = False              # replace an existing output folder
@@ -54,15 +61,30 @@ def export(model, out: str | Path, tokenizer_dir: Path | None, overwrite: bool =
 
 
 def run_export(cfg: ExportConfig) -> Path:
+    from rftkit.compress import densify, is_compressed, load_compressed
     from rftkit.loading import load_model, resolve
-    from rftkit.lora import load_lora
-    if not cfg.out:
-        raise ValueError("--out is required: the folder to write the merged model to")
+    from rftkit.lora import load_lora, merge_lora
+    if not cfg.out and not cfg.gguf:
+        raise ValueError("--out (an HF folder) or --gguf (a GGUF file) is required")
+    if cfg.gguf:
+        from rftkit.gguf_export import DTYPES
+        if cfg.gguf_type not in DTYPES:
+            raise ValueError(f"--gguf-type must be one of {', '.join(DTYPES)}, got {cfg.gguf_type!r}")
+        if Path(cfg.gguf).exists() and not cfg.overwrite:
+            raise ValueError(f"{cfg.gguf}: file exists (pass --overwrite to replace it)")
     spec = cfg.model if cfg.model is not None or cfg.adapter is None else base_of(cfg.adapter)
     folder = resolve(spec)
-    model = load_model(str(folder))
+    model = densify(load_compressed(folder)) if is_compressed(folder) else load_model(str(folder))
     if cfg.adapter is not None:
         load_lora(model, cfg.adapter)
-    out = export(model, cfg.out, folder, cfg.overwrite)
-    print(f"rft export: {'merged ' + cfg.adapter + ' into ' if cfg.adapter else ''}{folder} -> {out}")
-    return out
+    result = None
+    if cfg.gguf:
+        from rftkit.gguf_export import write_gguf
+        if cfg.adapter is not None:
+            merge_lora(model)
+        result = write_gguf(model, cfg.gguf, folder, cfg.gguf_type, cfg.gguf_pre)
+        print(f"rft export: {folder}{' + ' + cfg.adapter if cfg.adapter else ''} -> {result} ({cfg.gguf_type})")
+    if cfg.out:
+        result = export(model, cfg.out, folder, cfg.overwrite)
+        print(f"rft export: {'merged ' + cfg.adapter + ' into ' if cfg.adapter else ''}{folder} -> {result}")
+    return result
