@@ -139,13 +139,17 @@ def text_tokens(tok, n_tokens: int, offset_tokens: int = 0) -> torch.Tensor:
 
 
 def calibration_batches(tok, n_tokens: int = 8192, seq_len: int = 512) -> torch.Tensor:
+    if n_tokens < 1:
+        raise ValueError(f"calibration needs tokens, got calib_tokens={n_tokens}")
+    seq_len = min(seq_len, n_tokens)
     ids = text_tokens(tok, n_tokens - n_tokens % seq_len)
     return ids.view(-1, seq_len)                                               # [B, T]
 
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seq_len: int = 512) -> float:
-    """exp(mean NLL) over non-overlapping windows of `seq_len` tokens."""
+    """exp(mean NLL) over non-overlapping windows of `seq_len` tokens (fewer tokens: one window)."""
+    seq_len = min(seq_len, len(ids))
     windows = ids[: len(ids) - len(ids) % seq_len].view(-1, seq_len)
     nll, count = 0.0, 0
     for w in windows.split(4):
@@ -385,135 +389,7 @@ def count_params(model) -> tuple[int, int]:
     return total, nonzero
 
 
-# ----------------------------------------------------------------------------------------------------------
-# measurements
-
-def decode_speed(model, tok, rows: int, tokens: int, prompt: str = "Write a story about a robot.") -> float:
-    """Generated tokens per second through the engine: `rows` prompts decoding `tokens` tokens each."""
-    from rftkit.engine import Engine
-    from rftkit.sampling import SamplingParams
-    ids = tok.encode_chat([{"role": "user", "content": prompt}])
-    engine = Engine(model, max_seq_len=len(ids) + tokens + 8, max_batch=max(rows, 1))
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    engine.generate([ids] * rows, params, progress=False)          # warm-up (and kernel build)
-    t0 = time.perf_counter()
-    engine.generate([ids] * rows, params, progress=False)
-    return rows * tokens / (time.perf_counter() - t0)
-
-
-def measure(model, tok, cfg: CompressConfig, task, adapter: str | None, ppl_ids) -> dict:
-    from rftkit.evaluate import evaluate
-    from rftkit.lora import load_lora
-    out: dict = {}
-    total, nonzero = count_params(model)
-    out.update(params=total, nonzero=nonzero)
-    if ppl_ids is not None:
-        out["perplexity"] = perplexity(model, ppl_ids)
-    if cfg.n:
-        out["accuracy"] = evaluate(model, tok, task, "test", cfg.n, seed=cfg.seed, progress=False)["accuracy"]
-        if adapter:
-            load_lora(model, adapter)
-            out["accuracy_adapter"] = evaluate(model, tok, task, "test", cfg.n, seed=cfg.seed,
-                                               progress=False)["accuracy"]
-    return out
-
-
-def speeds(pairs: dict, tok, cfg: CompressConfig) -> dict:
-    """Decode tok/s of each model, single-stream and batched, measured alternately in one run."""
-    res = {name: {"single": [], "batched": []} for name in pairs}
-    for _ in range(2):
-        for name, model in pairs.items():
-            res[name]["single"].append(decode_speed(model, tok, 1, cfg.speed_tokens))
-            res[name]["batched"].append(decode_speed(model, tok, cfg.batch, cfg.speed_tokens // 2))
-    return {name: {k: max(v) for k, v in r.items()} for name, r in res.items()}
-
-
-def compress_settings(cfg: CompressConfig) -> dict:
-    return dict(group_size=cfg.group_size, head_bits=cfg.head_bits, sparsity=cfg.sparsity, pattern=cfg.pattern,
-                ratio=cfg.ratio, head_ratio=cfg.head_ratio, energy=cfg.energy, rank=cfg.rank, clusters=cfg.clusters,
-                distill_steps=cfg.distill_steps, distill_lr=cfg.distill_lr, seed=cfg.seed, log_every=10)
-
-
-def distill_text(teacher, tok, cfg: CompressConfig, task, calib: torch.Tensor) -> list[list[int]]:
-    """Calibration rows plus the teacher's answers to `distill_samples` train prompts of the task."""
-    rows = [r.tolist() for r in calib]
-    if cfg.distill_samples:
-        from rftkit.distill import teacher_samples
-        convs = [s["messages"] for s in task.samples("train", cfg.distill_samples, seed=cfg.seed)]
-        rows += teacher_samples(teacher, tok, convs)
-    return rows
-
-
 def run_compress(cfg: CompressConfig) -> dict:
-    if cfg.sweep:
-        from rftkit.compress_sweep import run_sweep
-        return run_sweep(cfg)
-    if not cfg.out:
-        raise ValueError("--out is required: the folder to write the compressed model to")
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
-    from rftkit.loading import load, load_config, resolve
-    from rftkit.lora import load_lora, merge_lora
-    from rftkit.tasks import get_task
-    folder = resolve(cfg.model)
-    validate(cfg.method, model_cfg=load_config(folder), **{k: getattr(cfg, k) for k in (
-        "group_size", "head_bits", "sparsity", "pattern", "ratio", "energy", "clusters", "rank", "head_ratio")})
-    task = get_task(cfg.task)
-    torch.manual_seed(cfg.seed)
-    original, tok = load(cfg.model)
-    model, _ = load(cfg.model)
-    adapter = cfg.adapter
-    merged = bool(adapter) and cfg.method in ("structured", "distill")
-    if merged:                          # shapes change: compress the specialist (base + adapter merged)
-        for m in (original, model):
-            load_lora(m, adapter)
-            merge_lora(m)
-        adapter = None
-    needs_calib = cfg.method in ("wanda", "structured", "distill")
-    calib = calibration_batches(tok, cfg.calib_tokens) if needs_calib else None
-    data = distill_text(original, tok, cfg, task, calib) if cfg.method == "distill" else None
-    t0 = time.perf_counter()
-    model, record = compress(model, cfg.method, calib=calib, teacher=original, distill_data=data,
-                             **compress_settings(cfg))
-    record["seconds"] = time.perf_counter() - t0
-    record["adapter_merged"] = cfg.adapter if merged else None
-    save_compressed(model, record, out, folder, cfg.overwrite)
-    model = load_compressed(out)                       # measure what was written
-    report: dict = {"method": cfg.method, "settings": record["settings"], "compress_seconds": record["seconds"],
-                    "adapter": cfg.adapter, "adapter_merged": merged}
-    if "distill" in record:
-        report["distill"] = record["distill"]
-    from rftkit.quantize import kernel_status
-    report["kernel"] = kernel_status()
-    report["bytes"] = {"original": folder_bytes(folder), "compressed": folder_bytes(out)}
-    ppl_ids = text_tokens(tok, cfg.ppl_tokens, cfg.calib_tokens) if cfg.ppl_tokens else None
-    report["original"] = measure(original, tok, cfg, task, adapter, ppl_ids)
-    report["compressed"] = measure(model, tok, cfg, task, adapter, ppl_ids)
-    if cfg.speed_tokens:
-        report["speed"] = speeds({"original": original, "compressed": model}, tok, cfg)
-        report["loadavg"] = os.getloadavg()
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(format_report(report))
-    return report
-
-
-def format_report(r: dict) -> str:
-    b = r["bytes"]
-    merged = f"  (adapter {r['adapter']} merged before compressing)" if r.get("adapter_merged") else ""
-    lines = [f"rft compress {r['method']} {r['settings']}  ({r['kernel']}){merged}",
-             f"| | original | compressed | ratio |", "|---|---|---|---|",
-             f"| bytes on disk | {b['original']:,} | {b['compressed']:,} | {b['compressed'] / b['original']:.3f} |"]
-    o, c = r["original"], r["compressed"]
-    for key in ("params", "nonzero", "perplexity", "accuracy", "accuracy_adapter"):
-        if key in o:
-            fmt = "{:,}" if key in ("params", "nonzero") else "{:.4f}"
-            ratio = c[key] / o[key] if o[key] else float("nan")
-            lines.append(f"| {key} | {fmt.format(o[key])} | {fmt.format(c[key])} | {ratio:.3f} |")
-    if "speed" in r:
-        s = r["speed"]
-        for k in ("single", "batched"):
-            lines.append(f"| decode tok/s {k} | {s['original'][k]:.1f} | {s['compressed'][k]:.1f} | "
-                         f"{s['compressed'][k] / s['original'][k]:.2f} |")
-        lines.append(f"(load average during the run: {r['loadavg'][0]:.2f})")
-    return "\n".join(lines)
+    """rft compress: one method (or `--sweep`), measured against the original (rftkit.compress_report)."""
+    from rftkit.compress_report import run_one, run_sweep
+    return run_sweep(cfg) if cfg.sweep else run_one(cfg)

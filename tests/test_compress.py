@@ -188,3 +188,55 @@ def test_count_params_counts_tied_once():
     model, _ = _quant_model(8)
     ref = tiny_model(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
     assert count_params(model)[0] == ref.num_parameters()
+
+
+def _folder_with_tokenizer(tmp_path):
+    """A tiny model folder with a byte-level tokenizer and a chat template, as `rft compress --model` takes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from rftkit.loading import save_model_folder
+    d = tmp_path / "base"
+    vocab = {c: i for i, c in enumerate(sorted(set(pre_tokenizers.ByteLevel.alphabet())))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    save_model_folder(tiny_model(vocab_size=264, dim=64, head_dim=16, ffn_dim=128, eos_token_id=[257]), d)
+    backend.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "chat_template":
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}<|im_start|>"}))
+    return d
+
+
+def test_rft_compress_and_sweep_report_what_was_written(tmp_path):
+    from rftkit.cli import main
+    from rftkit.compress import perplexity, text_tokens
+    from rftkit.tokenizer import Tokenizer
+    base = _folder_with_tokenizer(tmp_path)
+    ad = _adapter(tmp_path, vocab_size=264, dim=64, head_dim=16, ffn_dim=128, eos_token_id=[257])
+    small = ["--model", str(base), "--adapter", str(ad), "--n", "4", "--calib-tokens", "128", "--ppl-tokens", "128",
+             "--speed-tokens", "4", "--batch", "2", "--distill-steps", "2", "--distill-samples", "2"]
+    assert main(["compress", "--method", "wanda", "--out", str(tmp_path / "w"), *small]) == 0
+    r = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert r["bytes"]["compressed"] < 0.7 * r["bytes"]["original"]
+    assert set(r["compressed"]) >= {"perplexity", "accuracy", "accuracy_adapter", "perplexity_adapter"}
+    assert r["compressed"]["nonzero"] < 0.6 * r["original"]["nonzero"]
+    tok = Tokenizer.from_dir(base)
+    with torch.no_grad():      # the reported perplexity is that of the folder on disk, on the held-out tokens
+        ppl = perplexity(load_compressed(tmp_path / "w"), text_tokens(tok, 128, 128))
+    assert r["compressed"]["perplexity"] == pytest.approx(ppl, rel=1e-6)
+    assert set(r["speed"]["compressed"]) == {"single", "batched"}
+    assert main(["compress", "--sweep", "--sweep-methods", "int8,distill", "--out", str(tmp_path / "s"), *small]) == 0
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [x["name"] for x in rows] == ["original", "int8", "distill-ratio0.3"]
+    assert rows[2]["adapter_merged"] and rows[2]["accuracy"] is None and rows[2]["accuracy_adapter"] is not None
+    assert (tmp_path / "s" / "sweep.csv").read_text().count("\n") == 4
+    assert (tmp_path / "s" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["compress", "--method", "svd", "--rank", "1000", "--out", str(tmp_path / "x"), *small]) == 2
+    assert not (tmp_path / "x").exists()                                     # refused before any work
+
+
+def test_pareto_front():
+    from rftkit.compress_report import pareto
+    pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.9), (3.0, 0.8), (0.5, 0.1)]
+    assert pareto(pts) == [4, 0, 2]
