@@ -94,7 +94,8 @@ def _unsupported(body: dict, known: set[str], neutral: dict) -> None:
 
 # neutral values clients send by default; anything else in these fields is refused by name
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "repetition_penalty": 1, "typical_p": 1,
-           "response_format": {"type": "text"}, "tool_choice": "none", "best_of": 1, "adapter_source": "local"}
+           "response_format": {"type": "text"}, "tool_choice": "none", "best_of": 1, "adapter_source": "local",
+           "suffix": ""}
 IGNORED = {"user", "metadata", "store", "service_tier"}
 SAMPLING = {"model", "temperature", "top_p", "top_k", "min_p", "n", "max_tokens", "stop", "seed", "stream",
             "stream_options", "ignore_eos"}
@@ -134,7 +135,7 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 
 
 def parse_completion(body: dict, max_n: int) -> Request:
-    _unsupported(body, SAMPLING | IGNORED | {"prompt", "logprobs", "echo", "suffix"}, NEUTRAL)
+    _unsupported(body, SAMPLING | IGNORED | {"prompt", "logprobs"}, NEUTRAL)      # echo / suffix: refused
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
         prompts = [prompt]
@@ -194,9 +195,9 @@ def parse_chat(body: dict, max_n: int) -> Request:
                    stream, usage, (top or 0) if logprobs else None, chat=True)
 
 
-LORAX = {"adapter_id", "adapter_source", "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "stop",
-         "seed", "details", "return_full_text", "ignore_eos_token", "decoder_input_details", "watermark",
-         "truncate", "api_token"}
+# decoder_input_details, watermark, truncate, adapter_source other than "local", ... are refused by name
+LORAX = {"adapter_id", "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "stop",
+         "seed", "details", "return_full_text", "ignore_eos_token", "api_token"}   # api_token: local adapters need none
 
 
 def parse_lorax(body: dict, base_id: str) -> Request:

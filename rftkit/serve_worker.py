@@ -197,6 +197,8 @@ class EngineWorker:
             stream: Stream = cmd[1]
             try:
                 key = None if stream.adapter is None else self._ensure(stream.adapter)
+                if key is not None:
+                    self._prefetch(stream.adapter, key)
                 for rid, (prompt, params) in zip(stream.rids, stream.jobs):
                     self.engine.add_request(prompt, params, request_id=rid, adapter=key)
                     self.active[rid] = (key, params.n)
@@ -256,6 +258,26 @@ class EngineWorker:
         self.registered[name] = (key, sig)
         return key
 
+    def _prefetch(self, name: str, key: str) -> None:
+        """Copy the adapter into a device slot as its request arrives, timed (`adapter_slot_load_seconds`), so
+        the engine finds it there at admission. Skipped when the requests already queued could need every slot
+        not pinned by a running one: a load for this request could then evict one that a request ahead of it
+        needs (the engine loads it at admission instead, untimed)."""
+        bank = self.engine.adapters
+        if key in bank.slot_of:
+            return
+        pinned = sum(p > 0 for p in bank.pins[1:])
+        if pinned + len(self.engine.waiting) + bool(self.engine.prefilling) >= bank.n_slots:
+            return
+        t = time.perf_counter()
+        try:
+            slot = bank.acquire(key)
+        except (ValueError, OSError) as e:      # the files changed since registration: this request's error
+            raise AdapterError(400, f"adapter {name!r} is invalid: {e}") from None
+        if slot is not None:
+            bank.release(key)
+            self.metrics.observe("adapter_slot_load_seconds", time.perf_counter() - t)
+
     def _drop_stale(self) -> None:
         for key in [k for k in self.stale if not self._in_use(k)]:
             self.engine.adapters.unload(key)
@@ -305,6 +327,8 @@ HELP = {
     "time_to_first_token_seconds": ("histogram", "request arrival to its first generated token"),
     "request_duration_seconds": ("histogram", "request arrival to its last token"),
     "adapter_load_seconds": ("histogram", "reading, validating and registering an adapter from disk"),
+    "adapter_slot_load_seconds": ("histogram", "copying an adapter into a device slot as its request arrives "
+                                  "(loads at admission are counted by adapter_loads_total only)"),
 }
 ENGINE = {   # snapshot key -> (metric, type, help)
     "waiting": ("queue_depth", "gauge", "sequences waiting for a batch row"),

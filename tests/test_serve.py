@@ -227,19 +227,39 @@ def test_bad_input_is_a_4xx_naming_the_problem_then_service_goes_on(served):
          "unsupported fields: response_format, logit_bias"),
         ({**chat, "frequency_penalty": 0.5}, KEY, 400, "unsupported field: frequency_penalty"),
     ]
-    for body, key, status, words in cases:
+    comp = {"model": "base", "prompt": "abc", "max_tokens": 4}
+    lorax = {"inputs": "abc", "parameters": {"max_new_tokens": 4}}
+    other = [  # (path, body, status, words): the other endpoints' own fields
+        ("/v1/completions", {**comp, "echo": True}, 400, "unsupported field: echo"),
+        ("/v1/completions", {**comp, "suffix": "xyz"}, 400, "unsupported field: suffix"),
+        ("/v1/completions", {**comp, "prompt": 7}, 400, "prompt must be a string"),
+        ("/v1/completions", {**comp, "max_tokens": 2048}, 400, "exceeds the context of 2048 tokens"),
+        ("/v1/completions", {**comp, "model": "base:../beta"}, 400, "invalid adapter name '../beta'"),
+        ("/generate", {"inputs": "abc", "parameters": {"watermark": True}}, 400, "unsupported field: watermark"),
+        ("/generate", {"inputs": "abc", "parameters": {"decoder_input_details": True}}, 400,
+         "unsupported field: decoder_input_details"),
+        ("/generate", {"inputs": "abc", "parameters": {"adapter_id": "/abs/path"}}, 400, "invalid adapter name"),
+        ("/generate", {"inputs": "abc", "parameters": {"adapter_source": "s3"}}, 400,
+         "unsupported field: adapter_source"),
+        ("/generate", {**lorax, "parameters": {"max_new_tokens": -1}}, 400, "parameters.max_new_tokens must be"),
+    ]
+    for path, body, key, status, words in [("/v1/chat/completions", b, k, st, w) for b, k, st, w in cases] + \
+            [(path, b, KEY, st, w) for path, b, st, w in other]:
         if isinstance(body, bytes):
-            r = httpx.post(served.url + "/v1/chat/completions", content=body, timeout=30,
+            r = httpx.post(served.url + path, content=body, timeout=30,
                            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         else:
-            r = served.post("/v1/chat/completions", body, key=key)
-        assert r.status_code == status, (body if not isinstance(body, dict) else list(body), r.text)
+            r = served.post(path, body, key=key)
+        assert r.status_code == status, (path, body if not isinstance(body, dict) else list(body), r.text)
         assert words in r.json()["error"]["message"], r.text
     with pytest.raises(openai.NotFoundError, match="model 'nope' not found"):      # as the client shows it
         served.client().chat.completions.create(model="nope", messages=MSG)
     ok = {**chat, "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}  # neutral
     r = served.post("/v1/chat/completions", ok)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    neutral = {**comp, "echo": False, "suffix": None}
+    assert served.post("/v1/completions", neutral).json()["usage"]["completion_tokens"] > 0
+    assert served.post("/generate", {**lorax, "parameters": {"watermark": False}}).status_code == 200
     assert served.get("/health").json()["status"] == "ok"
 
 
@@ -329,6 +349,7 @@ def test_adapter_directory_is_live_and_refusals_name_the_adapter(served):
     client = served.client()
     chat = lambda model: client.chat.completions.create(model=model, messages=MSG, max_tokens=12,  # noqa: E731
                                                         temperature=0).choices[0].message.content
+    loads, timed = served.metric("adapter_loads_total"), served.metric("adapter_slot_load_seconds_count")
     shutil.copytree(adapters / "alpha", adapters / "gamma")        # dropped in while serving
     assert "gamma" in [m.id for m in client.models.list().data]
     assert chat("gamma") == chat("alpha")
@@ -336,6 +357,8 @@ def test_adapter_directory_is_live_and_refusals_name_the_adapter(served):
     for f in ("adapter_model.safetensors", "adapter_config.json"):  # replaced: served as the new files
         shutil.copy(adapters / "beta" / f, adapters / "gamma" / f)
     assert chat("gamma") == chat("beta")
+    # one request at a time: every slot load happens as its request arrives, and each is timed
+    assert served.metric("adapter_slot_load_seconds_count") - timed == served.metric("adapter_loads_total") - loads >= 2
 
     (adapters / "half").mkdir()                                     # weights written, config not yet
     shutil.copy(adapters / "alpha" / "adapter_model.safetensors", adapters / "half")
