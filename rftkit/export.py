@@ -2,7 +2,7 @@
 converter, ...) load as a plain model, or as a GGUF file that llama.cpp runs.
 
     rft export --adapter runs/sft/adapter --out merged-model
-    rft export --adapter runs/sft/adapter --gguf merged.gguf [--gguf-type f16|f32|q8_0]
+    rft export --adapter runs/sft/adapter --gguf merged.gguf [--gguf-type f16|f32|q8_0|q4_1]
     run_export(ExportConfig(adapter="runs/sft/adapter", out="merged-model"))
 
 `--model` may also be a folder written by `rft compress`: it is rebuilt with its compressed modules and
@@ -26,7 +26,7 @@ from rftkit.adapters import CONFIG_FILE
 class ExportConfig:
     out: str = ""                        # output folder (config.json, model.safetensors, tokenizer files)
     gguf: str = ""                       # also (or only) write a GGUF file that llama.cpp runs
-    gguf_type: str = "f16"               # GGUF matrix type: f32, f16 or q8_0 (norms stay f32)
+    gguf_type: str = "f16"               # GGUF matrix type: f32, f16, q8_0 or q4_1 (norms stay f32)
     gguf_pre: str | None = None          # llama.cpp pre-tokenizer name (default: derived from tokenizer.json)
     adapter: str | None = None           # LoRA adapter folder (PEFT format) to merge; None = the model as is
     model: str | None = None             # base model (default: the adapter's base_model_name_or_path, else embedded)

@@ -7,7 +7,9 @@ llama / qwen2 / qwen3, the tokenizer as llama.cpp's `gpt2` BPE model (tokens, ty
 chat template) read from our tokenizer.json, and the tensors under llama.cpp's names (the inverse of
 `rftkit.loading.read_gguf`). For the llama architecture, llama.cpp's converter interleaves the two rotary
 halves of every q/k head's rows; we apply the same permutation. Matrices are stored as f32, f16 or Q8_0
-(`dtype`), 1-D tensors (norms, biases) always as f32. A compressed model is exported dequantized (a QuantLinear,
+(`dtype`), or as llama.cpp's Q4_1 with a Q8_0 embedding (the embedded SmolLM2's own layout: its weights
+sit on that grid, so a `q4_1` export of it gives back its original GGUF's values); 1-D tensors (norms,
+biases) are always f32. A compressed model is exported dequantized (a QuantLinear,
 LowRankLinear or SharedLinear is written as its dense weight), so a "q8_0" export of an int4 model is the
 int4 grid re-quantized to 8 bits, not llama.cpp's Q4_1.
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 
 ARCHS = ("llama", "qwen2", "qwen3")
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "q8_0", "q4_1")
 NAMES = {      # ours (within a block) -> llama.cpp's
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
@@ -142,7 +144,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | o
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[dtype]
     w.add_file_type(file_type)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre or pre_tokenizer_name(vocab["json"]))
@@ -166,12 +168,12 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | o
             w.add_tensor(tname, arr.astype("float32"))
         elif dtype == "f16":
             w.add_tensor(tname, arr.astype("float16"))
+        elif arr.shape[-1] % 32:
+            w.add_tensor(tname, arr.astype("float16"))           # Q8_0 / Q4_1 need rows of whole 32-blocks
         else:
-            if arr.shape[-1] % 32:
-                w.add_tensor(tname, arr.astype("float16"))       # Q8_0 needs rows of whole 32-blocks
-            else:
-                q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(tname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            qt = gguf.GGMLQuantizationType.Q4_1 if dtype == "q4_1" and tname != "token_embd.weight" \
+                else gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(tname, gguf.quants.quantize(arr, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -71,14 +71,15 @@ def test_f32_gguf_reads_back_as_the_same_model(arch, tok_dir, tmp_path):
     assert r.fields["tokenizer.ggml.eos_token_id"].contents() == 258
 
 
-@pytest.mark.parametrize("dtype,tol", [("f16", 1e-3), ("q8_0", 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [("f16", 1e-3), ("q8_0", 1e-2), ("q4_1", 0.1)])
 def test_f16_q8_gguf_close(dtype, tol, tok_dir, tmp_path):
     import gguf
     model = _model()
     path = write_gguf(model, tmp_path / "m.gguf", tok_dir, dtype=dtype)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
-    want = gguf.GGMLQuantizationType.F16 if dtype == "f16" else gguf.GGMLQuantizationType.Q8_0
-    assert types["blk.0.ffn_up.weight"] == want and types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    want = {"f16": "F16", "q8_0": "Q8_0", "q4_1": "Q4_1"}[dtype]
+    assert types["blk.0.ffn_up.weight"].name == want and types["blk.0.attn_norm.weight"].name == "F32"
+    assert types["token_embd.weight"].name == ("F16" if dtype == "f16" else "Q8_0")
     _, state = read_gguf(path)
     for k, v in model.state_dict().items():
         if k in state:
@@ -106,6 +107,17 @@ def test_refusals(tok_dir, tmp_path):
         write_gguf(_model(), tmp_path / "a.gguf", tmp_path)
     with pytest.raises(ValueError, match="does not fit the model's vocab_size 97"):
         write_gguf(tiny_model(), tmp_path / "a.gguf", tok_dir)
+
+
+@pytest.mark.slow
+def test_q4_1_export_of_embedded_model_gives_back_its_grid(tmp_path):
+    # the embedded SmolLM2's linears are Q4_1 in its GGUF: re-exporting as Q4_1 returns the same values
+    from rftkit.loading import load_model, resolve
+    model = load_model(None)
+    _, state = read_gguf(write_gguf(model, tmp_path / "q41.gguf", resolve(None), dtype="q4_1"))
+    for k in ("model.layers.0.mlp.down_proj.weight", "model.layers.29.self_attn.q_proj.weight"):
+        w = model.state_dict()[k]
+        assert (state[k] - w).abs().max() <= 1e-3 * w.abs().max(), k
 
 
 @pytest.mark.slow
