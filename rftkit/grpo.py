@@ -69,6 +69,7 @@ class GRPOConfig:
     iterations: int = 1                  # optimisation passes per batch (old policy = engine log-probs)
     dynamic_sampling: bool = True        # drop groups whose rewards are all equal
     mask_truncated: bool = False         # no loss on completions cut at max_tokens
+    ignore_eos: bool = False             # sample exactly max_tokens tokens, past EOS (benchmarks)
     micro_batch_groups: int = 4          # groups per forward/backward (memory only: same gradients)
     seed: int = 0                        # seeds rollouts (per step) and LoRA init
     checkpoint_every: int = 10           # steps between checkpoints
@@ -100,6 +101,13 @@ class Rollouts:
     rewards: torch.Tensor                # [P, G] total reward
     old_logprobs: list[list[float]]      # the engine's log-probs of each completion token
     truncated: list[bool]                # cut at max_tokens
+
+
+def _now(device: torch.device) -> float:
+    """A clock reading after the device's queued work (so timers split a GPU step honestly)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _pad_rows(rows: list[list[float]], T: int) -> torch.Tensor:
@@ -134,11 +142,13 @@ def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Tota
         mine = set(my_groups)
         keep = [i for i in keep if i in mine]
     sums = {"clip_low_tokens": 0.0, "clip_high_tokens": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0, "loss": 0.0}
+    clock = {"forward_s": 0.0, "backward_s": 0.0, "optim_s": 0.0}     # where the update's time goes
     for _ in range(cfg.iterations):
         optimizer.zero_grad(set_to_none=True)
         for c in range(0, len(keep), cfg.micro_batch_groups):
             groups = keep[c:c + cfg.micro_batch_groups]
             mb_rows = [i * G + j for i in groups for j in range(G)]
+            t0 = _now(model.device)
             prompts = [batch.prompts[i] for i in groups]
             comps = [batch.completions[r] for r in mb_rows]
             ref = None
@@ -154,20 +164,26 @@ def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Tota
             loss, st = policy_loss(logp, old, a, mask, spec, totals, ref)
             for name, value in aux.items():   # MoE balancing losses, weighted by this share of the batch
                 loss = loss + value * len(mb_rows) / totals.n_seqs
+            t1 = _now(model.device)
             loss.backward()
+            clock["forward_s"] += t1 - t0
+            clock["backward_s"] += _now(model.device) - t1
             for k in ("clip_low_tokens", "clip_high_tokens", "kl_sum"):
                 sums[k] += st[k]
             sums["entropy_sum"] += float((ent * mask).sum())
             sums["loss"] += float(loss.detach())
+        t0 = _now(model.device)
         dist.all_reduce_grads(lora_parameters(model), "the gradient all-reduce")
         if cfg.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.grad_clip))
         if step_optimizer:
             optimizer.step()
+        clock["optim_s"] += _now(model.device) - t0
     sums = dict(zip(sums, dist.all_reduce_floats(list(sums.values()), what="update statistics")))
     n = max(totals.n_tokens, 1) * cfg.iterations
     stats.update(loss=sums["loss"] / cfg.iterations, clip_frac=(sums["clip_low_tokens"] + sums["clip_high_tokens"]) / n,
-                 kl=sums["kl_sum"] / n, entropy=sums["entropy_sum"] / n, skipped=0)
+                 kl=sums["kl_sum"] / n, entropy=sums["entropy_sum"] / n, skipped=0,
+                 **{k: round(v, 3) for k, v in clock.items()})
     return stats
 
 
@@ -176,8 +192,9 @@ def _seed(*parts) -> int:
 
 
 def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weights: dict, errors: dict,
-            indices: list[int] | None = None):
-    """Sample G completions for the step's P training prompts (or those of them at `indices`) and score them."""
+            indices: list[int] | None = None, clock: dict | None = None):
+    """Sample G completions for the step's P training prompts (or those of them at `indices`) and score them;
+    `clock` gets the seconds spent generating ("gen_s") and scoring ("reward_s")."""
     from rftkit.rewards import score_batch
     from rftkit.sampling import SamplingParams
     P, G = cfg.prompts_per_step, cfg.group_size
@@ -185,13 +202,18 @@ def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weight
     samples = [task.sample("train", step * P + i, seed=cfg.seed) for i in indices]
     prompts = [tok.encode_chat(s["messages"]) for s in samples]
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, n=G,
-                             seed=_seed(cfg.seed, step, i), stop_token_ids=list(tok.eos_token_ids))
+                             seed=_seed(cfg.seed, step, i), stop_token_ids=list(tok.eos_token_ids),
+                             ignore_eos=cfg.ignore_eos)
               for i in indices]
+    t0 = time.perf_counter()
     groups = engine.generate(prompts, params)
     comps = [c for g in groups for c in g]
     texts = [tok.decode(c.token_ids) for c in comps]
     expanded = [s for s in samples for _ in range(G)]
+    t1 = time.perf_counter()
     scores = score_batch(rewards, texts, expanded, on_error=cfg.on_reward_error, errors=errors)
+    if clock is not None:
+        clock.update(gen_s=t1 - t0, reward_s=time.perf_counter() - t1)
     total = sum(torch.tensor(v) * weights[k] for k, v in scores.items()).view(len(indices), G)
     batch = Rollouts(prompts, [c.token_ids for c in comps], total.float(), [c.logprobs for c in comps],
                      [c.finish_reason == "length" for c in comps])
@@ -270,8 +292,10 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps)
             model.eval()
-            batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors, mine)
-            t_gen = time.perf_counter() - t0
+            clock: dict = {}
+            batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors, mine,
+                                                    clock)
+            t_gen = clock["gen_s"]
             all_errors = errors
             if world > 1:      # every process holds the whole batch; each computes the gradient of its groups
                 batch, scores, texts, samples, all_errors = gather_rollouts(batch, scores, texts, samples, errors,
@@ -287,7 +311,8 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                    "reward": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
                    "accuracy": float(sum(v >= 1 for v in scores["task"]) / len(texts)),
                    "completion_len": n_tok / len(texts), "truncated_frac": sum(batch.truncated) / len(texts),
-                   "gen_s": round(t_gen, 2), "step_s": round(dt, 2), "tok_per_s": round(n_tok / t_gen, 1),
+                   "gen_s": round(t_gen, 3), "reward_s": round(clock["reward_s"], 3), "step_s": round(dt, 3),
+                   "tok_per_s": round(n_tok / t_gen, 1),
                    **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
                    "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
                                for i in range(min(cfg.log_samples, len(texts)))]}

@@ -56,6 +56,10 @@ def test_metrics_and_adapter_written(tmp_path, tok_dir):  # noqa: F811
     for key in ("reward", "reward_std", "accuracy", "zero_std_frac", "completion_len", "clip_frac", "kl",
                 "entropy", "tok_per_s", "samples"):
         assert key in rows[0], key
+    for r in rows:                      # the step's timers: its parts add up to no more than the whole step
+        parts = [r[k] for k in ("gen_s", "reward_s", "forward_s", "backward_s", "optim_s")]
+        assert all(p >= 0 for p in parts) and r["gen_s"] > 0 and r["backward_s"] > 0
+        assert sum(parts) <= r["step_s"] + 0.01
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "reward.png").is_file()
 
