@@ -311,7 +311,7 @@ def main() -> int:
         many = run_phase("zipf", url, proc.pid, specs_for(zipf, args), args)
         phases = [one, many]
         ratio = many["tok_s"] / one["tok_s"]
-        print(f"ratio zipf/one: {ratio:.3f} tok/s, {many['req_s'] / one['req_s']:.3f} req/s, server CPU per token "
+        print(f"ratio zipf/one: {ratio:.4f} tok/s, {many['req_s'] / one['req_s']:.4f} req/s, server CPU per token "
               f"{one['cpu_ms_per_token'] / many['cpu_ms_per_token']:.3f} (target >= 0.8: "
               f"{'met' if ratio >= 0.8 else 'NOT met'}); load {os.getloadavg()}", flush=True)
         if args.soak:

@@ -36,7 +36,7 @@ class ServeConfig:
     host: str = "127.0.0.1"             # address to listen on
     port: int = 8000                    # port to listen on
     api_key: str | None = None          # require `Authorization: Bearer KEY` (default: $RFTKIT_API_KEY)
-    max_loaded_adapters: int = 64       # adapters in device slots (LRU eviction of idle ones); keep >= max_batch
+    max_loaded_adapters: int = 128      # adapters in device slots (LRU eviction of idle ones); keep >= max_batch
     max_batch: int = 64                 # sequences decoded together
     max_seq_len: int = 2048             # context per sequence: prompt + completion
     kv_budget_mb: int = 1024            # KV-cache memory

@@ -14,8 +14,9 @@ the asyncio queue of the HTTP request that owns them.
 
 Adapters load on first use: a request naming adapter X makes this thread register `DIR/X` with the engine's
 bank (read and validated there: a bad folder fails here, naming the problem, not mid-batch), and re-register
-it when its files change on disk. The bank keeps only metadata per registered adapter; it copies an adapter's
-weights into one of its device slots when a request using it is admitted (LRU eviction of idle slots).
+it when its files change on disk. The bank keeps only metadata per registered adapter; its weights are copied
+into one of the bank's device slots as the request arrives (LRU eviction of idle slots; timed, for /metrics),
+or, when the queue could need every free slot, by the engine when the request is admitted.
 """
 from __future__ import annotations
 
