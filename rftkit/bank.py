@@ -7,10 +7,11 @@
     ... model forward ...
     bank.release("sql")
 
-Punica's BGMV semantics (a slot index per batch row, slot 0 = no adapter). On CPU one kernel call per module
-adds every row's `x @ A^T @ B^T * scale` (rftkit.kernels.lora_bgmv: the slots' weights read in place, no
-gather, no per-slot ops), so 16 distinct adapters cost about what one does. Elsewhere (CUDA, autograd) the
-rows are grouped by slot and each group adds its delta with two small matmuls. Each slot holds, per module, its own (A [R, in], B [out, R], scale) or
+Punica's BGMV semantics (a slot index per batch row, slot 0 = no adapter). A batch whose rows all use one slot
+adds `x @ A^T @ B^T * scale` with two small matmuls. A mixed batch on CPU makes one kernel call per module
+for every row's adapter (rftkit.kernels.lora_bgmv: the slots' weights read in place, no gather, no per-slot
+ops), so 16 distinct adapters cost about what one does; elsewhere (CUDA, autograd) its rows are grouped by
+slot and each group adds its delta with two small matmuls. Each slot holds, per module, its own (A [R, in], B [out, R], scale) or
 nothing, so adapters of different ranks and target sets share one bank, and `bind_live` can point a slot at
 a trainer's LoRA parameters (the same tensors, no copy).
 
@@ -52,7 +53,8 @@ class BankLinear(nn.Module):
         if not bank.groups:
             return y
         rows = bank.token_rows(x)
-        if rows is not None and y.is_contiguous():                       # CPU: every row in one kernel call
+        mixed = bank.groups[0][1] is not None                           # not every row on the same slot
+        if mixed and rows is not None and y.is_contiguous():            # CPU: every row in one kernel call
             x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
             if kernels.lora_bgmv(x2, y2, rows, self.slots) is not None:
                 return y
@@ -131,7 +133,7 @@ class AdapterBank:
         for path, m in modules.items():
             if path not in self.layers:
                 raise ValueError(f"live adapter {name!r}: module {path} is not a linear layer of this model")
-            self.layers[path].slots.set(slot, m.lora_A.detach(), m.lora_B.detach(), m.scaling)
+            self.layers[path].slots.set(slot, m.lora_A.detach(), m.lora_B.detach(), m.scaling, live=True)
         self.registered[name] = {"path": None, "cfg": None, "rank": max(m.r for m in modules.values()),
                                  "modules": sorted(modules)}
         self._occupy(name, slot)

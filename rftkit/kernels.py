@@ -3,13 +3,15 @@
     y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 8 rows
     out = paged_attention(q, K, V, table, qpos, block_size, window)
     lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
+    tokens, logp = sample_rows(logits, temperature, u)   # inverse-CDF sampling in one pass per row
 
 Why. One decode step of a small model multiplies a handful of rows by every weight: it is bound by memory
 bandwidth, and torch's fp32 GEMV reached ~12 GB/s on this 2-core AVX2 machine where a copy reaches ~22-26.
 The paged KV cache's torch path gathers every row's blocks into a contiguous copy per layer and step
 (hundreds of MB per step at batch 64); the kernel reads the blocks where they are. The adapter bank's torch
 path runs two small matmuls plus an index_select/index_add per slot group and module; the kernel does every
-row's adapter in one call. Each kernel is a few dozen lines of C built once with the system compiler into the
+row's adapter in one call. Sampling at batch 64 spent ~14 ms a step in torch (log_softmax, a second softmax,
+cumsum over 49152 tokens, searchsorted); the kernel reads each row's logits three times. Each kernel is a few dozen lines of C built once with the system compiler into the
 cache (like rftkit.quantize's int8/int4 kernel; no torch headers, < 1 s) and loaded with ctypes. The shared
 object links `libgomp.so.1`, which torch has loaded already, so kernels and torch share one OpenMP pool.
 
@@ -94,13 +96,34 @@ void gemv(const float* x, const float* W, const float* bias, float* y, int M, in
   }
 }
 
+/* exp(x) for 8 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2 (Cephes' polynomial, ~1 ulp); -inf -> 0 */
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 /* One query per row over a paged cache, read in place. q [B, H, hd]; kc, vc [slots, Hkv, hd] (token-major
    pool: cache row of position t of batch row b = table[b, t / bs] * bs + t % bs); qpos [B]: the query's
    position, keys t in [max(0, qpos - window + 1), qpos] (window 0 = all); out [B, H, hd]. Online softmax
-   over chunks of 64 keys. hd % 8 == 0, hd <= 256, H / Hkv <= 16. */
+   over chunks of 64 keys; one task per (row, kv head), its G = H / Hkv query heads share each key and value
+   load. hd % 8 == 0, hd <= 256, G <= 16. */
+#define CH 64
 void paged_attn(const float* q, const float* kc, const float* vc, const int64_t* table, const int64_t* qpos,
                 float* out, int B, int H, int Hkv, int hd, int nbmax, int bs, int window, float scale, int nt) {
-  const int G = H / Hkv;
+  const int G = H / Hkv, D8 = hd / 8;
+  const long row = (long)Hkv * hd;                       /* floats between consecutive tokens of the pool */
   #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int task = 0; task < B * Hkv; task++) {
     int b = task / Hkv, h = task % Hkv;
@@ -109,58 +132,170 @@ void paged_attn(const float* q, const float* kc, const float* vc, const int64_t*
     if (p < 0) { for (int i = 0; i < G * hd; i++) o[i] = 0.f; continue; }
     long t0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
     const float* qh = q + ((long)b * H + (long)h * G) * hd;
-    float mx[16], l[16], sc[16][64];
-    __m256 acc[16][32];
-    for (int g = 0; g < G; g++) { mx[g] = -INFINITY; l[g] = 0.f; for (int d = 0; d < hd / 8; d++) acc[g][d] = _mm256_setzero_ps(); }
     const int64_t* tb = table + (long)b * nbmax;
-    for (long c0 = t0; c0 <= p; c0 += 64) {
-      int n = p - c0 + 1 < 64 ? (int)(p - c0 + 1) : 64;
-      for (int j = 0; j < n; j++) {
-        long t = c0 + j;
-        const float* kv = kc + ((tb[t / bs] * bs + t % bs) * Hkv + h) * hd;
-        for (int g = 0; g < G; g++) sc[g][j] = dot(qh + (long)g * hd, kv, hd) * scale;
+    float mx[16], l[16], sc[16][CH] __attribute__((aligned(32)));
+    float acc[16][256] __attribute__((aligned(32)));
+    const float* kp[CH]; const float* vp[CH];
+    for (int g = 0; g < G; g++) { mx[g] = -INFINITY; l[g] = 0.f; for (int d = 0; d < hd; d++) acc[g][d] = 0.f; }
+    long blk = t0 / bs, off = t0 % bs;
+    for (long c0 = t0; c0 <= p; c0 += CH) {
+      int n = p - c0 + 1 < CH ? (int)(p - c0 + 1) : CH;
+      for (int j = 0; j < n; j++) {                       /* the chunk's key/value rows, walking the blocks */
+        long r = (tb[blk] * bs + off) * row + (long)h * hd;
+        kp[j] = kc + r; vp[j] = vc + r;
+        if (++off == bs) { off = 0; blk++; }
       }
+      for (int j = 0; j < n; j++)
+        for (int g = 0; g < G; g++) sc[g][j] = dot(qh + (long)g * hd, kp[j], hd) * scale;
       for (int g = 0; g < G; g++) {
         float cm = mx[g];
         for (int j = 0; j < n; j++) cm = sc[g][j] > cm ? sc[g][j] : cm;
-        float f = expf(mx[g] - cm);                 /* 0 on the first chunk (mx = -inf) */
-        l[g] *= f;
-        __m256 fv = _mm256_set1_ps(f);
-        for (int d = 0; d < hd / 8; d++) acc[g][d] = _mm256_mul_ps(acc[g][d], fv);
+        float f = mx[g] == -INFINITY ? 0.f : expf(mx[g] - cm);
         mx[g] = cm;
-        for (int j = 0; j < n; j++) { sc[g][j] = expf(sc[g][j] - cm); l[g] += sc[g][j]; }
+        __m256 cv = _mm256_set1_ps(cm), sum = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+          __m256 e = exp256(_mm256_sub_ps(_mm256_load_ps(&sc[g][j]), cv));
+          _mm256_store_ps(&sc[g][j], e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        float ls = hsum(sum);
+        for (; j < n; j++) { sc[g][j] = expf(sc[g][j] - cm); ls += sc[g][j]; }
+        l[g] = l[g] * f + ls;
+        if (f != 1.f) { __m256 fv = _mm256_set1_ps(f); for (int d = 0; d < D8; d++) _mm256_store_ps(&acc[g][d * 8], _mm256_mul_ps(_mm256_load_ps(&acc[g][d * 8]), fv)); }
       }
-      for (int j = 0; j < n; j++) {
-        long t = c0 + j;
-        const float* vv = vc + ((tb[t / bs] * bs + t % bs) * Hkv + h) * hd;
-        for (int g = 0; g < G; g++) {
-          __m256 pj = _mm256_set1_ps(sc[g][j]);
-          for (int d = 0; d < hd / 8; d++) acc[g][d] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vv + d * 8), acc[g][d]);
+      for (int d = 0; d < D8; d++) {                      /* acc[g] += p[g, j] * v_j, 4 heads per pass */
+        for (int g0 = 0; g0 < G; g0 += 4) {
+          int gn = G - g0 < 4 ? G - g0 : 4;
+          __m256 a0 = _mm256_load_ps(&acc[g0][d * 8]);
+          __m256 a1 = gn > 1 ? _mm256_load_ps(&acc[g0 + 1][d * 8]) : a0;
+          __m256 a2 = gn > 2 ? _mm256_load_ps(&acc[g0 + 2][d * 8]) : a0;
+          __m256 a3 = gn > 3 ? _mm256_load_ps(&acc[g0 + 3][d * 8]) : a0;
+          for (int j = 0; j < n; j++) {
+            __m256 v = _mm256_loadu_ps(vp[j] + d * 8);
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g0][j]), v, a0);
+            if (gn > 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g0 + 1][j]), v, a1);
+            if (gn > 2) a2 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g0 + 2][j]), v, a2);
+            if (gn > 3) a3 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g0 + 3][j]), v, a3);
+          }
+          _mm256_store_ps(&acc[g0][d * 8], a0);
+          if (gn > 1) _mm256_store_ps(&acc[g0 + 1][d * 8], a1);
+          if (gn > 2) _mm256_store_ps(&acc[g0 + 2][d * 8], a2);
+          if (gn > 3) _mm256_store_ps(&acc[g0 + 3][d * 8], a3);
         }
       }
     }
     for (int g = 0; g < G; g++) {
       __m256 inv = _mm256_set1_ps(1.f / l[g]);
-      for (int d = 0; d < hd / 8; d++) _mm256_storeu_ps(o + (long)g * hd + d * 8, _mm256_mul_ps(acc[g][d], inv));
+      for (int d = 0; d < D8; d++) _mm256_storeu_ps(o + (long)g * hd + d * 8, _mm256_mul_ps(_mm256_load_ps(&acc[g][d * 8]), inv));
     }
   }
 }
 
 /* Punica BGMV over slots: y[m] += s[k] * B_k (A_k x[m]) with k = rows[m], for rows whose slot has weights
-   (A[k] != 0). x [M, K], y [M, N]; A_k [R_k, K], B_k [N, R_k] (pointers); tmp [M, Rmax] scratch. */
+   (A[k] != 0). x [M, K] (K % 8 == 0), y [M, N]; A_k [R_k, K]; B_k [N, R_k], or its transpose [R_k, N] where Tr[k] (then the
+   expand is R_k axpys along N, vectorised; the [N, R_k] layout of live tensors costs a dot per output);
+   tmp [M, Rmax] scratch. */
 void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, const int64_t* Bw,
-               const int32_t* R, const float* s, float* tmp, int M, int K, int N, int Rmax, int nt) {
+               const int32_t* Tr, const int32_t* R, const float* s, float* tmp, int M, int K, int N, int Rmax,
+               int nt) {
   #pragma omp parallel num_threads(nt)
   {
     #pragma omp for schedule(static)
-    for (long i = 0; i < (long)M * Rmax; i++) {
-      int m = i / Rmax, r = i % Rmax, k = rows[m];
-      tmp[i] = (A[k] && r < R[k]) ? s[k] * dot(x + (long)m * K, (const float*)A[k] + (long)r * K, K) : 0.f;
+    for (int m = 0; m < M; m++) {                         /* shrink: tmp[m] = s * A_k x[m], 4 rows of A a pass */
+      int k = rows[m];
+      float* t = tmp + (long)m * Rmax;
+      if (!A[k]) continue;
+      gemv_tile(x + (long)m * K, (const float*)A[k], 0, t, 0, R[k], R[k], K, 1, 4);
+      for (int r = 0; r < R[k]; r++) t[r] *= s[k];
     }
+    /* expand: tasks of (row, run of 256 outputs) */
+    const int NC = 256, nc = (N + NC - 1) / NC;
     #pragma omp for schedule(static)
-    for (long i = 0; i < (long)M * N; i++) {
-      int m = i / N, k = rows[m];
-      if (A[k]) y[i] += dot((const float*)Bw[k] + (i % N) * R[k], tmp + (long)m * Rmax, R[k]);
+    for (long i = 0; i < (long)M * nc; i++) {
+      int m = i / nc, k = rows[m];
+      if (!A[k]) continue;
+      int n0 = (i % nc) * NC, n1 = n0 + NC < N ? n0 + NC : N, Rk = R[k];
+      const float* t = tmp + (long)m * Rmax;
+      float* yr = y + (long)m * N;
+      const float* b = (const float*)Bw[k];
+      if (Tr[k]) {                                        /* b [R, N] */
+        int n = n0;
+        for (; n + 8 <= n1; n += 8) {
+          __m256 a = _mm256_loadu_ps(yr + n);
+          for (int r = 0; r < Rk; r++) a = _mm256_fmadd_ps(_mm256_set1_ps(t[r]), _mm256_loadu_ps(b + (long)r * N + n), a);
+          _mm256_storeu_ps(yr + n, a);
+        }
+        for (; n < n1; n++) { float a = 0.f; for (int r = 0; r < Rk; r++) a += t[r] * b[(long)r * N + n]; yr[n] += a; }
+      } else {                                            /* b [N, R] */
+        for (int n = n0; n < n1; n++) yr[n] += dot(b + (long)n * Rk, t, Rk);
+      }
+    }
+  }
+}
+/* Sample one token per row of logits [B, V]: z = logits * inv_t[b]; u[b] < 0: greedy (first argmax);
+   else the inverse CDF at u[b] of softmax(z) (the first token whose running sum of exp(z - max) reaches
+   u * total). tok [B] (int64) and logp [B] = log_softmax(z)[tok]. One task per row. */
+void sample_rows(const float* logits, const float* inv_t, const float* u, int64_t* tok, float* logp,
+                 int B, int V, int nt) {
+  #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int b = 0; b < B; b++) {
+    const float* z = logits + (long)b * V;
+    float it = inv_t[b];
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int v = 0;
+    for (; v + 8 <= V; v += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(z + v));
+    float mx = -INFINITY, tmp[8];
+    _mm256_storeu_ps(tmp, mv);
+    for (int i = 0; i < 8; i++) mx = tmp[i] > mx ? tmp[i] : mx;
+    for (; v < V; v++) mx = z[v] > mx ? z[v] : mx;
+    __m256 itv = _mm256_set1_ps(it), sh = _mm256_set1_ps(mx * it), sum = _mm256_setzero_ps();
+    for (v = 0; v + 8 <= V; v += 8)
+      sum = _mm256_add_ps(sum, exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + v), itv, sh)));
+    float total = hsum(sum);
+    for (; v < V; v++) total += expf(z[v] * it - mx * it);
+    long t = 0;
+    if (u[b] < 0) {
+      while (t < V - 1 && z[t] != mx) t++;
+    } else {
+      float target = u[b] * total, run = 0.f;
+      for (v = 0; v + 8 <= V; v += 8) {
+        float c = hsum(exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + v), itv, sh)));
+        if (run + c >= target) break;
+        run += c;
+      }
+      for (t = v; t < V - 1; t++) {
+        run += expf(z[t] * it - mx * it);
+        if (run >= target) break;
+      }
+    }
+    tok[b] = t;
+    logp[b] = z[t] * it - mx * it - logf(total);
+  }
+}
+/* y[m] = w * x[m] / sqrt(mean(x[m]^2) + eps); x, y [M, D] */
+void rms_norm(const float* x, const float* w, float* y, int M, int D, float eps) {
+  for (int m = 0; m < M; m++) {
+    const float* xr = x + (long)m * D;
+    float* yr = y + (long)m * D;
+    float r = 1.f / sqrtf(dot(xr, xr, D) / D + eps);
+    for (int d = 0; d < D; d++) yr[d] = w[d] * (xr[d] * r);
+  }
+}
+
+/* Rotary embedding, rotate-half convention: x [BT, n, hd], cos, sin [BT, hd] -> y = x cos + rot(x) sin,
+   rot(x) = (-x[hd/2:], x[:hd/2]) */
+void rope(const float* x, const float* cs, const float* sn, float* y, int BT, int n, int hd) {
+  const int half = hd / 2;
+  for (long bt = 0; bt < BT; bt++) {
+    const float* c = cs + bt * hd; const float* s = sn + bt * hd;
+    for (int h = 0; h < n; h++) {
+      const float* xi = x + (bt * n + h) * hd;
+      float* yi = y + (bt * n + h) * hd;
+      for (int d = 0; d < half; d++) {
+        yi[d] = xi[d] * c[d] - xi[d + half] * s[d];
+        yi[d + half] = xi[d + half] * c[d + half] + xi[d] * s[d + half];
+      }
     }
   }
 }
@@ -200,7 +335,10 @@ def _load():
     P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.gemv.argtypes = [P, P, P, P, I, I, I, I]
     lib.paged_attn.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, I, Fl, I]
-    lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, I, I, I, I, I]
+    lib.rms_norm.argtypes = [P, P, P, I, I, Fl]
+    lib.rope.argtypes = [P, P, P, P, I, I, I]
+    lib.sample_rows.argtypes = [P, P, P, P, P, I, I, I]
+    lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, P, I, I, I, I, I]
     _lib = lib
     return lib
 
@@ -251,6 +389,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+SMALL_MAX_ROWS = 64            # rms_norm / rope run single-threaded: worth it while dispatch dominates
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim, or None where the kernel does not apply (the
+    caller runs its torch ops)."""
+    D = x.shape[-1]
+    if x.numel() > SMALL_MAX_ROWS * D or not x.is_contiguous():
+        return None
+    lib = _usable(x, weight)
+    if lib is None:
+        return None
+    y = torch.empty_like(x)
+    lib.rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x.numel() // D, D, eps)
+    return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x [B, T, n, hd] * cos + rotate_half(x) * sin with cos, sin [B, T, 1, hd]; None where the kernel does
+    not apply."""
+    B, T, n, hd = x.shape
+    if B * T > SMALL_MAX_ROWS or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) \
+            or cos.shape != (B, T, 1, hd) or sin.shape != cos.shape:
+        return None
+    lib = _usable(x, cos, sin)
+    if lib is None:
+        return None
+    y = torch.empty_like(x)
+    lib.rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B * T, n, hd)
+    return y
+
+
 # ----------------------------------------------------------------------------------------------------------
 # paged decode attention
 
@@ -296,39 +466,45 @@ def paged_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, table: 
 
 class SlotTable:
     """Per-module pointer table of the bank's slots for `lora_bgmv`: A [R, K] and B [N, R] of each slot (slot 0
-    = none) with its scale. Keeps the tensors alive; `set` / `clear` when a slot changes."""
+    = none) with its scale. Keeps the tensors alive; `set` / `clear` when a slot changes. A slot loaded from
+    files also keeps B transposed ([R, N], the kernel's fast layout); a live slot (`live=True`: a trainer
+    updates A and B in place) is read as it is, so the kernel always sees the current weights."""
 
     def __init__(self, n_slots: int):
         self.tensors: list[tuple | None] = [None] * (n_slots + 1)
+        self._bt: list[torch.Tensor | None] = [None] * (n_slots + 1)
         self.A = torch.zeros(n_slots + 1, dtype=torch.int64)
         self.B = torch.zeros(n_slots + 1, dtype=torch.int64)
+        self.T = torch.zeros(n_slots + 1, dtype=torch.int32)       # 1: B pointer is the [R, N] transpose
         self.R = torch.zeros(n_slots + 1, dtype=torch.int32)
         self.s = torch.zeros(n_slots + 1, dtype=torch.float32)
         self.kernel_ok = True                      # every set slot is CPU fp32 contiguous
+        self.max_rank = 0
 
-    def set(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    def set(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, live: bool = False) -> None:
         self.tensors[slot] = (A, B, scale)
+        self._bt[slot] = None if live else B.t().contiguous()
         self._refresh()
 
     def clear(self, slot: int) -> None:
-        self.tensors[slot] = None
+        self.tensors[slot] = self._bt[slot] = None
         self._refresh()
 
     def _refresh(self) -> None:
-        self.A.zero_(), self.B.zero_(), self.R.zero_(), self.s.zero_()
-        self.kernel_ok = True
+        for t in (self.A, self.B, self.T, self.R, self.s):
+            t.zero_()
+        self.kernel_ok, self.max_rank = True, 0
         for k, ab in enumerate(self.tensors):
             if ab is None:
                 continue
             A, B, scale = ab
+            self.max_rank = max(self.max_rank, A.shape[0])
             ok = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (A, B))
             self.kernel_ok &= ok
             if ok:
-                self.A[k], self.B[k], self.R[k], self.s[k] = A.data_ptr(), B.data_ptr(), A.shape[0], scale
-
-    @property
-    def max_rank(self) -> int:
-        return max((ab[0].shape[0] for ab in self.tensors if ab is not None), default=0)
+                bt = self._bt[k]
+                self.A[k], self.R[k], self.s[k] = A.data_ptr(), A.shape[0], scale
+                self.B[k], self.T[k] = (B.data_ptr(), 0) if bt is None else (bt.data_ptr(), 1)
 
 
 def lora_bgmv_reference(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, table: SlotTable) -> torch.Tensor:
@@ -347,7 +523,7 @@ def lora_bgmv_reference(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, ta
 def lora_bgmv(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, table: SlotTable) -> torch.Tensor | None:
     """Add every row's adapter to y in place with the kernel: x [M, K], y [M, N] contiguous, rows int32 [M].
     Returns y, or None when the kernel does not apply (the caller takes its torch path)."""
-    if not table.kernel_ok or rows.dtype != torch.int32 or not y.is_contiguous():
+    if not table.kernel_ok or rows.dtype != torch.int32 or not y.is_contiguous() or x.shape[-1] % 8:
         return None
     lib = _usable(x, y)
     if lib is None:
@@ -357,6 +533,26 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, table: SlotT
     R = max(table.max_rank, 1)
     tmp = torch.empty(M, R)
     lib.lora_bgmv(x.data_ptr(), y.data_ptr(), rows.data_ptr(), table.A.data_ptr(), table.B.data_ptr(),
-                  table.R.data_ptr(), table.s.data_ptr(), tmp.data_ptr(), M, K, y.shape[1], R,
+                  table.T.data_ptr(), table.R.data_ptr(), table.s.data_ptr(), tmp.data_ptr(), M, K, y.shape[1], R,
                   torch.get_num_threads())
     return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor):
+    """logits [B, V]; temperature [B] (> 0); u [B] uniforms in [0, 1), or < 0 for greedy rows ->
+    (tokens int64 [B], log_softmax(logits / T) at those tokens [B]), or None where the kernel does not apply.
+    Sampled rows take the first token whose CDF reaches u (rftkit.sampling's reference rule)."""
+    lib = _usable(logits)
+    if lib is None or logits.dim() != 2:
+        return None
+    logits = logits.contiguous()
+    B, V = logits.shape
+    inv_t = (1.0 / temperature.float()).contiguous()
+    u = u.float().contiguous()
+    tok, logp = torch.empty(B, dtype=torch.int64), torch.empty(B)
+    lib.sample_rows(logits.data_ptr(), inv_t.data_ptr(), u.data_ptr(), tok.data_ptr(), logp.data_ptr(), B, V,
+                    torch.get_num_threads())
+    return tok, logp

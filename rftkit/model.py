@@ -178,6 +178,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.rms_norm(x, self.weight, self.eps)          # decode rows on CPU: one kernel call
+        if y is not None:
+            return y
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -208,6 +211,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, n, hd]; cos, sin [B, T, 1, hd]."""
+    y = kernels.rope(x, cos, sin)
+    return y if y is not None else x * cos + rotate_half(x) * sin
 
 
 class KVCache:
@@ -285,9 +294,8 @@ class Attention(nn.Module):
         v = linear(self.v_proj, x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)                              # [B, H, T, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rope(q, cos, sin).transpose(1, 2)                                # [B, H, T, hd]
+        k = apply_rope(k, cos, sin).transpose(1, 2)                                # [B, Hkv, T, hd]
         if cache is not None:
             out = cache.attend(self.layer, q, k, v, positions, self.window)            # [B, H, T, hd]
         else:
@@ -391,7 +399,7 @@ class Transformer(nn.Module):
                              f"{self.cfg.max_seq_len} tokens")
         x = self.model.embed_tokens(input_ids)
         freqs = positions.clamp(min=0)[:, :, None].float() * self.inv_freq.float()[None, None]  # [B, T, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                  # [B, 1, T, hd]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]                               # [B, T, 1, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = None
         if cache is None:

@@ -4,13 +4,16 @@
 
 Log-probs are those of `log_softmax(logits / T)` before any top-p/top-k/min-p truncation (T = 0 counts as 1),
 the same quantity the GRPO trainer recomputes. A seeded request draws from its own generator, so it yields
-the same tokens alone or inside any batch.
+the same tokens alone or inside any batch. Rows without truncation or alternatives sample on CPU in one fused
+kernel pass (rftkit.kernels.sample_rows: the same inverse-CDF rule and uniforms as the torch reference).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from rftkit import kernels
 
 
 @dataclass
@@ -64,6 +67,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """logits [B, V] -> (tokens [B], logprobs [B], top alternatives per row or None)."""
     logits = logits.float()
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+    if logits.device.type == "cpu" and kernels.available() and \
+            all(p.top_k == 0 and p.top_p == 1 and p.min_p == 0 and p.logprobs == 0 for p in params):
+        # no truncation, no alternatives: one fused pass per row (same rule, the same uniforms drawn)
+        u = torch.tensor([-1.0 if p.temperature == 0 else float(torch.rand(1, generator=g or default_gen))
+                          for p, g in zip(params, generators)])
+        fast = kernels.sample_rows(logits, temps, u)
+        if fast is not None:
+            return fast[0], fast[1], None
+        return _sample_reference(logits, temps, params, u)
+    return _sample_reference(logits, temps, params, None, generators, default_gen)
+
+
+def _sample_reference(logits, temps, params, u=None, generators=None, default_gen=None):
+    """torch ops; u [B] (< 0 for greedy rows) when drawn already, else drawn here row by row."""
     logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)                      # [B, V]
     tokens = logits.argmax(-1)                                                        # greedy rows
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
@@ -75,8 +92,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 scaled[j] = _truncate(scaled[j], p)
         # inverse-CDF sampling: one uniform per row from the row's own generator (batch-invariant)
         cdf = torch.softmax(scaled, -1).cumsum(-1)                                    # [b, V]
-        u = torch.cat([torch.rand(1, generator=generators[i] or default_gen, device=logits.device)
-                       for i in rows])
+        if u is None:
+            u = torch.cat([torch.rand(1, generator=generators[i] or default_gen, device=logits.device)
+                           for i in rows])
+        else:
+            u = u[rows].to(logits.device)
         picked = torch.searchsorted(cdf, (u * cdf[:, -1]).clamp(min=1e-30)[:, None]).squeeze(1)
         tokens[rows] = picked.clamp(max=logits.shape[-1] - 1)
     chosen = logp_all.gather(1, tokens[:, None]).squeeze(1)

@@ -71,17 +71,18 @@ def test_paged_attention_kernel_equals_gathered_reference(H, Hkv, hd, bs, window
     torch.testing.assert_close(got[b, h], p @ vals, rtol=1e-5, atol=1e-5)
 
 
-def _slot_table(seed, ranks, K, N, n_slots=5):
+def _slot_table(seed, ranks, K, N, n_slots=5, live=()):
     g = _gen(seed)
     table = kernels.SlotTable(n_slots)
     for slot, r in ranks.items():
-        table.set(slot, torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), 0.5 + slot)
+        table.set(slot, torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), 0.5 + slot, slot in live)
     return table
 
 
-def test_lora_bgmv_kernel_equals_per_slot_matmuls():
-    K, N = 24, 37
-    table = _slot_table(0, {1: 2, 2: 16, 4: 5}, K, N)               # slot 3 empty, mixed ranks
+@pytest.mark.parametrize("live", [(), (2,)])
+def test_lora_bgmv_kernel_equals_per_slot_matmuls(live):
+    K, N = 24, 301                                                   # > one 256-output run, odd tail
+    table = _slot_table(0, {1: 2, 2: 16, 4: 5}, K, N, live=live)    # slot 3 empty, mixed ranks
     g = _gen(1)
     rows = torch.tensor([0, 1, 2, 4, 2, 3, 1, 0, 4], dtype=torch.int32)
     x, y = torch.randn(len(rows), K, generator=g), torch.randn(len(rows), N, generator=g)
@@ -102,6 +103,19 @@ def test_lora_bgmv_kernel_equals_per_slot_matmuls():
     torch.testing.assert_close(kernels.lora_bgmv(x, y.clone(), rows, table), want2, rtol=1e-5, atol=1e-4)
 
 
+def test_lora_bgmv_reads_live_tensors_updated_in_place():
+    K, N = 16, 40
+    table = _slot_table(3, {1: 4}, K, N, live=(1,))
+    A, B, s = table.tensors[1]
+    x, y, rows = torch.randn(3, K), torch.zeros(3, N), torch.tensor([1, 1, 0], dtype=torch.int32)
+    before = kernels.lora_bgmv(x, y.clone(), rows, table)
+    with torch.no_grad():
+        B.mul_(-2.0)                                                 # an optimizer step, in place
+    after = kernels.lora_bgmv(x, y.clone(), rows, table)
+    torch.testing.assert_close(after, -2.0 * before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[:2], s * (x[:2] @ A.t() @ B.t()), rtol=1e-5, atol=1e-5)
+
+
 def test_disabled_kernels_take_the_reference_path():
     table = _slot_table(0, {1: 4}, 8, 8)
     x, y, rows = torch.randn(2, 8), torch.randn(2, 8), torch.tensor([1, 0], dtype=torch.int32)
@@ -113,3 +127,38 @@ def test_disabled_kernels_take_the_reference_path():
     finally:
         kernels.set_enabled(True)
     assert kernels.lora_bgmv(x, y, rows, table) is y
+
+
+def test_sample_rows_kernel_equals_the_torch_sampler():
+    from rftkit.sampling import SamplingParams, _sample_reference
+    g = _gen(5)
+    B, V = 12, 1001                                                  # V not a multiple of 8
+    logits = torch.randn(B, V, generator=g) * 3
+    logits[3, 17] = 50.0                                             # a row with one dominant token
+    temps = torch.tensor([1.0, 0.7, 1.3] * 4)
+    params = [SamplingParams(temperature=0 if i % 4 == 0 else float(temps[i])) for i in range(B)]
+    temps = torch.tensor([p.temperature or 1.0 for p in params])
+    u = torch.rand(B, generator=g)
+    u[[i for i, p in enumerate(params) if p.temperature == 0]] = -1.0
+    u[5] = 0.0                                                       # the first token whose CDF reaches 0
+    tok, logp = kernels.sample_rows(logits, temps, u)
+    want_tok, want_logp, _ = _sample_reference(logits, temps, params, u)
+    assert tok.tolist() == want_tok.tolist()
+    assert tok[0] == logits[0].argmax() and tok[3] == 17
+    torch.testing.assert_close(logp, torch.log_softmax(logits / temps[:, None], -1)[torch.arange(B), tok],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_and_rope_kernels_equal_their_torch_formulas():
+    from rftkit.model import rotate_half
+    g = _gen(9)
+    x, w = torch.randn(3, 1, 40, generator=g), torch.randn(40, generator=g)
+    want = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), want, rtol=1e-5, atol=1e-5)
+    q = torch.randn(2, 3, 4, 16, generator=g)                        # [B, T, n, hd]
+    ang = torch.randn(2, 3, 1, 8, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    torch.testing.assert_close(kernels.rope(q, cos, sin), q * cos + rotate_half(q) * sin, rtol=1e-6, atol=1e-6)
+    assert kernels.rope(q.transpose(1, 2), cos, sin) is None          # another layout: the caller's torch path
+    assert kernels.rms_norm(torch.randn(65, 8), torch.ones(8), 1e-5) is None   # many rows: torch
