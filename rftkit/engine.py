@@ -17,6 +17,8 @@ things:
     end), and a request whose prompt starts the same way (the chat template's system prompt) reuses them with
     no copy; unreferenced cached blocks are evicted least-recently-used;
   - the `n` samples of a request share their prompt's blocks (only the partial last block is copied).
+    A waiting request whose first prompt block is being computed in this step's prefill waits one step and
+    then hits the cache (64 requests with one system prompt compute it once, not once per request of a chunk).
 When a running sequence needs a block and none is free, the newest sequence is preempted: its blocks are
 freed and it is recomputed later (its prompt and generated tokens re-prefilled, mostly from the prefix cache),
 continuing exactly where it stopped — its seeded generator and tokens are kept.
@@ -373,14 +375,20 @@ class Engine:
     def _prefill(self, outputs):
         """Compute up to `prefill_chunk` context tokens, over as many waiting requests as fit, in one forward."""
         budget, batch = self.prefill_chunk, []                       # (group, start, end)
+        computing: set[tuple] = set()                                # first-block keys computed in this forward
         while budget > 0:
             if self.prefilling is None:
                 if not self.waiting or self.num_running + len(self.waiting[0]) > self.max_batch:
                     break
+                head = self._first_block_key(self.waiting[0][0])
+                if head is not None and head in computing and self.pool.lookup(head) is None:
+                    break                        # its prefix is being computed now: next step it is a cache hit
                 if not self._admit(self.waiting[0]):
                     break
                 self.prefilling = self.waiting.popleft()
             first = self.prefilling[0]
+            if first.cached == 0:
+                computing.add(self._first_block_key(first))
             ctx = first.context
             start, end = first.cached, min(len(ctx), first.cached + budget)
             batch.append((self.prefilling, start, end))
@@ -414,6 +422,10 @@ class Engine:
         seqs = [s for _, g, _ in fresh for s in g if s in self.running]
         rows = torch.tensor([j for j, (_, g, _) in enumerate(fresh) for s in g if s in self.running])
         self._sample(seqs, logits[rows], outputs)
+
+    def _first_block_key(self, seq: Sequence) -> tuple | None:
+        """The prefix-cache key of the sequence's first prompt block, None when its prompt has no full block."""
+        return self._key(seq, self.block_size) if len(seq.prompt) > self.block_size else None
 
     def _publish(self, seq: Sequence) -> None:
         """Offer the sequence's full prompt blocks to the prefix cache."""

@@ -483,7 +483,7 @@ class SlotTable:
 
     def set(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, live: bool = False) -> None:
         self.tensors[slot] = (A, B, scale)
-        self._bt[slot] = None if live else B.t().contiguous()
+        self._bt[slot] = None if live or B.device.type != "cpu" else B.t().contiguous()
         self._refresh()
 
     def clear(self, slot: int) -> None:

@@ -146,3 +146,17 @@ def test_n_samples_continue_the_same_prompt_greedily():
     for prompt, group in zip([[4, 5, 6], [7, 8]], outs):
         for c in group:       # a sample whose prompt KV was copied, not computed, decodes the same
             assert c.token_ids == reference_greedy(model, prompt, 6)
+
+
+def test_requests_sharing_a_prefix_added_together_compute_it_once():
+    model = tiny_model()
+    engine = Engine(model, max_seq_len=64, block_size=4, prefill_chunk=64)
+    system = list(range(40, 50))                                                  # 2 full blocks + 2 tokens
+    prompts = [system + [i] for i in range(1, 6)] + [[7, 8, 9, 10, 11]]           # the last shares nothing
+    greedy = SamplingParams(temperature=0, max_tokens=5)
+    outs = engine.generate(prompts, greedy)
+    for p, (c,) in zip(prompts, outs):
+        assert c.token_ids == reference_greedy(model, p, 5)
+    # the first request computes all 11 tokens; the other four wait a step and reuse 8 of theirs
+    assert engine.stats["prefix_cache_hit_tokens"] == 4 * 8
+    assert engine.stats["prefill_tokens"] == 11 + 4 * 3 + 5

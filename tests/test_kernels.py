@@ -162,3 +162,28 @@ def test_rms_norm_and_rope_kernels_equal_their_torch_formulas():
     torch.testing.assert_close(kernels.rope(q, cos, sin), q * cos + rotate_half(q) * sin, rtol=1e-6, atol=1e-6)
     assert kernels.rope(q.transpose(1, 2), cos, sin) is None          # another layout: the caller's torch path
     assert kernels.rms_norm(torch.randn(65, 8), torch.ones(8), 1e-5) is None   # many rows: torch
+
+
+def test_without_a_compiler_everything_runs_on_the_reference_path(tmp_path):
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from rftkit import kernels\n"
+        "from rftkit.engine import Engine\n"
+        "from rftkit.sampling import SamplingParams\n"
+        "from tests.conftest import tiny_model\n"
+        "from tests.test_engine import reference_greedy\n"
+        "assert not kernels.available(), kernels.status()\n"
+        "print(kernels.status())\n"
+        "model = tiny_model()\n"
+        "got = Engine(model, max_seq_len=64).generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=6))\n"
+        "assert got[0][0].token_ids == reference_greedy(model, [3, 4, 5], 6)\n"
+    )
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), RFTKIT_CACHE=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "could not compile the decode kernels" in out.stdout
