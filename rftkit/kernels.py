@@ -1,6 +1,7 @@
 """Hand-written CPU kernels for the decode path (fp32, AVX2 + FMA, OpenMP), each with its torch reference.
 
     y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 8 rows
+    q, k, v = linear_many(x, [Wq, Wk, Wv], [None] * 3)   # several weights of one input, one call
     out = paged_attention(q, K, V, table, qpos, block_size, window)
     lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
     tokens, logp = sample_rows(logits, temperature, u)   # inverse-CDF sampling in one pass per row
@@ -112,6 +113,36 @@ static inline __m256 exp256(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* Several GEMVs of the same x (q, k, v; gate, up) in one parallel region: weight j is W[j] [N[j], K] with
+   bias b[j] (or 0) into y[j] [M, N[j]]; the threads split the concatenated rows. nw <= 4. */
+void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N, int nw,
+               int M, int K, int nt) {
+  long total = 0, start[5];
+  for (int j = 0; j < nw; j++) { start[j] = total; total += N[j]; }
+  start[nw] = total;
+  #pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    long r0 = (total * t / T) & ~3L, r1 = t == T - 1 ? total : (total * (t + 1) / T) & ~3L;
+    for (int j = 0; j < nw; j++) {
+      long a = r0 > start[j] ? r0 : start[j], e = r1 < start[j + 1] ? r1 : start[j + 1];
+      if (a >= e) continue;
+      const float* w = (const float*)W[j]; const float* bj = (const float*)b[j]; float* yj = (float*)y[j];
+      long n0 = a - start[j], n1 = e - start[j];
+      switch (M) {
+        case 1: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 1, 4); break;
+        case 2: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 2, 4); break;
+        case 3: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 3, 2); break;
+        case 4: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 4, 2); break;
+        case 5: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 5, 1); break;
+        case 6: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 6, 1); break;
+        case 7: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 7, 1); break;
+        default: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 8, 1); break;
+      }
+    }
+  }
 }
 
 /* One query per row over a paged cache, read in place. q [B, H, hd]; kc, vc [slots, Hkv, hd] (token-major
@@ -334,6 +365,7 @@ def _load():
     lib = ctypes.CDLL(str(so))
     P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.gemv.argtypes = [P, P, P, P, I, I, I, I]
+    lib.gemv_many.argtypes = [P, P, P, P, P, I, I, I, I]
     lib.paged_attn.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, I, Fl, I]
     lib.rms_norm.argtypes = [P, P, P, I, I, Fl]
     lib.rope.argtypes = [P, P, P, P, I, I, I]
@@ -419,6 +451,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     y = torch.empty_like(x)
     lib.rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B * T, n, hd)
     return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several linears of one input
+
+def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
+    """[F.linear(x, w, b) ...] for up to 4 weights sharing x [.., K], in one kernel call for <= 8 rows;
+    None where the kernel does not apply (the caller runs them one by one)."""
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    if not 0 < M <= GEMV_MAX_ROWS or K % 8 or not 0 < len(weights) <= 4 \
+            or not all(w.is_contiguous() and w.shape[1] == K for w in weights):
+        return None
+    lib = _usable(x, *weights, *[b for b in biases if b is not None])
+    if lib is None:
+        return None
+    x2 = x.reshape(M, K).contiguous()
+    ys = [torch.empty(*x.shape[:-1], w.shape[0]) for w in weights]
+    bs = [b.contiguous() if b is not None else None for b in biases]
+    ptrs = torch.tensor([[w.data_ptr() for w in weights], [0 if b is None else b.data_ptr() for b in bs],
+                         [y.data_ptr() for y in ys]], dtype=torch.int64)
+    N = torch.tensor([w.shape[0] for w in weights], dtype=torch.int32)
+    lib.gemv_many(x2.data_ptr(), ptrs[0].data_ptr(), ptrs[1].data_ptr(), ptrs[2].data_ptr(), N.data_ptr(),
+                  len(weights), M, K, torch.get_num_threads())
+    return ys
 
 
 # ----------------------------------------------------------------------------------------------------------

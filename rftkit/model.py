@@ -261,6 +261,15 @@ def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
+def linears(mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """[m(x) for m in mods]; plain nn.Linear layers of a decode step in one kernel call (q/k/v, gate/up)."""
+    if all(type(m) is nn.Linear for m in mods):
+        ys = kernels.linear_many(x, [m.weight for m in mods], [m.bias for m in mods])
+        if ys is not None:
+            return ys
+    return [linear(m, x) for m in mods]
+
+
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Boolean mask [B, 1, T, S] (True = attend) from query positions [B, T] and key positions [B, S]."""
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
@@ -289,9 +298,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, cache=None, mask=None):
         B, T, _ = x.shape
-        q = linear(self.q_proj, x).view(B, T, self.n_heads, self.hd)
-        k = linear(self.k_proj, x).view(B, T, self.n_kv, self.hd)
-        v = linear(self.v_proj, x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        q, k, v = linears([self.q_proj, self.k_proj, self.v_proj], x)
+        q = q.view(B, T, self.n_heads, self.hd)
+        k = k.view(B, T, self.n_kv, self.hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)                    # [B, Hkv, T, hd]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin).transpose(1, 2)                                # [B, H, T, hd]
@@ -335,7 +345,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, dim, bias=bias)
 
     def forward(self, x):
-        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+        gate, up = linears([self.gate_proj, self.up_proj], x)
+        return linear(self.down_proj, F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -187,3 +187,16 @@ def test_without_a_compiler_everything_runs_on_the_reference_path(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert "could not compile the decode kernels" in out.stdout
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_linear_many_equals_one_f_linear_each(M):
+    g = _gen(M)
+    K = 32
+    ws = [torch.randn(n, K, generator=g) for n in (12, 5, 37)]      # row counts not multiples of 4
+    bs = [torch.randn(12, generator=g), None, torch.randn(37, generator=g)]
+    x = torch.randn(M, 1, K, generator=g)
+    got = kernels.linear_many(x, ws, bs)
+    for y, w, b in zip(got, ws, bs):
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert kernels.linear_many(torch.randn(9, K), ws, bs) is None      # too many rows: one by one
