@@ -78,23 +78,48 @@ static inline void gemv_tile(const float* x, const float* W, const float* bias, 
     for (int m = 0; m < M; m++) y[(long)m * N + n] = dot(x + (long)m * K, W + n * K, K) + (bias ? bias[n] : 0.f);
 }
 
-/* y[M, N] = x[M, K] @ W[N, K]^T + bias; K % 8 == 0, 1 <= M <= 8; each thread a contiguous run of rows */
-void gemv(const float* x, const float* W, const float* bias, float* y, int M, int N, int K, int nt) {
-  #pragma omp parallel num_threads(nt)
-  {
-    int t = omp_get_thread_num(), T = omp_get_num_threads();
-    long n0 = ((long)N * t / T) & ~3L, n1 = t == T - 1 ? N : ((long)N * (t + 1) / T) & ~3L;
-    switch (M) {
-      case 1: gemv_tile(x, W, bias, y, n0, n1, N, K, 1, 4); break;
-      case 2: gemv_tile(x, W, bias, y, n0, n1, N, K, 2, 4); break;
-      case 3: gemv_tile(x, W, bias, y, n0, n1, N, K, 3, 2); break;
-      case 4: gemv_tile(x, W, bias, y, n0, n1, N, K, 4, 2); break;
-      case 5: gemv_tile(x, W, bias, y, n0, n1, N, K, 5, 1); break;
-      case 6: gemv_tile(x, W, bias, y, n0, n1, N, K, 6, 1); break;
-      case 7: gemv_tile(x, W, bias, y, n0, n1, N, K, 7, 1); break;
-      default: gemv_tile(x, W, bias, y, n0, n1, N, K, 8, 1); break;
+/* rows [n0, n1) of weight w into y, M picked at run time */
+static void gemv_rows(const float* x, const float* w, const float* bias, float* y, long n0, long n1, int N, int K,
+                      int M) {
+  switch (M) {
+    case 1: gemv_tile(x, w, bias, y, n0, n1, N, K, 1, 4); break;
+    case 2: gemv_tile(x, w, bias, y, n0, n1, N, K, 2, 4); break;
+    case 3: gemv_tile(x, w, bias, y, n0, n1, N, K, 3, 2); break;
+    case 4: gemv_tile(x, w, bias, y, n0, n1, N, K, 4, 2); break;
+    case 5: gemv_tile(x, w, bias, y, n0, n1, N, K, 5, 1); break;
+    case 6: gemv_tile(x, w, bias, y, n0, n1, N, K, 6, 1); break;
+    case 7: gemv_tile(x, w, bias, y, n0, n1, N, K, 7, 1); break;
+    default: gemv_tile(x, w, bias, y, n0, n1, N, K, 8, 1); break;
+  }
+}
+
+/* Several GEMVs of the same x (q, k, v; gate, up) in one parallel region: weight j is W[j] [N[j], K] with
+   bias b[j] (or 0) into y[j] [M, N[j]]; K % 8 == 0, 1 <= M <= 8, nw <= 4. The concatenated rows are dealt in
+   runs of 16, guided: long contiguous stretches first, short ones last, so the threads finish together even
+   when the OS holds one of them up. */
+#define RUN 16
+void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N, int nw,
+               int M, int K, int nt) {
+  long total = 0, start[5];
+  for (int j = 0; j < nw; j++) { start[j] = total; total += N[j]; }
+  start[nw] = total;
+  long runs = (total + RUN - 1) / RUN;
+  #pragma omp parallel for schedule(guided, 1) num_threads(nt)
+  for (long c = 0; c < runs; c++) {
+    long r0 = c * RUN, r1 = r0 + RUN < total ? r0 + RUN : total;
+    for (int j = 0; j < nw; j++) {
+      long a = r0 > start[j] ? r0 : start[j], e = r1 < start[j + 1] ? r1 : start[j + 1];
+      if (a < e)
+        gemv_rows(x, (const float*)W[j], (const float*)b[j], (float*)y[j], a - start[j], e - start[j], N[j], K, M);
     }
   }
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T + bias (bias may be 0) */
+void gemv(const float* x, const float* W, const float* bias, float* y, int M, int N, int K, int nt) {
+  int64_t w = (int64_t)W, bb = (int64_t)bias, yy = (int64_t)y;
+  int32_t n = N;
+  gemv_many(x, &w, &bb, &yy, &n, 1, M, K, nt);
 }
 
 /* exp(x) for 8 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2 (Cephes' polynomial, ~1 ulp); -inf -> 0 */
@@ -113,36 +138,6 @@ static inline __m256 exp256(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-/* Several GEMVs of the same x (q, k, v; gate, up) in one parallel region: weight j is W[j] [N[j], K] with
-   bias b[j] (or 0) into y[j] [M, N[j]]; the threads split the concatenated rows. nw <= 4. */
-void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N, int nw,
-               int M, int K, int nt) {
-  long total = 0, start[5];
-  for (int j = 0; j < nw; j++) { start[j] = total; total += N[j]; }
-  start[nw] = total;
-  #pragma omp parallel num_threads(nt)
-  {
-    int t = omp_get_thread_num(), T = omp_get_num_threads();
-    long r0 = (total * t / T) & ~3L, r1 = t == T - 1 ? total : (total * (t + 1) / T) & ~3L;
-    for (int j = 0; j < nw; j++) {
-      long a = r0 > start[j] ? r0 : start[j], e = r1 < start[j + 1] ? r1 : start[j + 1];
-      if (a >= e) continue;
-      const float* w = (const float*)W[j]; const float* bj = (const float*)b[j]; float* yj = (float*)y[j];
-      long n0 = a - start[j], n1 = e - start[j];
-      switch (M) {
-        case 1: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 1, 4); break;
-        case 2: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 2, 4); break;
-        case 3: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 3, 2); break;
-        case 4: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 4, 2); break;
-        case 5: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 5, 1); break;
-        case 6: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 6, 1); break;
-        case 7: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 7, 1); break;
-        default: gemv_tile(x, w, bj, yj, n0, n1, N[j], K, 8, 1); break;
-      }
-    }
-  }
 }
 
 /* One query per row over a paged cache, read in place. q [B, H, hd]; kc, vc [slots, Hkv, hd] (token-major
