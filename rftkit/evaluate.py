@@ -21,6 +21,7 @@ class EvalConfig:
     model: str | None = None             # model folder / .gguf / None = embedded (ignored with --base-url)
     adapter: str | None = None           # LoRA adapter folder (PEFT format)
     task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
+    reward: str = ""                     # replaces the task's own reward (built-in name or file.py:fn)
     split: str = "test"                  # train, validation or test
     n: int = 200                         # problems
     samples: int = 1                     # completions per problem (pass@k needs samples >= k)
@@ -64,9 +65,12 @@ def evaluate(model, tok, task, split: str = "test", n: int = 200, samples: int =
 
 
 def _score(task, problems, texts, k, seconds) -> dict:
-    rows, correct = [], []
+    from rftkit.rewards import score_batch
+    flat = score_batch({"task": task.default_reward}, [t for outs in texts for t in outs],
+                       [p for p, outs in zip(problems, texts) for _ in outs])["task"]   # checked, concurrent
+    rows, correct, i = [], [], 0
     for p, outs in zip(problems, texts):
-        scores = [task.default_reward(t, p) for t in outs]
+        scores, i = flat[i:i + len(outs)], i + len(outs)
         c = sum(s >= 1 for s in scores)
         correct.append(c)
         rows.append({"id": p.get("id"), "completions": outs, "scores": scores})
@@ -96,8 +100,11 @@ def evaluate_remote(base_url: str, served_model: str, task, split="test", n=200,
 
 
 def run_eval(cfg: EvalConfig) -> int:
+    from rftkit.rewards import load_reward
     from rftkit.tasks import get_task
     task = get_task(cfg.task)
+    if cfg.reward:
+        task.default_reward = load_reward(cfg.reward)
     if cfg.base_url:
         if not cfg.served_model:
             raise ValueError("--base-url needs --served-model (the `model` field to send)")

@@ -43,6 +43,7 @@ from rftkit.train_utils import MetricsLog, latest_checkpoint, load_checkpoint, l
 class GRPOConfig:
     model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
     task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
+    task_reward: str = ""                # replaces the task's own reward (e.g. "code" for a JSONL of tests)
     reward: list[str] = field(default_factory=list)   # extra rewards (built-in names or file.py:fn), added
     reward_weights: list[float] = field(default_factory=list)  # weights of the extra rewards (default 1)
     output: str = "rft-run"              # run folder: metrics, checkpoints, adapter, plots
@@ -248,7 +249,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                          f"needs at least one prompt per step")
     mine = dist.shard(list(range(cfg.prompts_per_step)))   # this process's prompts, whole groups
     task = task or get_task(cfg.task)                      # task and rewards first: a bad name fails in seconds
-    rewards = {"task": task.default_reward}
+    rewards = {"task": load_reward(cfg.task_reward) if cfg.task_reward else task.default_reward}
     weights = {"task": 1.0}
     for i, spec in enumerate(cfg.reward):
         rewards[spec] = load_reward(spec)

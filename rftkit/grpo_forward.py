@@ -11,9 +11,9 @@ exactly that of the naive batch (tested), at roughly (Tp + G·Tc) / (G·(Tp + Tc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from rftkit.model import KVCache, Transformer
+from rftkit.train_utils import hidden_logprobs
 
 
 def _pad(rows: list[list[int]], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,25 +63,11 @@ def group_logprobs(model: Transformer, prompts: list[list[int]], completions: li
     h_comp, aux_c = model(c_ids, positions=c_pos, cache=_RepeatedCache(cache, G), return_hidden=True)
     # the hidden state before token t predicts token t: [prompt's last, completion[:-1]]
     h = torch.cat([last.repeat_interleave(G, dim=0)[:, None], h_comp[:, :-1]], dim=1)  # [N, Tc, D]
-    logp, entropy = token_logprobs_from_hidden(model, h, c_ids, temperature, with_entropy)
+    if with_entropy:
+        logp, entropy = hidden_logprobs(h, c_ids, model.lm_head, temperature=temperature, with_entropy=True)
+    else:
+        logp, entropy = hidden_logprobs(h, c_ids, model.lm_head, temperature=temperature), None
     mask = c_valid.to(logp.dtype)
     aux = {k: aux_p.get(k, 0.0) + aux_c.get(k, 0.0) for k in set(aux_p) | set(aux_c)}
     return logp * mask, mask, (entropy * mask if entropy is not None else None), aux
 
-
-def token_logprobs_from_hidden(model: Transformer, h: torch.Tensor, targets: torch.Tensor,
-                               temperature: float = 1.0, with_entropy: bool = False, chunk: int = 1024):
-    """h [N, T, D], targets [N, T] -> log-probs [N, T] (and entropies), computing the [*, V] logits a
-    chunk of rows at a time so that N·T·V floats never exist at once."""
-    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    out, ent = [], []
-    for i in range(0, flat_h.shape[0], chunk):
-        logits = model.lm_head(flat_h[i:i + chunk]).float() / temperature          # [c, V]
-        lse = torch.logsumexp(logits, dim=-1)
-        out.append(logits.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1) - lse)
-        if with_entropy:
-            with torch.no_grad():
-                p = F.softmax(logits, dim=-1)
-                ent.append(lse - (p * logits).sum(-1))
-    logp = torch.cat(out).view_as(targets)
-    return logp, (torch.cat(ent).view_as(targets) if with_entropy else None)

@@ -32,20 +32,28 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 204
     return torch.cat(out).view(targets.shape)
 
 
-def _chunk_logprobs(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logprobs(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temperature: float,
+                    with_entropy: bool = False):
     logits = F.linear(h, weight).float() / temperature                             # [c, V]
-    return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp
+    with torch.no_grad():                                                          # H = lse - E_p[logits]
+        return logp, lse - (F.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 RECOMPUTE_BYTES = 1 << 30     # keep the logits for backward up to 1 GiB, recompute them above
 
 
 def hidden_logprobs(h: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, chunk: int = 1024,
-                    temperature: float = 1.0, recompute: bool | None = None) -> torch.Tensor:
+                    temperature: float = 1.0, recompute: bool | None = None, with_entropy: bool = False):
     """Final hidden states h [..., D] and targets [...] -> log p(target) [...], computing the [*, V] logits
     one chunk of rows at a time. With `recompute` each chunk's logits are recomputed in backward instead of
     kept, so [N, V] never exists (N = all rows; at V = 49152 that is the largest tensor of a step); by default
-    only when keeping them would take more than RECOMPUTE_BYTES (recomputing costs one more lm_head matmul)."""
+    only when keeping them would take more than RECOMPUTE_BYTES (recomputing costs one more lm_head matmul).
+    with_entropy: return (log-probs, entropies [...]) — the entropy of each row's distribution at
+    `temperature`, from the same logits, without gradient (GRPO logs it)."""
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     weight = lm_head.weight
     if getattr(lm_head, "bias", None) is not None:
@@ -55,10 +63,14 @@ def hidden_logprobs(h: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Mo
         recompute = flat_h.shape[0] * weight.shape[0] * 4 > RECOMPUTE_BYTES
     out = []
     for i in range(0, flat_h.shape[0], chunk):
-        args = (flat_h[i:i + chunk], flat_t[i:i + chunk], weight, temperature)
+        args = (flat_h[i:i + chunk], flat_t[i:i + chunk], weight, temperature) + ((True,) if with_entropy else ())
         out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute and grad
                    else _chunk_logprobs(*args))
-    return torch.cat(out).view(targets.shape) if out else flat_h.new_zeros(targets.shape)
+    if not with_entropy:
+        return torch.cat(out).view(targets.shape) if out else flat_h.new_zeros(targets.shape)
+    if not out:
+        return flat_h.new_zeros(targets.shape), flat_h.new_zeros(targets.shape)
+    return torch.cat([o[0] for o in out]).view(targets.shape), torch.cat([o[1] for o in out]).view(targets.shape)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

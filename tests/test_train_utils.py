@@ -36,6 +36,20 @@ def test_hidden_logprobs_values_and_gradients(recompute):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_hidden_logprobs_entropy_equals_the_distributions_entropy(recompute):
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(16, 40, bias=False)
+    h = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (2, 9), generator=g)
+    logp, ent = hidden_logprobs(h, t, head, chunk=5, temperature=0.7, recompute=recompute, with_entropy=True)
+    dist = torch.softmax(head(h).double() / 0.7, -1)
+    assert torch.allclose(ent.double(), -(dist * dist.log()).sum(-1), atol=1e-5) and not ent.requires_grad
+    assert torch.allclose(logp, hidden_logprobs(h, t, head, chunk=5, temperature=0.7), atol=1e-6)
+    logp.sum().backward()                                        # the log-probs keep their gradient path
+    assert h.grad is not None and h.grad.abs().sum() > 0
+
+
 def test_hidden_logprobs_recomputes_by_default_only_above_the_byte_limit(monkeypatch):
     """Default: keep the chunk logits for backward while N·V·4 bytes <= RECOMPUTE_BYTES (each chunk computed
     once), recompute them in backward above it (each chunk computed twice)."""
