@@ -8,7 +8,8 @@ Fixed lengths (EOS ignored), T=1, fp32, tok/s = generated tokens / wall time inc
                    also the fraction of the bandwidth roofline measured in this run;
   batched          --batch requests of the same prompt: ours vs transformers;
   1 adapter        the batched case with every request on one LoRA adapter (r=16, all-linear, random PEFT
-                   files in a temp dir, served through engine.adapters), vs the base model;
+                   files in a temp dir, served through engine.adapters, loaded into their slots before
+                   timing), vs the base model;
   16 adapters      the batched case with request i on adapter i % 16, vs 1 adapter.
 The three engine cases alternate within each repeat (medians reported), so machine noise hits them alike.
 Roofline: a decode step reads every weight once; memory bandwidth is measured here as the faster of a
@@ -156,6 +157,9 @@ def main():
     for i, path in enumerate(make_adapters(adapted_model, Path(tmp.name), N_ADAPTERS)):
         lora.adapters.register(f"a{i}", path)
         names.append(f"a{i}")
+    for name in names:                           # load every adapter into its slot once: timed runs serve them
+        lora.adapters.acquire(name)              # warm, as a server does after the first request
+        lora.adapters.release(name)
     ref = None if args.skip_hf else \
         transformers.AutoModelForCausalLM.from_pretrained(str(ensure_embedded()), dtype=torch.float32).eval()
     cpp = llama_cpp_runner(prompt)

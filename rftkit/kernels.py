@@ -5,6 +5,7 @@
     out = paged_attention(q, K, V, table, qpos, block_size, window)
     lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
     tokens, logp = sample_rows(logits, temperature, u)   # inverse-CDF sampling in one pass per row
+    y = rms_norm(x, w, eps); q = rope(q, cos, sin)        # decode rows (None: run the torch ops)
 
 Why. One decode step of a small model multiplies a handful of rows by every weight: it is bound by memory
 bandwidth, and torch's fp32 GEMV reached ~12 GB/s on this 2-core AVX2 machine where a copy reaches ~22-26.
@@ -12,9 +13,11 @@ The paged KV cache's torch path gathers every row's blocks into a contiguous cop
 (hundreds of MB per step at batch 64); the kernel reads the blocks where they are. The adapter bank's torch
 path runs two small matmuls plus an index_select/index_add per slot group and module; the kernel does every
 row's adapter in one call. Sampling at batch 64 spent ~14 ms a step in torch (log_softmax, a second softmax,
-cumsum over 49152 tokens, searchsorted); the kernel reads each row's logits three times. Each kernel is a few dozen lines of C built once with the system compiler into the
-cache (like rftkit.quantize's int8/int4 kernel; no torch headers, < 1 s) and loaded with ctypes. The shared
-object links `libgomp.so.1`, which torch has loaded already, so kernels and torch share one OpenMP pool.
+cumsum over 49152 tokens, searchsorted); the kernel reads each row's logits three times. RMSNorm and RoPE of
+a decode step are ~7 torch ops each per layer, pure dispatch overhead at one row. The kernels are C built
+once with the system compiler into the cache (like rftkit.quantize's int8/int4 kernel; no torch headers,
+~1 s) and loaded with ctypes. The shared object links `libgomp.so.1`, which torch has loaded already, so
+kernels and torch share one OpenMP pool.
 
 Every entry point falls back to plain torch ops (the reference the tests compare against) when a kernel does
 not apply: no compiler or no AVX2, a CUDA or non-fp32 tensor, autograd recording, shapes the kernel does not
