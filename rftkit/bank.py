@@ -150,6 +150,12 @@ class AdapterBank:
             self._clear(slot)
         del self.registered[name]
 
+    def live_tensors(self) -> list[torch.Tensor]:
+        """The trainer tensors that live slots read (their version counters tell the engine weights changed)."""
+        live = [self.slot_of[n] for n, r in self.registered.items() if r["path"] is None and n in self.slot_of]
+        return [t for layer in self.layers.values() for k in live if layer.slots.tensors[k] is not None
+                for t in layer.slots.tensors[k][:2]]
+
     def info(self) -> list[dict]:
         return [{"name": n, "path": r["path"], "rank": r["rank"], "slot": self.slot_of.get(n),
                  "last_used": self.last_used[self.slot_of[n]] if n in self.slot_of else None}

@@ -222,12 +222,18 @@ class Engine:
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "shared_prefill_tokens": 0,
                       "prefix_cache_hit_tokens": 0, "preemptions": 0, "steps": 0, "finished": 0, "aborted": 0}
         self._pending: list[StepOutput] = []
-        self._weights = self._weights_version()
+        self._params: list[torch.Tensor] = []
+        self._idle = True
+        self._weights = self._weights_version(refresh=True)
 
-    def _weights_version(self) -> int:
+    def _weights_version(self, refresh: bool) -> int:
         # in-place updates (optimizer steps, load_state_dict, merges) bump a tensor's version counter: a trainer
-        # stepping the live adapter between rollouts must not be served keys cached under the old weights
-        return sum(p._version for p in self.model.parameters())
+        # stepping the live adapter between rollouts must not be served keys cached under the old weights.
+        # Walking the module tree costs ~1 ms, so the tensor list is rebuilt only when the engine starts work
+        # after being idle (where trainers change weights and modules); busy steps re-read its counters.
+        if refresh:
+            self._params = list(self.model.parameters()) + self.adapters.live_tensors()
+        return sum(p._version for p in self._params)
 
     def clear_prefix_cache(self) -> None:
         self.pool.forget()
@@ -353,7 +359,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         self.stats["steps"] += 1
-        version = self._weights_version()
+        version = self._weights_version(refresh=self._idle)
         if version != self._weights:
             self.clear_prefix_cache()
             self._weights = version
@@ -362,6 +368,7 @@ class Engine:
         if decoding:
             self._decode(decoding, outputs)
         self._prefill(outputs)
+        self._idle = not self.has_unfinished()
         return outputs
 
     def _forward(self, seqs, ids, pos, **kw):

@@ -109,3 +109,32 @@ def test_adapter_errors_and_live_binding(tmp_path):
         want, _ = trainer(ids)
     engine.adapters.set_rows(None)
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, model(ids)[0], atol=1e-3)
+
+
+def test_live_adapter_updated_in_place_invalidates_the_prefix_cache():
+    model = tiny_model()
+    trainer = apply_lora(copy.deepcopy(model), LoRAConfig(r=4, targets=["all-linear"]))
+    live = lora_modules(trainer)
+    with torch.no_grad():
+        for m in live.values():
+            m.lora_B.normal_(std=0.3)
+    engine = Engine(model, max_seq_len=64, block_size=4, adapter_slots=2)
+    engine.adapters.bind_live("live", live)
+    prompt = list(range(20, 30)) + [1]
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+
+    def run():
+        engine.add_request(prompt, greedy, adapter="live")
+        got = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                got += out.token_ids
+        return got
+
+    assert run() == reference_greedy(trainer, prompt, 6)
+    assert run() == reference_greedy(trainer, prompt, 6) and engine.stats["prefix_cache_hit_tokens"] == 8
+    with torch.no_grad():                                  # an optimizer step on the trainer's tensors
+        for m in live.values():
+            m.lora_B.mul_(-1.0)
+    assert run() == reference_greedy(trainer, prompt, 6)   # recomputed, not served from stale blocks
+    assert engine.stats["prefix_cache_hit_tokens"] == 8
