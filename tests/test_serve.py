@@ -387,3 +387,15 @@ def test_adapter_directory_is_live_and_refusals_name_the_adapter(served):
         assert r.status_code == status and words in r.json()["error"]["message"], r.text
     r = served.post("/v1/adapters/unload", {"name": "never-loaded"})
     assert r.status_code == 404 and "not loaded" in r.json()["error"]["message"]
+
+
+def test_api_key_from_the_environment(served, monkeypatch):
+    from rftkit.serve import ServeConfig, Server
+    model, tok = served.server.engine.model, served.server.tok
+    monkeypatch.setenv("RFTKIT_API_KEY", "from-env")
+    assert Server(ServeConfig(kv_budget_mb=1, max_batch=2), model=model, tok=tok).api_key == "from-env"
+    assert Server(ServeConfig(api_key="flag", kv_budget_mb=1, max_batch=2), model=model, tok=tok).api_key == "flag"
+    monkeypatch.delenv("RFTKIT_API_KEY")
+    assert Server(ServeConfig(kv_budget_mb=1, max_batch=2), model=model, tok=tok).api_key is None
+    with pytest.raises(ValueError, match="max_loaded_adapters must be positive, got 0"):
+        ServeConfig(max_loaded_adapters=0)
