@@ -57,7 +57,7 @@ class CompressConfig:
     head_bits: int = 8                   # lm_head (and tied embedding) bits for int8/int4; 0 = keep fp32
     sparsity: float = 0.5                # fraction of weights pruned (magnitude, wanda)
     pattern: str = "unstructured"        # unstructured or N:M, e.g. 2:4 (magnitude, wanda)
-    ratio: float = 0.25                  # fraction of MLP neurons / attention head groups removed (structured, distill)
+    ratio: float = 0.25                  # fraction of MLP neurons (and query heads) removed per layer (structured, distill)
     head_ratio: float = -1.0             # fraction of query heads per GQA group removed (-1 = same as ratio)
     energy: float = 0.9                  # retained squared singular values per matrix (svd)
     rank: int = 0                        # fixed rank of every factorized matrix (svd); 0 = from --energy
@@ -67,6 +67,7 @@ class CompressConfig:
     distill_steps: int = 200             # optimizer steps of distillation
     distill_lr: float = 1e-4             # distillation learning rate
     distill_samples: int = 256           # task train prompts answered by the teacher as distillation text (0 = text only)
+    distill_batch: int = 8               # sequences per distillation step (calibration text cut into 128-token rows)
     speed_tokens: int = 64               # decode tokens timed per speed measurement; 0 = skip
     batch: int = 32                      # rows of the batched decode measurement
     seed: int = 0
@@ -195,6 +196,7 @@ def compress(model, method: str, calib: torch.Tensor | None = None, teacher=None
                 raise ValueError("distill needs data: calibration batches or teacher samples")
             record["distill"] = distill(model, teacher, data, steps=settings.get("distill_steps", 200),
                                         lr=settings.get("distill_lr", 1e-4), seed=settings.get("seed", 0),
+                                        batch=settings.get("distill_batch", 8),
                                         log_every=settings.get("log_every", 0))
     elif method == "svd":
         from rftkit.factorize import low_rank

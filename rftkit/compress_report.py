@@ -40,7 +40,7 @@ GRID = {
     "wanda": [{"sparsity": 0.3}, {"sparsity": 0.5}, {"pattern": "2:4"}],
     "structured": [{"ratio": 0.15}, {"ratio": 0.3}],
     "svd": [{"energy": 0.95}, {"energy": 0.99}],
-    "kmeans": [{"clusters": 16}, {"clusters": 64}],
+    "kmeans": [{"clusters": 16}, {"clusters": 256}],
     "distill": [{"ratio": 0.3}],
 }
 
@@ -91,12 +91,14 @@ def measure(model, tok, cfg: CompressConfig, task, adapter: str | None, ppl_ids)
 def compress_settings(cfg: CompressConfig) -> dict:
     return dict(group_size=cfg.group_size, head_bits=cfg.head_bits, sparsity=cfg.sparsity, pattern=cfg.pattern,
                 ratio=cfg.ratio, head_ratio=cfg.head_ratio, energy=cfg.energy, rank=cfg.rank, clusters=cfg.clusters,
-                distill_steps=cfg.distill_steps, distill_lr=cfg.distill_lr, seed=cfg.seed, log_every=10)
+                distill_steps=cfg.distill_steps, distill_lr=cfg.distill_lr, distill_batch=cfg.distill_batch,
+                seed=cfg.seed, log_every=10)
 
 
 def distill_text(teacher, tok, cfg: CompressConfig, task, calib: torch.Tensor) -> list[list[int]]:
-    """Calibration rows plus the teacher's answers to `distill_samples` train prompts of the task."""
-    rows = [r.tolist() for r in calib]
+    """Calibration text in rows of 128 tokens plus the teacher's answers to `distill_samples` train prompts of
+    the task (short rows: a step's cost grows with the longest row of its batch)."""
+    rows = [c.tolist() for r in calib for c in r.split(128)]
     if cfg.distill_samples:
         from rftkit.distill import teacher_samples
         convs = [s["messages"] for s in task.samples("train", cfg.distill_samples, seed=cfg.seed)]
