@@ -103,9 +103,10 @@ def start_server(args, adapters: Path, log) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the server did not answer /health within 120 s (log: {log.name})")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process (all threads), or of its thread `tid` (Linux /proc)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -228,9 +229,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run_phase(name: str, url: str, pid: int, specs: list[dict], args) -> dict:
-    before, cpu0 = read_metrics(url), cpu_seconds(pid)
+    before, cpu0, http0 = read_metrics(url), cpu_seconds(pid), cpu_seconds(pid, pid)
     results, wall = asyncio.run(drive(url, specs, args.concurrency, args.tokens, args.timeout))
-    after, cpu = read_metrics(url), cpu_seconds(pid) - cpu0
+    # the main thread runs the event loop (HTTP, JSON, detokenizing); the others are the engine and torch's
+    after, cpu, http = read_metrics(url), cpu_seconds(pid) - cpu0, cpu_seconds(pid, pid) - http0
     ok = [r for r in results if r["status"] == "ok"]
     bad = [r for r in results if r["status"] != "ok"]
     tokens = sum(r["tokens"] for r in ok)
@@ -241,7 +243,7 @@ def run_phase(name: str, url: str, pid: int, specs: list[dict], args) -> dict:
            "ttft_p50": pct([r["ttft"] for r in ok if r["ttft"] is not None], 50),
            "ttft_p99": pct([r["ttft"] for r in ok if r["ttft"] is not None], 99),
            "lat_p50": pct([r["latency"] for r in ok], 50), "lat_p99": pct([r["latency"] for r in ok], 99),
-           "cpu_ms_per_token": 1000 * cpu / max(tokens, 1),
+           "cpu_ms_per_token": 1000 * cpu / max(tokens, 1), "http_cpu_share": http / max(cpu, 1e-9),
            "registrations": hist(before, after, "adapter_load_seconds"),
            "slot_loads": hist(before, after, "adapter_slot_load_seconds"),
            "slot_loads_total": delta("adapter_loads_total"), "evictions": delta("adapter_evictions_total"),
@@ -251,7 +253,8 @@ def run_phase(name: str, url: str, pid: int, specs: list[dict], args) -> dict:
     print(f"{name:>5}: {out['requests']} requests over {out['adapters']} adapters in {wall:.1f} s: "
           f"{out['tok_s']:.1f} tok/s, {out['req_s']:.2f} req/s; errors {out['errors']}, lost {out['lost']}; "
           f"TTFT p50 {out['ttft_p50'] * 1e3:.0f} ms p99 {out['ttft_p99'] * 1e3:.0f} ms (streamed); latency p50 "
-          f"{out['lat_p50']:.2f} s p99 {out['lat_p99']:.2f} s; server CPU {out['cpu_ms_per_token']:.1f} ms/token; "
+          f"{out['lat_p50']:.2f} s p99 {out['lat_p99']:.2f} s; server CPU {out['cpu_ms_per_token']:.1f} ms/token "
+          f"({out['http_cpu_share']:.0%} in the HTTP thread); "
           f"load {out['load'][0]:.2f} {out['load'][1]:.2f} {out['load'][2]:.2f}", flush=True)
     reg, slot = out["registrations"], out["slot_loads"]
     print(f"       adapters: {reg['count']} registered (read + validate: mean {reg['mean'] * 1e3:.1f} ms, p50 "
