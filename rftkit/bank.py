@@ -64,7 +64,11 @@ class BankLinear(nn.Module):
                 continue
             A, B, scale = ab
             if idx is None:                                               # every row uses this slot
-                y = y + F.linear(F.linear(x, A), B) * scale
+                if torch.is_grad_enabled() or not y.is_contiguous():
+                    y = y + F.linear(F.linear(x, A), B) * scale
+                else:                                                     # in place: no [.., out] temporaries
+                    y.view(-1, self.out_features).addmm_(F.linear(x.reshape(-1, self.in_features), A), B.t(),
+                                                         alpha=scale)
             else:
                 delta = F.linear(F.linear(x.index_select(0, idx), A), B) * scale
                 y = y.index_add(0, idx, delta)
