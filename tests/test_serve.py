@@ -399,3 +399,29 @@ def test_api_key_from_the_environment(served, monkeypatch):
     assert Server(ServeConfig(kv_budget_mb=1, max_batch=2), model=model, tok=tok).api_key is None
     with pytest.raises(ValueError, match="max_loaded_adapters must be positive, got 0"):
         ServeConfig(max_loaded_adapters=0)
+
+
+def test_slot_loads_on_arrival_never_evict_what_the_queue_needs(served, tmp_path):
+    """Two slots; alpha and beta arrive and are copied into slots at once (timed); gamma arrives with two
+    requests queued, so loading it now could evict one they need: it waits for admission instead."""
+    import shutil
+
+    from rftkit.engine import Engine
+    from rftkit.loading import load
+    from rftkit.sampling import SamplingParams
+    from rftkit.serve_worker import EngineWorker, Metrics, Stream
+    for name in ("alpha", "beta"):
+        shutil.copytree(served.root / "adapters" / name, tmp_path / name)
+    shutil.copytree(served.root / "adapters" / "alpha", tmp_path / "gamma")
+    model, _ = load(str(served.base))
+    engine = Engine(model, max_seq_len=64, max_batch=4, adapter_slots=2)
+    worker = EngineWorker(engine, tmp_path, metrics=Metrics())
+    replies: list = []
+    for i, name in enumerate(("alpha", "beta", "gamma")):
+        worker._handle(("add", Stream([i], [([5, 6, 7], SamplingParams(max_tokens=3))], name)), replies)
+    assert [r for _, r in replies] == ["accepted"] * 3
+    assert sorted(engine.adapters.slot_of) == ["alpha", "beta"]         # gamma not loaded over a queued one
+    assert worker.metrics.hists["adapter_slot_load_seconds"][-1] == 2
+    done = [o.request_id for _ in range(20) if engine.has_unfinished() for o in engine.step() if o.finished]
+    assert sorted(done) == [0, 1, 2]
+    assert engine.adapters.stats["loads"] == 3 and "gamma" in engine.adapters.slot_of
