@@ -119,3 +119,10 @@ def test_judge_reply_without_a_score_is_an_error_showing_the_reply(tok_dir):  # 
         high("hi", sample)
     with pytest.raises(ValueError, match="needs a capture group"):
         LLMJudge(None, tok, pattern=r"\d+")
+
+
+def test_builtin_specs_for_code_and_judge(tmp_path):
+    from rftkit.rewards import load_reward
+    assert load_reward("code")("print(3)", {"tests": [{"stdout": "3"}]}) == 1.0
+    with pytest.raises((ValueError, FileNotFoundError), match="no_such_judge"):
+        load_reward(f"judge:{tmp_path / 'no_such_judge'}")
