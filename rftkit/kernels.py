@@ -250,6 +250,20 @@ void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, 
       const float* b = (const float*)Bw[k];
       if (Tr[k]) {                                        /* b [R, N] */
         int n = n0;
+        for (; n + 32 <= n1; n += 32) {                   /* 4 vectors per broadcast of tmp[r] */
+          __m256 a0 = _mm256_loadu_ps(yr + n), a1 = _mm256_loadu_ps(yr + n + 8);
+          __m256 a2 = _mm256_loadu_ps(yr + n + 16), a3 = _mm256_loadu_ps(yr + n + 24);
+          for (int r = 0; r < Rk; r++) {
+            const float* br = b + (long)r * N + n;
+            __m256 tv = _mm256_set1_ps(t[r]);
+            a0 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br), a0);
+            a1 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 8), a1);
+            a2 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 16), a2);
+            a3 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 24), a3);
+          }
+          _mm256_storeu_ps(yr + n, a0); _mm256_storeu_ps(yr + n + 8, a1);
+          _mm256_storeu_ps(yr + n + 16, a2); _mm256_storeu_ps(yr + n + 24, a3);
+        }
         for (; n + 8 <= n1; n += 8) {
           __m256 a = _mm256_loadu_ps(yr + n);
           for (int r = 0; r < Rk; r++) a = _mm256_fmadd_ps(_mm256_set1_ps(t[r]), _mm256_loadu_ps(b + (long)r * N + n), a);
