@@ -2,7 +2,7 @@
 
     python bench/serve.py                                   # 1,000 adapters on disk, 2,000 requests per phase
     python bench/serve.py --requests 200 --distinct 100     # smoke test
-    python bench/serve.py --soak                            # + 10,000 requests over the same server
+    python bench/serve.py --soak                            # + 10,000 requests, Zipf over all 1,000 adapters
 
 The server is `rft serve` in its own process (a real uvicorn on 127.0.0.1) on the embedded SmolLM2-135M, with
 `--adapters` pointing at N random PEFT-format adapters (r=8 on q_proj, v_proj; written once into the cache and
@@ -290,6 +290,7 @@ def main() -> int:
     ap.add_argument("--adapter-dir", type=Path, default=None, help="where the adapters are written (cache)")
     ap.add_argument("--soak", action="store_true", help="then 10,000 requests, Zipf over all adapters (slow)")
     ap.add_argument("--soak-requests", type=int, default=10_000)
+    ap.add_argument("--soak-distinct", type=int, default=None, help="adapters the soak draws from (default: all)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds before an unanswered request is lost")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -301,6 +302,7 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     popular = [names[i] for i in rng.permutation(args.adapters)[:args.distinct]]   # popularity rank order
     zipf = zipf_models(rng, popular, args.zipf_s, args.requests)
+    print(f"command: python bench/serve.py {' '.join(sys.argv[1:])}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; server: max_loaded_adapters "
           f"{args.max_loaded_adapters}, max_batch {args.max_batch}; {args.concurrency} clients, {args.tokens} "
           f"tokens per request, half streamed; {args.adapters} adapters on disk (r={RANK}, q_proj+v_proj)",
@@ -319,7 +321,8 @@ def main() -> int:
               f"{'met' if ratio >= 0.8 else 'NOT met'}); load {os.getloadavg()}", flush=True)
         if args.soak:
             rss0 = rss_mb(proc.pid)
-            soak = zipf_models(rng, names, args.zipf_s, args.soak_requests)
+            pool = names if args.soak_distinct is None else names[:args.soak_distinct]
+            soak = zipf_models(rng, [pool[i] for i in rng.permutation(len(pool))], args.zipf_s, args.soak_requests)
             phases.append(run_phase("soak", url, proc.pid, specs_for(soak, args, offset=2 * 10**6), args))
             print(f" soak: server RSS {rss0:.0f} MB before, {rss_mb(proc.pid):.0f} MB after", flush=True)
         failed = [p["name"] for p in phases if p["errors"] or p["lost"] or p["running_after"] != 0]
