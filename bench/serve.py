@@ -267,7 +267,7 @@ def run_phase(name: str, url: str, pid: int, specs: list[dict], args) -> dict:
     return out
 
 
-def specs_for(models: list[str], args, offset: int = 0) -> list[dict]:
+def specs_for(models: list[str], offset: int = 0) -> list[dict]:
     return [{"model": m, "prompt": f"Q{offset + i}: write one sentence about the number {offset + i}.",
              "seed": offset + i, "stream": i % 2 == 0} for i, m in enumerate(models)]
 
@@ -310,10 +310,10 @@ def main() -> int:
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"rftkit-bench-serve-{os.getpid()}.log", "w")
     proc, url = start_server(args, folder, log)
     try:
-        warm = specs_for([popular[0]] * args.concurrency, args, offset=10**6)
+        warm = specs_for([popular[0]] * args.concurrency, offset=10**6)
         asyncio.run(drive(url, warm, args.concurrency, args.tokens, args.timeout))
-        one = run_phase("one", url, proc.pid, specs_for([popular[0]] * args.requests, args), args)
-        many = run_phase("zipf", url, proc.pid, specs_for(zipf, args), args)
+        one = run_phase("one", url, proc.pid, specs_for([popular[0]] * args.requests), args)
+        many = run_phase("zipf", url, proc.pid, specs_for(zipf), args)
         phases = [one, many]
         ratio = many["tok_s"] / one["tok_s"]
         print(f"ratio zipf/one: {ratio:.4f} tok/s, {many['req_s'] / one['req_s']:.4f} req/s, server CPU per token "
@@ -323,7 +323,7 @@ def main() -> int:
             rss0 = rss_mb(proc.pid)
             pool = names if args.soak_distinct is None else names[:args.soak_distinct]
             soak = zipf_models(rng, [pool[i] for i in rng.permutation(len(pool))], args.zipf_s, args.soak_requests)
-            phases.append(run_phase("soak", url, proc.pid, specs_for(soak, args, offset=2 * 10**6), args))
+            phases.append(run_phase("soak", url, proc.pid, specs_for(soak, offset=2 * 10**6), args))
             print(f" soak: server RSS {rss0:.0f} MB before, {rss_mb(proc.pid):.0f} MB after", flush=True)
         failed = [p["name"] for p in phases if p["errors"] or p["lost"] or p["running_after"] != 0]
         if proc.poll() is not None:
