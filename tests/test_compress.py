@@ -240,3 +240,26 @@ def test_pareto_front():
     from rftkit.compress_report import pareto
     pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.9), (3.0, 0.8), (0.5, 0.1)]
     assert pareto(pts) == [4, 0, 2]
+
+
+def test_int4_with_unmerged_adapter_in_engine_equals_full_forward(tmp_path):
+    from rftkit.engine import Engine
+    from rftkit.lora import load_lora
+    from rftkit.sampling import SamplingParams
+    shape = dict(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
+    model, _ = compress(tiny_model(**shape), "int4")
+    load_lora(model, _adapter(tmp_path, **shape))
+    plain, _ = compress(tiny_model(**shape), "int4")
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    outs = Engine(model, max_seq_len=64).generate(prompts, SamplingParams(temperature=0.0, max_tokens=6),
+                                                  progress=False)
+    differs = False
+    for p, o in zip(prompts, outs):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+            base = plain(torch.tensor([ids[:-1]]))[0][0].argmax(-1).tolist()
+        assert o[0].token_ids == ids[len(p):]
+        differs |= base[len(p) - 1:] != ids[len(p):]
+    assert differs                       # the adapter changed what was decoded: it was really applied
