@@ -185,7 +185,8 @@ def compress(model, method: str, calib: torch.Tensor | None = None, teacher=None
                                          settings.get("pattern", "unstructured"), calib))
     elif method in ("structured", "distill"):
         from rftkit.prune import prune_structured
-        teacher = teacher if teacher is not None else copy.deepcopy(model)
+        if method == "distill" and teacher is None:
+            teacher = copy.deepcopy(model)              # the unpruned model teaches
         model, info = prune_structured(model, settings.get("ratio", 0.25), calib, head_ratio,
                                        settings.get("rank_by", "activation"), settings.get("seed", 0))
         record.update(info)
