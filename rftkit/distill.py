@@ -67,7 +67,7 @@ def pad_batch(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros(len(seqs), T)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
+        ids[i, :len(s)] = torch.as_tensor(s)
         mask[i, :len(s) - 1] = 1
     return ids, mask
 
