@@ -168,8 +168,10 @@ class AdapterBank:
     # ------------------------------------------------------------------ slots
     def _clear(self, slot: int) -> None:
         name = self.owner[slot]
-        for layer in self.layers.values():
-            layer.slots.clear(slot)
+        info = self.registered.get(name)
+        modules = info["modules"] if info is not None else self.layers        # only the layers it set
+        for module in modules:
+            self.layers[module].slots.clear(slot)
         self.owner[slot], self.pins[slot] = None, 0
         self.slot_of.pop(name, None)
 

@@ -547,33 +547,42 @@ class SlotTable:
         self.T = torch.zeros(n_slots + 1, dtype=torch.int32)       # 1: B pointer is the [R, N] transpose
         self.R = torch.zeros(n_slots + 1, dtype=torch.int32)
         self.s = torch.zeros(n_slots + 1, dtype=torch.float32)
-        self.kernel_ok = True                      # every set slot is CPU fp32 contiguous
-        self.max_rank = 0
+        self._bad: set[int] = set()                # slots whose tensors the kernel cannot read
+        self._rank = [0] * (n_slots + 1)
+
+    @property
+    def kernel_ok(self) -> bool:                   # every set slot is CPU fp32 contiguous
+        return not self._bad
+
+    @property
+    def max_rank(self) -> int:
+        return max(self._rank)
 
     def set(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, live: bool = False) -> None:
         self.tensors[slot] = (A, B, scale)
         self._bt[slot] = None if live or B.device.type != "cpu" else B.t().contiguous()
-        self._refresh()
+        self._update(slot)
 
     def clear(self, slot: int) -> None:
         self.tensors[slot] = self._bt[slot] = None
-        self._refresh()
+        self._update(slot)
 
-    def _refresh(self) -> None:
-        for t in (self.A, self.B, self.T, self.R, self.s):
-            t.zero_()
-        self.kernel_ok, self.max_rank = True, 0
-        for k, ab in enumerate(self.tensors):
-            if ab is None:
-                continue
-            A, B, scale = ab
-            self.max_rank = max(self.max_rank, A.shape[0])
-            ok = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (A, B))
-            self.kernel_ok &= ok
-            if ok:
-                bt = self._bt[k]
-                self.A[k], self.R[k], self.s[k] = A.data_ptr(), A.shape[0], scale
-                self.B[k], self.T[k] = (B.data_ptr(), 0) if bt is None else (bt.data_ptr(), 1)
+    def _update(self, k: int) -> None:
+        """Rewrite slot k's row of the pointer table only (a load or eviction touches one slot, not all)."""
+        self.A[k] = self.B[k] = self.T[k] = self.R[k] = self.s[k] = 0
+        self._bad.discard(k)
+        self._rank[k] = 0
+        ab = self.tensors[k]
+        if ab is None:
+            return
+        A, B, scale = ab
+        self._rank[k] = A.shape[0]
+        if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (A, B)):
+            self._bad.add(k)
+            return
+        bt = self._bt[k]
+        self.A[k], self.R[k], self.s[k] = A.data_ptr(), A.shape[0], scale
+        self.B[k], self.T[k] = (B.data_ptr(), 0) if bt is None else (bt.data_ptr(), 1)
 
 
 def lora_bgmv_reference(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, table: SlotTable) -> torch.Tensor:
