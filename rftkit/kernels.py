@@ -307,7 +307,8 @@ void sample_rows(const float* logits, const float* inv_t, const float* u, int64_
         if (run + c >= target) break;
         run += c;
       }
-      for (t = v; t < V - 1; t++) {
+      /* v == V when rounding left the blocks' sum short of target: then the last token (never V) */
+      for (t = v < V ? v : V - 1; t < V - 1; t++) {
         run += expf(z[t] * it - mx * it);
         if (run >= target) break;
       }

@@ -200,3 +200,17 @@ def test_linear_many_equals_one_f_linear_each(M):
     for y, w, b in zip(got, ws, bs):
         torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert kernels.linear_many(torch.randn(9, K), ws, bs) is None      # too many rows: one by one
+
+
+def test_sampling_at_the_top_of_the_cdf_stays_in_the_vocabulary():
+    # u near 1: float rounding can leave the running sum just short of u * total after the last token; the pick
+    # must then be the last token (the reference clamps the same way), never V (an id out of range: rft demo crashed)
+    if not kernels.available():
+        pytest.skip("no compiler: the kernel is not built")
+    g = torch.Generator().manual_seed(0)
+    for V in (64, 49152):
+        logits = torch.randn(256, V, generator=g) * 3
+        for u in (1.0 - 2 ** -24, 1.0):
+            tok, logp = kernels.sample_rows(logits, torch.ones(256), torch.full((256,), u))
+            assert int(tok.max()) < V and int(tok.min()) >= 0
+            assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1), atol=1e-4)
