@@ -350,32 +350,39 @@ _error: str | None = None
 _enabled = True
 
 
+def build_library(src: str, stem: str, what: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """Compile C source `src` once into the cache (`kernels/{stem}-{hash}.so`, -O3 -mavx2 -mfma -fopenmp) and
+    load it: (library, None), or (None, why not) on a CPU without AVX2+FMA or a machine without a compiler.
+    Shared by these kernels and rftkit.quantize's."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2" not in flags or " fma" not in flags:
+        return None, "CPU without AVX2+FMA"
+    from rftkit.loading import cache_dir
+    tag = hashlib.sha256(src.encode()).hexdigest()[:12]
+    so = cache_dir() / "kernels" / f"{stem}-{tag}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            c, out = Path(tmp) / f"{stem}.c", Path(tmp) / so.name
+            c.write_text(src)
+            cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
+                   str(c), "-o", str(out), "-lm"]
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                return None, f"could not compile the {what} ({cmd[0]}: {e})"
+            os.replace(out, so)                  # atomic: a concurrent process sees all or nothing
+    return ctypes.CDLL(str(so)), None
+
+
 def _load():
     """Build (once, into the cache) and load the kernels; None when this machine cannot."""
     global _lib, _error
     if _lib is not None or _error is not None:
         return _lib
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if " avx2" not in flags or " fma" not in flags:
-        _error = "CPU without AVX2+FMA"
+    lib, _error = build_library(_SRC, "decode", "decode kernels")
+    if lib is None:
         return None
-    from rftkit.loading import cache_dir
-    tag = hashlib.sha256(_SRC.encode()).hexdigest()[:12]
-    so = cache_dir() / "kernels" / f"decode-{tag}.so"
-    if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src, out = Path(tmp) / "decode.c", Path(tmp) / so.name
-            src.write_text(_SRC)
-            cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
-                   str(src), "-o", str(out), "-lm"]
-            try:
-                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as e:
-                _error = f"could not compile the decode kernels ({cmd[0]}: {e})"
-                return None
-            os.replace(out, so)                  # atomic: a concurrent process sees all or nothing
-    lib = ctypes.CDLL(str(so))
     P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.gemv.argtypes = [P, P, P, P, I, I, I, I]
     lib.gemv_many.argtypes = [P, P, P, P, P, I, I, I, I]

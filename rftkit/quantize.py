@@ -24,11 +24,6 @@ AVX2, or on GPU, every call takes the reference path (`kernel_available()` says 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -103,28 +98,10 @@ def _load_kernel():
     global _lib, _lib_error
     if _lib is not None or _lib_error is not None:
         return _lib
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if " avx2" not in flags or " fma" not in flags:
-        _lib_error = "CPU without AVX2+FMA"
+    from rftkit.kernels import build_library
+    lib, _lib_error = build_library(_KERNEL_SRC, "qgemm", "int8/int4 kernel")
+    if lib is None:
         return None
-    from rftkit.loading import cache_dir
-    tag = hashlib.sha256(_KERNEL_SRC.encode()).hexdigest()[:12]
-    so = cache_dir() / "kernels" / f"qgemm-{tag}.so"
-    if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "qgemm.c"
-            src.write_text(_KERNEL_SRC)
-            out = Path(tmp) / so.name
-            cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
-                   str(src), "-o", str(out)]
-            try:
-                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as e:
-                _lib_error = f"could not compile the int8/int4 kernel ({' '.join(cmd[:1])}: {e})"
-                return None
-            os.replace(out, so)                  # atomic: a concurrent process sees all or nothing
-    lib = ctypes.CDLL(str(so))
     P, I = ctypes.c_void_p, ctypes.c_int
     lib.gemm_i8.argtypes = [P, P, P, P, I, I, I, I]
     lib.gemm_i4.argtypes = [P, P, P, P, P, P, I, I, I, I, I]
