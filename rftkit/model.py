@@ -308,11 +308,35 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin).transpose(1, 2)                                # [B, Hkv, T, hd]
         if cache is not None:
             out = cache.attend(self.layer, q, k, v, positions, self.window)            # [B, H, T, hd]
+        elif isinstance(mask, Packed):
+            out = packed_attention(q, k, v, mask.lengths, self.window)
         else:
             if mask is None or self.window is not None:
                 mask = attention_mask(positions, positions, self.window)
             out = attention(q, k, v, mask)
         return linear(self.o_proj, out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class Packed:
+    """Sequences packed back to back in one row, `lengths` tokens each: attention stays inside each one."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = [int(n) for n in lengths]
+
+
+def packed_attention(q, k, v, lengths: list[int], window: int | None) -> torch.Tensor:
+    """Causal attention within each packed sequence: q [1, H, N, hd], k, v [1, Hkv, N, hd], N = sum(lengths).
+    One causal SDPA per sequence, so no token pays for another sequence's length (a block-diagonal mask over
+    N x N would)."""
+    outs = []
+    for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2)):
+        if window is None:
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                       enable_gqa=ks.shape[1] != qs.shape[1]))
+        else:
+            pos = torch.arange(qs.shape[2], device=qs.device)[None]
+            outs.append(attention(qs, ks, vs, attention_mask(pos, pos, window)))
+    return torch.cat(outs, dim=2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -398,10 +422,17 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                num_logits: int | None = None, return_hidden: bool = False):
+                num_logits: int | None = None, return_hidden: bool = False, seq_lens: list[int] | None = None):
         """input_ids [B, T]; positions [B, T] (-1 = padding), default = continue after the cache.
+        seq_lens: input_ids is [1, sum(seq_lens)], that many sequences packed back to back with no padding
+        (training: no FLOPs spent on padding); each starts at position 0 and attends only to itself.
         Returns (logits [B, T or num_logits, V] — or final hidden states [B, T, D] — , aux losses dict)."""
         B, T = input_ids.shape
+        if seq_lens is not None:
+            if cache is not None or B != 1 or sum(seq_lens) != T or min(seq_lens) < 1:
+                raise ValueError(f"seq_lens {list(seq_lens)} must be positive and sum to the one row's {T} "
+                                 f"tokens (input_ids {tuple(input_ids.shape)}, no cache)")
+            positions = torch.cat([torch.arange(n, device=input_ids.device) for n in seq_lens])[None]
         if positions is None:
             positions = (cache.next_positions(B, T, input_ids.device) if cache is not None
                          else torch.arange(T, device=input_ids.device).expand(B, T))
@@ -413,7 +444,9 @@ class Transformer(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]                               # [B, T, 1, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = None
-        if cache is None:
+        if seq_lens is not None:
+            mask = Packed(seq_lens)
+        elif cache is None:
             mask = attention_mask(positions, positions, None)
         aux: dict = {}
         for block in self.model.layers:

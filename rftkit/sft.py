@@ -189,27 +189,25 @@ def sample_order(n: int, seed: int, offset: int, count: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------
 # the loss: completion tokens of a micro-batch, normalised by the global batch's count
 
-def _pad(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    T = max(len(ids) for ids, _ in examples)
-    ids = torch.zeros(len(examples), T, dtype=torch.long)
-    valid = torch.zeros(len(examples), T, dtype=torch.bool)
-    target = torch.zeros(len(examples), T, dtype=torch.bool)
-    for i, (x, m) in enumerate(examples):
-        ids[i, :len(x)] = torch.tensor(x)
-        valid[i, :len(x)] = True
-        target[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
-    return ids.to(device), valid.to(device), target.to(device)
+def _packed(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The examples back to back in one row (no padding): ids [1, N], next-token target mask [N], lengths."""
+    lens = [len(x) for x, _ in examples]
+    ids = torch.tensor([t for x, _ in examples for t in x], dtype=torch.long)
+    # position i predicts token i+1 of the same example: the target is the next token's completion bit,
+    # and the last position of each example predicts nothing
+    target = torch.tensor([b for _, m in examples for b in list(m[1:]) + [0]], dtype=torch.bool)
+    return ids[None].to(device), target.to(device), lens
 
 
 def completion_nll(model, examples: list[Example]) -> tuple[torch.Tensor, int, dict]:
-    """Summed -log p of the completion tokens of `examples` (one forward), their count, and the model's
-    auxiliary losses. Only the completion positions go through lm_head."""
-    ids, valid, target = _pad(examples, model.device)                              # [B, T] each
-    positions = torch.where(valid, torch.arange(ids.shape[1], device=ids.device)[None], -1)
-    h, aux = model(ids, positions=positions, return_hidden=True)                    # [B, T, D]
-    sel = target[:, 1:]                                      # the hidden state at t-1 predicts token t
-    logp = hidden_logprobs(h[:, :-1][sel], ids[:, 1:][sel], model.lm_head)          # [N]
-    return -logp.sum(), int(sel.sum()), aux
+    """Summed -log p of the completion tokens of `examples` (one forward over them packed into one row, so no
+    compute goes to padding), their count, and the model's auxiliary losses. Only the completion positions go
+    through lm_head."""
+    ids, target, lens = _packed(examples, model.device)                            # [1, N], [N]
+    h, aux = model(ids, return_hidden=True, seq_lens=lens)                          # [1, N, D]
+    nxt = torch.cat([ids[0, 1:], ids.new_zeros(1)])                                # token i+1 at position i
+    logp = hidden_logprobs(h[0][target], nxt[target], model.lm_head)               # [n]
+    return -logp.sum(), int(target.sum()), aux
 
 
 def _passes(n: int, micro_batch: int, world: int) -> int:
@@ -221,8 +219,8 @@ def batch_backward(model, examples: list[Example], micro_batch: int, n_tokens: i
                    n_examples: int | None = None, passes: int = 0) -> dict:
     """Accumulate into .grad the gradient of  sum(-log p over completion tokens) / n_tokens  over `examples`,
     micro_batch examples per forward. n_tokens / n_examples default to this batch's; scale-out passes the
-    global batch's so that ranks' gradients sum to the single-process one. Examples are grouped by length
-    (less padding; the sum is the same). `passes`: at least this many forward/backward passes, the extra ones
+    global batch's so that ranks' gradients sum to the single-process one. Each micro-batch is packed into
+    one row (no padding), its examples grouped by length. `passes`: at least this many forward/backward passes, the extra ones
     with zero weight (under FSDP every pass is a collective, so all ranks run the same number)."""
     n_tokens = n_tokens or sum(sum(m[1:]) for _, m in examples)
     n_examples = n_examples or len(examples)

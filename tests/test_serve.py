@@ -307,13 +307,15 @@ def test_health_answers_fast_under_full_load(served):
         futures = [pool.submit(long_request, i) for i in range(24)]
         while served.metric("running_sequences") < 16:
             time.sleep(0.05)
-        times = []
-        for _ in range(20):
+        times = []                       # probe times while sequences were running (the tiny model is fast:
+        while len(times) < 20 and not all(f.done() for f in futures):    # the load can end before 20 probes)
             dt, body = health()
-            assert body["status"] == "ok" and body["running"] > 0
-            times.append(dt)
+            assert body["status"] == "ok"
+            if body["running"] > 0:
+                times.append(dt)
             time.sleep(0.02)
         assert [f.result() for f in futures] == [300] * 24
+    assert len(times) >= 5, f"only {len(times)} probes while the engine was busy"
     assert max(times) < 0.1, sorted(times)
 
 

@@ -96,10 +96,8 @@ def test_prompt_predictions_do_not_enter_the_loss(folder):
     model, tok = load(str(folder))
     examples = _examples(tok)
     base = float(completion_nll(model, examples)[0].detach())
-    T = max(len(i) for i, _ in examples)
-    prompt_next = torch.zeros(len(examples), T, dtype=torch.bool)            # position t predicts token t+1
-    for i, (ids, mask) in enumerate(examples):
-        prompt_next[i, :len(ids) - 1] = torch.tensor(mask[1:]) == 0
+    # the examples are packed into one row; position t predicts token t+1 of the same example
+    prompt_next = torch.tensor([b for _, mask in examples for b in [m == 0 for m in mask[1:]] + [False]])[None]
     handle = model.model.norm.register_forward_hook(
         lambda mod, inp, out: torch.where(prompt_next[..., None], torch.randn_like(out) * 10, out))
     try:
