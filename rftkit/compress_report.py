@@ -21,6 +21,7 @@ import copy
 import csv
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +46,11 @@ GRID = {
 }
 
 
+def _stage(what: str) -> None:
+    """One line per stage on stderr (a --n 1000 run takes minutes per evaluation)."""
+    print(f"rft compress [{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+
 def decode_speed(model, tok, rows: int, tokens: int, prompt: str = "Write a story about a robot.") -> float:
     """Generated tokens per second through the engine: `rows` prompts decoding `tokens` tokens each."""
     from rftkit.engine import Engine
@@ -61,6 +67,7 @@ def decode_speed(model, tok, rows: int, tokens: int, prompt: str = "Write a stor
 def speeds(pairs: dict, tok, cfg: CompressConfig) -> dict:
     """Decode tok/s of each model, single-stream and batched, measured alternately in one run, best of two."""
     res = {name: {"single": [], "batched": []} for name in pairs}
+    _stage(f"decode speed of {' and '.join(pairs)}: 1 row and {cfg.batch} rows, twice each")
     for _ in range(2):
         for name, model in pairs.items():
             res[name]["single"].append(decode_speed(model, tok, 1, cfg.speed_tokens))
@@ -75,14 +82,18 @@ def measure(model, tok, cfg: CompressConfig, task, adapter: str | None, ppl_ids)
     out: dict = {}
     out["params"], out["nonzero"] = count_params(model)
     if ppl_ids is not None:
+        _stage(f"perplexity on {ppl_ids.numel()} held-out tokens")
         out["perplexity"] = perplexity(model, ppl_ids)
     if cfg.n:
+        _stage(f"accuracy on {cfg.n} held-out {task.name} problems")
         out["accuracy"] = evaluate(model, tok, task, "test", cfg.n, seed=cfg.seed, progress=False)["accuracy"]
     if adapter:
         load_lora(model, adapter)
         if ppl_ids is not None:
+            _stage("perplexity with the adapter")
             out["perplexity_adapter"] = perplexity(model, ppl_ids)
         if cfg.n:
+            _stage(f"accuracy on {cfg.n} held-out {task.name} problems with the adapter")
             out["accuracy_adapter"] = evaluate(model, tok, task, "test", cfg.n, seed=cfg.seed,
                                                progress=False)["accuracy"]
     return out
@@ -115,6 +126,7 @@ def baseline(cfg: CompressConfig) -> dict:
     task = get_task(cfg.task)
     ppl_ids = text_tokens(tok, cfg.ppl_tokens, cfg.calib_tokens) if cfg.ppl_tokens else None
     pair = load_model(str(folder))
+    _stage(f"measuring the original {folder.name}" + (f" (+ adapter {cfg.adapter})" if cfg.adapter else ""))
     measures = measure(pair, tok, cfg, task, cfg.adapter, ppl_ids)
     return {"folder": folder, "tok": tok, "task": task, "ppl_ids": ppl_ids, "pair": pair, "measures": measures,
             "bytes": folder_bytes(folder)}
@@ -142,6 +154,7 @@ def run_one(cfg: CompressConfig, ctx: dict | None = None) -> dict:
     calib = calibration_batches(tok, cfg.calib_tokens) if cfg.method in ("wanda",) + STRUCTURAL else None
     teacher = copy.deepcopy(model) if cfg.method == "distill" else None
     data = distill_text(teacher, tok, cfg, task, calib) if teacher is not None else None
+    _stage(f"compressing: {cfg.method}")
     t0 = time.perf_counter()
     model, record = compress(model, cfg.method, calib=calib, teacher=teacher, distill_data=data,
                              **compress_settings(cfg))
@@ -150,6 +163,7 @@ def run_one(cfg: CompressConfig, ctx: dict | None = None) -> dict:
     del teacher
     save_compressed(model, record, out, folder, cfg.overwrite)
     model = load_compressed(out)                       # measure what was written
+    _stage(f"measuring the compressed model written to {out}")
     c = measure(model, tok, cfg, task, None if merged else cfg.adapter, ppl_ids=ctx["ppl_ids"])
     if merged:                                         # the specialist: compare with the original pair
         c = {k if k in ("params", "nonzero") else k + "_adapter": v for k, v in c.items()}

@@ -43,17 +43,58 @@ def test_int4_pack_roundtrip_and_grid_exact():
     torch.testing.assert_close(lin.dequantize(), w, rtol=0, atol=1e-5)
 
 
+def _int8_activations(x):
+    """x rounded as the decode kernel rounds it: int8 per block of 32 inputs, scale absmax / 127."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3, 8, 20])
 def test_kernel_equals_reference_path(bits, rows):
+    """Up to 8 rows (decode) the kernel multiplies int8-rounded activations (llama.cpp's Q8 blocks of 32) by
+    the low-bit weights; the int4 min term uses the exact sums of x. More rows: the dequantized weight in
+    fp32. Both against the formula written out in torch, and within 8-bit activation error of fp32."""
     torch.manual_seed(1)
     lin = nn.Linear(128, 40, bias=True)
     q = QuantLinear.from_linear(lin, bits, 64 if bits == 4 else 32)
     x = torch.randn(rows, 128)
-    ref = x @ q.dequantize().T + q.bias                 # the dequantized weight, multiplied by hand
-    torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)
-    if rows <= 8:
-        assert kernel_available()                       # the fast path was really taken on this machine
+    w = q.dequantize()
+    exact = x @ w.T + q.bias                            # the dequantized weight, multiplied by hand
+    with torch.no_grad():
+        y = q(x)
+    if rows > 8:
+        torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-4)
+        return
+    assert kernel_available()                           # the fast path was really taken on this machine
+    xh = _int8_activations(x)
+    if bits == 8:
+        formula = xh @ w.T + q.bias
+    else:
+        G = 128 // 64
+        mins = q.mins.repeat_interleave(64, dim=1)      # [N, K]: each group's min
+        formula = xh @ (w - mins).T + x.reshape(rows, G, 64).sum(-1) @ q.mins.T + q.bias
+    torch.testing.assert_close(y, formula, rtol=1e-4, atol=1e-4)
+    assert (y - exact).norm() / exact.norm() < 2e-2     # 8-bit activations: ~0.5% relative
+    assert not torch.allclose(y, exact, rtol=1e-6, atol=1e-6)   # (and the rounding is really there)
+    with torch.enable_grad():                           # training sees the exact fp32 path
+        xg = x.clone().requires_grad_()
+        torch.testing.assert_close(q(xg), exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_many_rows_dequantize_in_chunks(bits, monkeypatch):
+    """Prefill / large batches dequantize CHUNK_BYTES of weight rows at a time: chunks that do not divide the
+    rows give the same product as the whole dequantized weight."""
+    import rftkit.quantize as qmod
+    torch.manual_seed(2)
+    q = QuantLinear.from_linear(nn.Linear(128, 40, bias=False), bits, 32)
+    x = torch.randn(24, 128)
+    monkeypatch.setattr(qmod, "CHUNK_BYTES", 4 * 128 * 7)          # 7 rows per chunk: 6 chunks, the last of 5
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_settings_fail_before_work():
