@@ -87,6 +87,9 @@ def load_config(folder: Path) -> ModelConfig:
 def load_model(spec: str | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Transformer:
     folder = resolve(spec)
+    if (folder / "compress.json").is_file():           # written by `rft compress`: low-bit / pruned modules
+        from rftkit.compress import load_compressed
+        return load_compressed(folder, device)
     cfg = load_config(folder)
     state, origin = read_weights(folder)
     if cfg.moe is not None:

@@ -147,8 +147,12 @@ def test_quantized_model_close_saves_small_reloads_identical(bits, tmp_path):
     expect = n_emb * 1 + (n_lin * (1 if bits == 8 else 0.5 + 8 / 32))
     assert size < expect * 1.15 + 4096 and size < full * (0.3 if bits == 8 else 0.25)
     back = load_compressed(tmp_path / "m")
+    from rftkit.loading import load_model
+    again = load_model(str(tmp_path / "m"))             # what the engine, rft generate/eval and the server load
     with torch.no_grad():
         assert torch.equal(back(ids)[0], b)
+        assert torch.equal(again(ids)[0], b)
+    assert type(again.lm_head).__name__ == "QuantLinear"
     assert json.loads((tmp_path / "m" / "compress.json").read_text())["method"] == f"int{bits}"
     assert back.model.embed_tokens.qweight.data_ptr() == back.lm_head.qweight.data_ptr()   # tied, stored once
 
@@ -304,3 +308,41 @@ def test_int4_with_unmerged_adapter_in_engine_equals_full_forward(tmp_path):
         assert o[0].token_ids == ids[len(p):]
         differs |= base[len(p) - 1:] != ids[len(p):]
     assert differs                       # the adapter changed what was decoded: it was really applied
+
+
+def test_bank_serves_adapters_on_a_quantized_model(tmp_path):
+    """The server's path: an int4 model reloaded from disk, an adapter registered in the engine's bank; each
+    request's greedy tokens equal those of the same model with the adapter applied unmerged (LoRALinear)."""
+    from rftkit.engine import Engine
+    from rftkit.loading import load_model
+    from rftkit.lora import load_lora
+    from rftkit.sampling import SamplingParams
+    shape = dict(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
+    model, rec = compress(tiny_model(**shape), "int4")
+    save_compressed(model, rec, tmp_path / "m")
+    ad = _adapter(tmp_path, **shape)
+    served = load_model(str(tmp_path / "m"))
+    engine = Engine(served, max_seq_len=64, adapter_slots=2)
+    engine.adapters.register("ad", ad)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9]]
+    names = ["ad", None, "ad"]
+    rids = [engine.add_request(p, greedy, adapter=n) for p, n in zip(prompts, names)]
+    got = {r: [] for r in rids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    ref = {None: load_model(str(tmp_path / "m")), "ad": load_model(str(tmp_path / "m"))}
+    load_lora(ref["ad"], ad)
+    for rid, p, n in zip(rids, prompts, names):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(ref[n](torch.tensor([ids]))[0][0, -1].argmax()))
+        assert got[rid] == ids[len(p):], (n, got[rid], ids[len(p):])
+    base0 = list(prompts[0])
+    with torch.no_grad():
+        for _ in range(6):
+            base0.append(int(ref[None](torch.tensor([base0]))[0][0, -1].argmax()))
+    assert got[rids[0]] != base0[len(prompts[0]):]      # the adapter really changed what was generated
+    assert engine.adapters.stats["loads"] == 1
