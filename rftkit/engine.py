@@ -77,6 +77,7 @@ class StepOutput:
     finished: bool
     finish_reason: str | None
     top_logprobs: list | None = None
+    error: str | None = None         # finish_reason "error": why the request could not run (its adapter)
 
 
 @dataclass
@@ -306,9 +307,11 @@ class Engine:
     def _key(self, seq: Sequence, end: int) -> tuple:
         return (seq.adapter, tuple(seq.prompt[:end]))
 
-    def _admit(self, group: list[Sequence]) -> bool:
+    def _admit(self, group: list[Sequence], outputs: list) -> bool:
         """Give the group's first sequence its adapter slot and the blocks of its context (cached prefix
-        blocks held, fresh ones allocated); False (nothing taken) if they do not fit now."""
+        blocks held, fresh ones allocated); False (nothing taken) if they do not fit now. An adapter that
+        cannot be loaded (its files changed or vanished since it was registered) finishes this request with
+        finish_reason "error" and the reason; the other requests go on."""
         first, bs = group[0], self.block_size
         ctx = first.context
         hits = []
@@ -324,7 +327,16 @@ class Engine:
         if self.pool.available - sum(self.pool.refs[b] == 0 for b in hits) < fresh + spare + 1:
             return False
         if first.adapter is not None:
-            slot = self.adapters.acquire(first.adapter)
+            try:
+                slot = self.adapters.acquire(first.adapter)
+            except (OSError, ValueError, KeyError) as e:
+                self.waiting.remove(group)
+                for s in group:
+                    s.finish_reason = "error"
+                    outputs.append(StepOutput(s.request_id, s.index, [], [], True, "error",
+                                              error=f"adapter {first.adapter!r} could not be loaded: {e}"))
+                self.stats["failed"] = self.stats.get("failed", 0) + 1
+                return False
             if slot is None:
                 return False
             first.slot = slot
@@ -390,7 +402,7 @@ class Engine:
                 head = self._first_block_key(self.waiting[0][0])
                 if head is not None and head in computing and self.pool.lookup(head) is None:
                     break                        # its prefix is being computed now: next step it is a cache hit
-                if not self._admit(self.waiting[0]):
+                if not self._admit(self.waiting[0], outputs):
                     break
                 self.prefilling = self.waiting.popleft()
             first = self.prefilling[0]

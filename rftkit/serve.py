@@ -150,6 +150,8 @@ class Server:
         try:
             async for d in deltas(stream, self.tok, req.params.n, req.stop, self.metrics, counts):
                 yield d
+        except AdapterError as e:         # its adapter failed to load at admission: this request's 4xx
+            raise APIError(e.status, str(e), "model", "invalid_adapter") from None
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -177,7 +177,7 @@ class EngineWorker:
                     self._handle(cmd, replies)
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
-                        replies.append((out.request_id, out))
+                        replies.append((out.request_id, out if out.error is None else AdapterError(400, out.error)))
                         if out.finished:
                             self._finished(out.request_id)
                 self._publish()

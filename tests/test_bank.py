@@ -138,3 +138,25 @@ def test_live_adapter_updated_in_place_invalidates_the_prefix_cache():
             m.lora_B.mul_(-1.0)
     assert run() == reference_greedy(trainer, prompt, 6)   # recomputed, not served from stale blocks
     assert engine.stats["prefix_cache_hit_tokens"] == 8
+
+
+def test_adapter_that_fails_to_load_fails_only_its_request(tmp_path):
+    """An adapter whose files vanished after registration: its request finishes with finish_reason "error"
+    and the reason, the request beside it completes, and nothing stays pinned or allocated."""
+    import shutil
+    model = tiny_model()
+    adapters = make_adapters(model, tmp_path)
+    engine = Engine(model, max_seq_len=64, adapter_slots=2)
+    engine.adapters.register("gone", adapters["a0"][0])
+    shutil.rmtree(adapters["a0"][0])
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    bad = engine.add_request([1, 2, 3], greedy, adapter="gone")
+    good = engine.add_request([4, 5], greedy)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    failed = [o for o in outs if o.request_id == bad]
+    assert len(failed) == 1 and failed[0].finished and failed[0].finish_reason == "error"
+    assert "adapter 'gone' could not be loaded" in failed[0].error
+    assert [t for o in outs if o.request_id == good for t in o.token_ids] == reference_greedy(model, [4, 5], 4)
+    assert sum(engine.adapters.pins) == 0 and engine.kv_blocks_used == 0
