@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rftkit.adapters import AdapterConfig, read_adapter, validate_adapter, write_adapter
+from rftkit.kernels import linear as linear_weight
+from rftkit.model import linear
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPERT_NAMES = ("experts.gate_up_proj", "experts.down_proj")      # stacked MoE expert tensors
@@ -79,10 +81,10 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = linear(self.base, x)          # outside autograd (rollouts), few rows: the decode GEMV kernel
         if not self.enabled or self.merged:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return y + linear_weight(linear_weight(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling                           # [out, in]

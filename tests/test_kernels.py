@@ -12,7 +12,7 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16, 21, 32])
 @pytest.mark.parametrize("N,K", [(7, 16), (64, 40), (203, 96)])
 def test_gemv_equals_f_linear(M, N, K):
     g = _gen(M * 1000 + N)
@@ -32,7 +32,7 @@ def test_linear_falls_back_where_the_kernel_does_not_apply():
     assert y.requires_grad
     y.sum().backward()
     torch.testing.assert_close(W.grad, x.sum(0).expand(10, 12))
-    x16 = torch.randn(9, 16, generator=g)                            # more rows than the GEMV kernel takes
+    x16 = torch.randn(kernels.GEMV_MAX_ROWS + 1, 16, generator=g)    # more rows than the GEMV kernel takes
     W16 = torch.randn(5, 16, generator=g)
     torch.testing.assert_close(kernels.linear(x16, W16), F.linear(x16, W16))
 
@@ -189,7 +189,7 @@ def test_without_a_compiler_everything_runs_on_the_reference_path(tmp_path):
     assert "could not compile the decode kernels" in out.stdout
 
 
-@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("M", [1, 3, 8, 13, 32])
 def test_linear_many_equals_one_f_linear_each(M):
     g = _gen(M)
     K = 32
@@ -199,7 +199,11 @@ def test_linear_many_equals_one_f_linear_each(M):
     got = kernels.linear_many(x, ws, bs)
     for y, w, b in zip(got, ws, bs):
         torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    assert kernels.linear_many(torch.randn(9, K), ws, bs) is None      # too many rows: one by one
+    # more than 8 rows go 8 at a time (13 = 8 + 5); past GEMV_MAX_ROWS the caller runs them one by one
+    assert kernels.linear_many(torch.randn(kernels.GEMV_MAX_ROWS + 1, K), ws, bs) is None
+    long_k = [torch.randn(12, 1032, generator=g)]
+    assert (kernels.linear_many(torch.randn(kernels.GEMV_MAX_ROWS_LONG_K + 1, 1032), long_k, [None]) is None) \
+        == (kernels.GEMV_MAX_ROWS_LONG_K < kernels.GEMV_MAX_ROWS)
 
 
 def test_sampling_at_the_top_of_the_cdf_stays_in_the_vocabulary():
