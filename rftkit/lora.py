@@ -81,6 +81,9 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and not self.merged and getattr(self.base, "fuses_lora", False) \
+                and (isinstance(self.dropout, nn.Identity) or not self.training):   # a quantized base adds it
+            return self.base(x, lora=(self.lora_A, self.lora_B, self.scaling))
         y = linear(self.base, x)          # outside autograd (rollouts), few rows: the decode GEMV kernel
         if not self.enabled or self.merged:
             return y

@@ -94,6 +94,16 @@ void gemm_i8(const float* x, const int8_t* q, const float* s, float* y, int M, i
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[8];
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    if (M == 1) {
+      __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int b = 0; b < B; b++) {
+        __m256i w = _mm256_loadu_si256((const __m256i*)(qr + b * 32));
+        __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + b * 32));
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)), ones);
+        c[b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[b]), c[b & 3]);
+      }
+      acc[0] = _mm256_add_ps(_mm256_add_ps(c[0], c[1]), _mm256_add_ps(c[2], c[3]));
+    } else
     for (int b = 0; b < B; b++) {
       __m256i w = _mm256_loadu_si256((const __m256i*)(qr + b * 32));
       __m256i aw = _mm256_sign_epi8(w, w);                       /* |w| as unsigned, the sign moved to x */
@@ -129,11 +139,24 @@ void gemm_i4(const float* x, const uint8_t* q, const float* d, const float* mn,
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[8];
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    if (M == 1) {             /* one row: four independent FMA chains (one chain waits on the FMA latency) */
+      __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int g = 0, b = 0; g < G; g++) {
+        float dw = d[(long)n * G + g];
+        for (int j = 0; j < sub; j++, b++) {
+          __m128i qb = _mm_loadu_si128((const __m128i*)(qr + b * 16));
+          __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qb, 4), m15), _mm_and_si128(qb, m15));
+          __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)(xq + b * 32))), ones);
+          c[b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[b]), c[b & 3]);
+        }
+      }
+      acc[0] = _mm256_add_ps(_mm256_add_ps(c[0], c[1]), _mm256_add_ps(c[2], c[3]));
+    } else
     for (int b = 0; b < B; b++) {
       __m128i qb = _mm_loadu_si128((const __m128i*)(qr + b * 16));
       /* low half: k = 0..15 of the block (low nibbles), high half: k = 16..31 */
       __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qb, 4), m15), _mm_and_si128(qb, m15));
-      float dw = d[(long)n * G + b / sub];
+      float dw = d[(long)n * G + (sub == 1 ? b : b / sub)];
       for (int m = 0; m < M; m++) {
         __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (long)m * K + b * 32));
         __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
@@ -148,6 +171,47 @@ void gemm_i4(const float* x, const uint8_t* q, const float* d, const float* mn,
   }
   free(xq); free(xd);
 }
+/* y[M, N] += scale * (x[M, K] @ A[r, K]^T) @ B[N, r]^T: an unmerged LoRA on top of the layer's output in the
+   same call (decode rows, M <= 8, r <= 64) */
+void lora_add(const float* x, const float* A, const float* Bw, float* y, int M, int N, int K, int r, float scale,
+              int nt) {
+  float t[8 * 64];
+  for (int m = 0; m < M; m++)
+    for (int j = 0; j < r; j++) {
+      const float* a = A + (long)j * K;
+      const float* xv = x + (long)m * K;
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      int k = 0;
+      for (; k + 16 <= K; k += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(xv + k), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(xv + k + 8), s1);
+      }
+      float v = hsum(_mm256_add_ps(s0, s1));
+      for (; k < K; k++) v += a[k] * xv[k];
+      t[m * 64 + j] = v * scale;
+    }
+  if (r % 8 == 0) {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int n = 0; n < N; n++) {
+      const float* b = Bw + (long)n * r;
+      for (int m = 0; m < M; m++) {
+        __m256 s = _mm256_setzero_ps();
+        for (int j = 0; j < r; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), _mm256_loadu_ps(t + m * 64 + j), s);
+        y[(long)m * N + n] += hsum(s);
+      }
+    }
+    return;
+  }
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int n = 0; n < N; n++) {
+    const float* b = Bw + (long)n * r;
+    for (int m = 0; m < M; m++) {
+      float v = 0.0f;
+      for (int j = 0; j < r; j++) v += b[j] * t[m * 64 + j];
+      y[(long)m * N + n] += v;
+    }
+  }
+}
 /* rows [n0, n1) of the dequantized weight into w [(n1 - n0), K] (prefill and large batches: then MKL) */
 void dequant_i4(const uint8_t* q, const float* d, const float* mn, float* w, int n0, int n1, int K, int sub, int nt) {
   int B = K / 32, G = K / (32 * sub);
@@ -159,7 +223,8 @@ void dequant_i4(const uint8_t* q, const float* d, const float* mn, float* w, int
     for (int b = 0; b < B; b++) {
       __m128i qb = _mm_loadu_si128((const __m128i*)(qr + b * 16));
       __m128i lo = _mm_and_si128(qb, m15), hi = _mm_and_si128(_mm_srli_epi16(qb, 4), m15);
-      __m256 dd = _mm256_set1_ps(d[(long)n * G + b / sub]), mm = _mm256_set1_ps(mn[(long)n * G + b / sub]);
+      int g = sub == 1 ? b : b / sub;
+      __m256 dd = _mm256_set1_ps(d[(long)n * G + g]), mm = _mm256_set1_ps(mn[(long)n * G + g]);
       float* o = wr + b * 32;
       _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dd, mm));
       _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dd, mm));
@@ -198,6 +263,7 @@ def _load_kernel():
     lib.gemm_i4.argtypes = [P, P, P, P, P, I, I, I, I, I]
     lib.dequant_i4.argtypes = [P, P, P, P, I, I, I, I, I]
     lib.dequant_i8.argtypes = [P, P, P, I, I, I, I]
+    lib.lora_add.argtypes = [P, P, P, P, I, I, I, I, ctypes.c_float, I]
     _lib = lib
     return lib
 
@@ -260,7 +326,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     """A linear layer whose weight is stored as int8 or int4 (+ scales). `weight` is a read-only dequantized
-    view (for code that asks for a dtype or device, or multiplies by hand); LoRA wraps this module unmerged."""
+    view (for code that asks for a dtype or device, or multiplies by hand); LoRA wraps this module unmerged
+    and hands it its A, B and scale (`forward(x, lora=...)`, `fuses_lora`)."""
+
+    fuses_lora = True
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int = 32,
                  bias: bool = False, device=None):
@@ -312,13 +381,16 @@ class QuantLinear(nn.Module):
         raise ValueError("a QuantLinear's weight is read-only: keep LoRA unmerged on a quantized model, or merge "
                          "before quantizing")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: tuple | None = None) -> torch.Tensor:
+        """y = x W^T (+ bias); `lora` = (A [r, K], B [N, r], scale) adds scale * x A^T B^T in the same call
+        (LoRALinear passes it at decode: one kernel call instead of five torch ops)."""
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         M = x2.shape[0]
         lib = _load_kernel() if (x.device.type == "cpu" and x.dtype == torch.float32 and M > 0) else None
         if lib is None or (torch.is_grad_enabled() and x.requires_grad):   # autograd keeps the weight it used
-            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+            y = F.linear(x, self.dequantize().to(x.dtype), self.bias)
+            return y if lora is None else y + F.linear(F.linear(x, lora[0]), lora[1]) * lora[2]
         x2 = x2.contiguous()
         nt = torch.get_num_threads()
         if M > KERNEL_MAX_ROWS:
@@ -333,6 +405,15 @@ class QuantLinear(nn.Module):
                             y.data_ptr(), M, self.out_features, K, self.group_size // 32, nt)
         if self.bias is not None:
             y += self.bias
+        if lora is not None:
+            A, B, scale = lora
+            r = A.shape[0]
+            if M <= KERNEL_MAX_ROWS and r <= 64 and A.is_contiguous() and B.is_contiguous() \
+                    and A.dtype == B.dtype == torch.float32 and not (torch.is_grad_enabled() and A.requires_grad):
+                lib.lora_add(x2.data_ptr(), A.data_ptr(), B.data_ptr(), y.data_ptr(), M, self.out_features, K, r,
+                             float(scale), nt)
+            else:
+                y = y + F.linear(F.linear(x2, A), B) * scale
         return y.reshape(*lead, self.out_features)
 
     def _dequantized_matmul(self, lib, x2: torch.Tensor, nt: int) -> torch.Tensor:

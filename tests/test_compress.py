@@ -346,3 +346,17 @@ def test_bank_serves_adapters_on_a_quantized_model(tmp_path):
             base0.append(int(ref[None](torch.tensor([base0]))[0][0, -1].argmax()))
     assert got[rids[0]] != base0[len(prompts[0]):]      # the adapter really changed what was generated
     assert engine.adapters.stats["loads"] == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("r", [4, 16])
+def test_quantized_layer_adds_a_lora_in_the_same_call(bits, r):
+    """forward(x, lora=(A, B, s)) = the layer's own output + s * x A^T B^T, at decode rows (the fused kernel,
+    r = 16 vectorised, r = 4 not) and at many rows (torch)."""
+    torch.manual_seed(3)
+    q = QuantLinear.from_linear(nn.Linear(96, 40, bias=True), bits, 32)
+    A, B = torch.randn(r, 96), torch.randn(40, r)
+    for rows in (1, 5, 12):
+        x = torch.randn(rows, 96)
+        with torch.no_grad():
+            torch.testing.assert_close(q(x, lora=(A, B, 0.5)), q(x) + (x @ A.T @ B.T) * 0.5, rtol=1e-4, atol=1e-4)
