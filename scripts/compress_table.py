@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 RUNS = {   # name -> settings over the command line's
-    "structured30": dict(method="structured", ratio=0.3),
-    "distill30": dict(method="distill", ratio=0.3),
     "wanda50": dict(method="wanda", sparsity=0.5),
     "magnitude50": dict(method="magnitude", sparsity=0.5),
+    "structured30": dict(method="structured", ratio=0.3),                      # MLP neurons and query heads
+    "structured30-mlp": dict(method="structured", ratio=0.3, head_ratio=0.0),  # MLP neurons only
+    "distill30-mlp": dict(method="distill", ratio=0.3, head_ratio=0.0),
 }
 
 
@@ -41,6 +42,18 @@ def table(root: Path) -> str:
         lines.append(f"| {name} | {r['bytes']['compressed']:,} | {c.get('perplexity_adapter', float('nan')):.3f} "
                      f"| {c.get('accuracy_adapter', float('nan')):.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def measured_baseline(cfg, report: dict) -> dict:
+    """baseline(cfg)'s context without measuring the original again: its numbers from an earlier report."""
+    from rftkit.compress import folder_bytes, text_tokens
+    from rftkit.loading import load_tokenizer, resolve
+    from rftkit.tasks import get_task
+    folder = resolve(cfg.model)
+    tok = load_tokenizer(str(folder))
+    ppl_ids = text_tokens(tok, cfg.ppl_tokens, cfg.calib_tokens) if cfg.ppl_tokens else None
+    return {"folder": folder, "tok": tok, "task": get_task(cfg.task), "ppl_ids": ppl_ids, "pair": None,
+            "measures": report["original"], "bytes": folder_bytes(folder)}
 
 
 def main(argv=None):
@@ -65,7 +78,12 @@ def main(argv=None):
         raise SystemExit(f"unknown run names {unknown}; choose from {list(RUNS)}")
     cfg = CompressConfig(adapter=a.adapter, n=a.n, speed_tokens=0, distill_steps=a.distill_steps,
                          distill_samples=a.distill_samples, overwrite=True)
-    ctx = baseline(cfg) if todo else None
+    ctx = None
+    done = [json.loads((root / n / "report.json").read_text()) for n in RUNS if (root / n / "report.json").is_file()]
+    if todo and done and done[0]["original"].get("accuracy_adapter") is not None:
+        ctx = measured_baseline(cfg, done[0])      # resuming: the original was measured by an earlier run
+    elif todo:
+        ctx = baseline(cfg)
     for name in todo:
         run_one(replace(cfg, out=str(root / name), **RUNS[name]), ctx)
         (root / "table.md").write_text(table(root))
