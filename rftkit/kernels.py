@@ -45,8 +45,9 @@ def _gemv_rows_ok(M: int, K: int) -> bool:
     return 0 < M <= (GEMV_MAX_ROWS if K <= 1024 else GEMV_MAX_ROWS_LONG_K)
 ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM = 16, 256
 
-_SRC = r"""
+C_HELPERS = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -66,6 +67,9 @@ static inline float dot(const float* a, const float* b, int n) {       /* any n 
   for (; k < n; k++) r += a[k] * b[k];
   return r;
 }
+"""   # the includes and helpers every C source here starts with (rftkit.quantize's too)
+
+_SRC = C_HELPERS + r"""
 
 /* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M, R compile-time */
 static inline void gemv_tile(const float* x, const float* W, const float* bias, float* y,

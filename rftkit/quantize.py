@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rftkit.kernels import C_HELPERS
+
 BITS = (4, 8)
 KERNEL_MAX_ROWS = 8            # the C kernel keeps one accumulator per row in registers
 CHUNK_BYTES = 8 << 20          # more rows: weight rows dequantized this many bytes at a time (fits in L3)
@@ -48,14 +50,7 @@ def _scratch(numel: int) -> torch.Tensor:
         _buffer = torch.empty(numel)
     return _buffer
 
-_KERNEL_SRC = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <immintrin.h>
-static inline float hsum(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a)); a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1)); return _mm_cvtss_f32(a);
-}
+_KERNEL_SRC = C_HELPERS + r"""
 /* rows of x -> int8 per block of 32, llama.cpp's Q8 rule: d = absmax / 127, q = round(x / d);
    xd[m, b] = d, xs[m, b] = the exact float sum of the block */
 static void quant_x8(const float* x, int M, int K, int8_t* xq, float* xd, float* xs) {
@@ -177,19 +172,7 @@ void lora_add(const float* x, const float* A, const float* Bw, float* y, int M, 
               int nt) {
   float t[8 * 64];
   for (int m = 0; m < M; m++)
-    for (int j = 0; j < r; j++) {
-      const float* a = A + (long)j * K;
-      const float* xv = x + (long)m * K;
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-      int k = 0;
-      for (; k + 16 <= K; k += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(xv + k), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(xv + k + 8), s1);
-      }
-      float v = hsum(_mm256_add_ps(s0, s1));
-      for (; k < K; k++) v += a[k] * xv[k];
-      t[m * 64 + j] = v * scale;
-    }
+    for (int j = 0; j < r; j++) t[m * 64 + j] = dot(A + (long)j * K, x + (long)m * K, K) * scale;
   if (r % 8 == 0) {
     #pragma omp parallel for schedule(static) num_threads(nt)
     for (int n = 0; n < N; n++) {
