@@ -22,6 +22,8 @@ RUNS = {   # name -> settings over the command line's
     "structured30": dict(method="structured", ratio=0.3),                      # MLP neurons and query heads
     "structured30-mlp": dict(method="structured", ratio=0.3, head_ratio=0.0),  # MLP neurons only
     "distill30-mlp": dict(method="distill", ratio=0.3, head_ratio=0.0),
+    "svd95": dict(method="svd", energy=0.95),
+    "kmeans256": dict(method="kmeans", clusters=256),
 }
 
 
