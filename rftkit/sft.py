@@ -220,8 +220,9 @@ def batch_backward(model, examples: list[Example], micro_batch: int, n_tokens: i
     """Accumulate into .grad the gradient of  sum(-log p over completion tokens) / n_tokens  over `examples`,
     micro_batch examples per forward. n_tokens / n_examples default to this batch's; scale-out passes the
     global batch's so that ranks' gradients sum to the single-process one. Each micro-batch is packed into
-    one row (no padding), its examples grouped by length. `passes`: at least this many forward/backward passes, the extra ones
-    with zero weight (under FSDP every pass is a collective, so all ranks run the same number)."""
+    one row (no padding), its examples grouped by length. `passes`: at least this many forward/backward
+    passes, the extra ones with zero weight (under FSDP every pass is a collective, so all ranks run the
+    same number)."""
     n_tokens = n_tokens or sum(sum(m[1:]) for _, m in examples)
     n_examples = n_examples or len(examples)
     ordered = sorted(examples, key=lambda e: len(e[0]))
