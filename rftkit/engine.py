@@ -221,7 +221,8 @@ class Engine:
         self.ids = itertools.count()
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "shared_prefill_tokens": 0,
-                      "prefix_cache_hit_tokens": 0, "preemptions": 0, "steps": 0, "finished": 0, "aborted": 0}
+                      "prefix_cache_hit_tokens": 0, "preemptions": 0, "steps": 0, "finished": 0, "aborted": 0,
+                      "failed": 0}
         self._pending: list[StepOutput] = []
         self._params: list[torch.Tensor] = []
         self._idle = True
@@ -335,7 +336,7 @@ class Engine:
                     s.finish_reason = "error"
                     outputs.append(StepOutput(s.request_id, s.index, [], [], True, "error",
                                               error=f"adapter {first.adapter!r} could not be loaded: {e}"))
-                self.stats["failed"] = self.stats.get("failed", 0) + 1
+                self.stats["failed"] += 1
                 return False
             if slot is None:
                 return False

@@ -43,6 +43,12 @@ CHUNK_BYTES = 8 << 20          # more rows: weight rows dequantized this many by
 _buffer: torch.Tensor | None = None
 
 
+def _fusable(A: torch.Tensor, B: torch.Tensor, scale) -> bool:
+    """Whether lora_add can take this LoRA: fp32, contiguous, rank <= 64, outside autograd."""
+    return A.shape[0] <= 64 and A.is_contiguous() and B.is_contiguous() and A.dtype == B.dtype == torch.float32 \
+        and not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad))
+
+
 def _scratch(numel: int) -> torch.Tensor:
     """One float32 buffer reused by every quantized layer's many-row matmul (grown when needed)."""
     global _buffer
@@ -173,24 +179,15 @@ void lora_add(const float* x, const float* A, const float* Bw, float* y, int M, 
   float t[8 * 64];
   for (int m = 0; m < M; m++)
     for (int j = 0; j < r; j++) t[m * 64 + j] = dot(A + (long)j * K, x + (long)m * K, K) * scale;
-  if (r % 8 == 0) {
-    #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int n = 0; n < N; n++) {
-      const float* b = Bw + (long)n * r;
-      for (int m = 0; m < M; m++) {
-        __m256 s = _mm256_setzero_ps();
-        for (int j = 0; j < r; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), _mm256_loadu_ps(t + m * 64 + j), s);
-        y[(long)m * N + n] += hsum(s);
-      }
-    }
-    return;
-  }
   #pragma omp parallel for schedule(static) num_threads(nt)
   for (int n = 0; n < N; n++) {
     const float* b = Bw + (long)n * r;
     for (int m = 0; m < M; m++) {
-      float v = 0.0f;
-      for (int j = 0; j < r; j++) v += b[j] * t[m * 64 + j];
+      __m256 s = _mm256_setzero_ps();
+      int j = 0;
+      for (; j + 8 <= r; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), _mm256_loadu_ps(t + m * 64 + j), s);
+      float v = hsum(s);
+      for (; j < r; j++) v += b[j] * t[m * 64 + j];
       y[(long)m * N + n] += v;
     }
   }
@@ -365,38 +362,35 @@ class QuantLinear(nn.Module):
                          "before quantizing")
 
     def forward(self, x: torch.Tensor, lora: tuple | None = None) -> torch.Tensor:
-        """y = x W^T (+ bias); `lora` = (A [r, K], B [N, r], scale) adds scale * x A^T B^T in the same call
-        (LoRALinear passes it at decode: one kernel call instead of five torch ops)."""
+        """y = x W^T (+ bias); `lora` = (A [r, K], B [N, r], scale) adds scale * x A^T B^T, in the same kernel
+        call at decode rows (LoRALinear passes it: one call instead of five torch ops)."""
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         M = x2.shape[0]
         lib = _load_kernel() if (x.device.type == "cpu" and x.dtype == torch.float32 and M > 0) else None
         if lib is None or (torch.is_grad_enabled() and x.requires_grad):   # autograd keeps the weight it used
-            y = F.linear(x, self.dequantize().to(x.dtype), self.bias)
-            return y if lora is None else y + F.linear(F.linear(x, lora[0]), lora[1]) * lora[2]
-        x2 = x2.contiguous()
-        nt = torch.get_num_threads()
-        if M > KERNEL_MAX_ROWS:
-            y = self._dequantized_matmul(lib, x2, nt)
+            y = F.linear(x2, self.dequantize().to(x.dtype), self.bias)
         else:
-            y = torch.empty(M, self.out_features)
-            if self.bits == 8:
-                lib.gemm_i8(x2.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(), y.data_ptr(),
-                            M, self.out_features, K, nt)
+            x2 = x2.contiguous()
+            nt = torch.get_num_threads()
+            if M > KERNEL_MAX_ROWS:
+                y = self._dequantized_matmul(lib, x2, nt)
             else:
-                lib.gemm_i4(x2.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
-                            y.data_ptr(), M, self.out_features, K, self.group_size // 32, nt)
-        if self.bias is not None:
-            y += self.bias
+                y = torch.empty(M, self.out_features)
+                if self.bits == 8:
+                    lib.gemm_i8(x2.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(), y.data_ptr(),
+                                M, self.out_features, K, nt)
+                else:
+                    lib.gemm_i4(x2.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(),
+                                self.mins.data_ptr(), y.data_ptr(), M, self.out_features, K, self.group_size // 32, nt)
+            if self.bias is not None:
+                y += self.bias
+            if lora is not None and M <= KERNEL_MAX_ROWS and _fusable(*lora):
+                lib.lora_add(x2.data_ptr(), lora[0].data_ptr(), lora[1].data_ptr(), y.data_ptr(), M,
+                             self.out_features, K, lora[0].shape[0], float(lora[2]), nt)
+                lora = None
         if lora is not None:
-            A, B, scale = lora
-            r = A.shape[0]
-            if M <= KERNEL_MAX_ROWS and r <= 64 and A.is_contiguous() and B.is_contiguous() \
-                    and A.dtype == B.dtype == torch.float32 and not (torch.is_grad_enabled() and A.requires_grad):
-                lib.lora_add(x2.data_ptr(), A.data_ptr(), B.data_ptr(), y.data_ptr(), M, self.out_features, K, r,
-                             float(scale), nt)
-            else:
-                y = y + F.linear(F.linear(x2, A), B) * scale
+            y = y + F.linear(F.linear(x2, lora[0]), lora[1]) * lora[2]
         return y.reshape(*lead, self.out_features)
 
     def _dequantized_matmul(self, lib, x2: torch.Tensor, nt: int) -> torch.Tensor:
