@@ -81,13 +81,23 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled and not self.merged and getattr(self.base, "fuses_lora", False) \
-                and (isinstance(self.dropout, nn.Identity) or not self.training):   # a quantized base adds it
-            return self.base(x, lora=(self.lora_A, self.lora_B, self.scaling))
+        parts = self.quant_parts()
+        if parts is not None:                                # a quantized base adds the LoRA in its own call
+            return parts[0](x, lora=parts[1])
         y = linear(self.base, x)          # outside autograd (rollouts), few rows: the decode GEMV kernel
         if not self.enabled or self.merged:
             return y
         return y + linear_weight(linear_weight(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def quant_parts(self) -> tuple | None:
+        """(base, (A, B, scale) or None when disabled) when the base is quantized and adds the LoRA in its own
+        kernel call (QuantLinear.fuses_lora; no dropout in training); None for any other base. Read from the
+        module's dicts: nn.Module.__getattr__ costs ~1 us a lookup, and a decode step asks 210 times."""
+        mods, params = self._modules, self._parameters
+        base = mods["base"]
+        if not getattr(base, "fuses_lora", False) or not (type(mods["dropout"]) is nn.Identity or not self.training):
+            return None
+        return base, ((params["lora_A"], params["lora_B"], self.scaling) if self.enabled and not self.merged else None)
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling                           # [out, in]
@@ -194,7 +204,8 @@ def _wrapped_names(m: nn.Module) -> list[str]:
 def _targets(model: nn.Module, targets: list[str]) -> list[str]:
     names = []
     for path, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, LoRALinear)) or path == "lm_head" or path.endswith(".base"):
+        linear_like = isinstance(m, (nn.Linear, LoRALinear)) or getattr(m, "fuses_lora", False)   # + QuantLinear
+        if not linear_like or path == "lm_head" or path.endswith(".base"):
             continue
         if "all-linear" in targets or path.rsplit(".", 1)[-1] in targets:
             names.append(path)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit import kernels
+from rftkit import kernels, quantize
 
 SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -262,11 +262,14 @@ def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def linears(mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """[m(x) for m in mods]; plain nn.Linear layers of a decode step in one kernel call (q/k/v, gate/up)."""
+    """[m(x) for m in mods]; the layers of a decode step that share x (q/k/v, gate/up) in one kernel call when
+    they are all plain nn.Linear, or all quantized (with or without LoRA)."""
     if all(type(m) is nn.Linear for m in mods):
         ys = kernels.linear_many(x, [m.weight for m in mods], [m.bias for m in mods])
-        if ys is not None:
-            return ys
+    else:
+        ys = quantize.linear_many(mods, x)
+    if ys is not None:
+        return ys
     return [linear(m, x) for m in mods]
 
 

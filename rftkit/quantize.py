@@ -30,6 +30,7 @@ AVX2, or on GPU, every call takes the reference path (`kernel_available()` says 
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ _buffer: torch.Tensor | None = None
 
 
 def _fusable(A: torch.Tensor, B: torch.Tensor, scale) -> bool:
-    """Whether lora_add can take this LoRA: fp32, contiguous, rank <= 64, outside autograd."""
+    """Whether the kernel can add this LoRA in its call: fp32, contiguous, rank <= 64, outside autograd."""
     return A.shape[0] <= 64 and A.is_contiguous() and B.is_contiguous() and A.dtype == B.dtype == torch.float32 \
         and not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad))
 
@@ -81,116 +82,138 @@ static void quant_x8(const float* x, int M, int K, int8_t* xq, float* xd, float*
     _mm256_storeu_si256((__m256i*)(xq + (long)m * K + b * 32), _mm256_permutevar8x32_epi32(i0, perm));
   }
 }
-/* y[M,N] = x[M,K] @ (q[N,K] * s[N])^T, x quantized to int8 per block of 32 (llama.cpp's Q8_0 x Q8_0 dot);
-   K % 32 == 0, M <= 8 */
-void gemm_i8(const float* x, const int8_t* q, const float* s, float* y, int M, int N, int K, int nt) {
+/* one output row of an int8 layer (w = q * s) for the M quantized rows of x: out[m] = x8[m] . q */
+static inline void row_i8(const int8_t* qr, float s, const int8_t* xq, const float* xd, float* out, int M, int K) {
   int B = K / 32;
-  int8_t* xq = (int8_t*)malloc((size_t)M * K + 64);
-  float* xd = (float*)malloc(sizeof(float) * 2 * (size_t)M * B);
-  float* xs = xd + (size_t)M * B;
-  quant_x8(x, M, K, xq, xd, xs);
-  #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int n = 0; n < N; n++) {
-    const int8_t* qr = q + (long)n * K;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[8];
-    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-    if (M == 1) {
-      __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int b = 0; b < B; b++) {
-        __m256i w = _mm256_loadu_si256((const __m256i*)(qr + b * 32));
-        __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + b * 32));
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)), ones);
-        c[b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[b]), c[b & 3]);
-      }
-      acc[0] = _mm256_add_ps(_mm256_add_ps(c[0], c[1]), _mm256_add_ps(c[2], c[3]));
-    } else
-    for (int b = 0; b < B; b++) {
-      __m256i w = _mm256_loadu_si256((const __m256i*)(qr + b * 32));
-      __m256i aw = _mm256_sign_epi8(w, w);                       /* |w| as unsigned, the sign moved to x */
-      for (int m = 0; m < M; m++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (long)m * K + b * 32));
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[(long)m * B + b]), acc[m]);
-      }
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (M == 1) {             /* one row: four blocks a step into four named accumulators (see row_i4) */
+#define I8_BLOCK(c, b) { \
+      __m256i w = _mm256_loadu_si256((const __m256i*)(qr + (b) * 32)); \
+      __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (b) * 32)); \
+      __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)), ones); \
+      c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[b]), c); }
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 4 <= B; b += 4) { I8_BLOCK(c0, b) I8_BLOCK(c1, b + 1) I8_BLOCK(c2, b + 2) I8_BLOCK(c3, b + 3) }
+    for (; b < B; b++) I8_BLOCK(c0, b)
+#undef I8_BLOCK
+    out[0] = hsum(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3))) * s;
+    return;
+  }
+  __m256 acc[8];
+  for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+  for (int b = 0; b < B; b++) {
+    __m256i w = _mm256_loadu_si256((const __m256i*)(qr + b * 32));
+    __m256i aw = _mm256_sign_epi8(w, w);                         /* |w| as unsigned, the sign moved to x */
+    for (int m = 0; m < M; m++) {
+      __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (long)m * K + b * 32));
+      __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[(long)m * B + b]), acc[m]);
     }
-    for (int m = 0; m < M; m++) y[(long)m * N + n] = hsum(acc[m]) * s[n];
   }
-  free(xq); free(xd);
+  for (int m = 0; m < M; m++) out[m] = hsum(acc[m]) * s;
 }
-/* int4: w = q * d[n, g] + m[n, g], group = 32 * sub: y = sum_g d * (q . x8) + m * sum(x), the dot over x
-   quantized to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1), the min term on the exact sums; M <= 8 */
-void gemm_i4(const float* x, const uint8_t* q, const float* d, const float* mn,
-             float* y, int M, int N, int K, int sub, int nt) {
+/* one output row of an int4 layer (w = q * d[g] + mn[g], group = 32 * sub): sum_g d * (q . x8) + mn * sum(x),
+   llama.cpp's Q4_1 x Q8_1; xg[m, g] = the exact sums of x per group */
+static inline void row_i4(const uint8_t* qr, const float* dr, const float* mr, const int8_t* xq, const float* xd,
+                          const float* xg, float* out, int M, int K, int sub) {
   int B = K / 32, G = K / (32 * sub);
-  int8_t* xq = (int8_t*)malloc((size_t)M * K + 64);
-  float* xd = (float*)malloc(sizeof(float) * (2 * (size_t)M * B + (size_t)M * G));
-  float* xs = xd + (size_t)M * B;
-  float* xg = xs + (size_t)M * B;
-  quant_x8(x, M, K, xq, xd, xs);
-  for (int m = 0; m < M; m++) for (int g = 0; g < G; g++) {
-    float t = 0.0f;
-    for (int j = 0; j < sub; j++) t += xs[(long)m * B + g * sub + j];
-    xg[(long)m * G + g] = t;
-  }
-  #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int n = 0; n < N; n++) {
-    const uint8_t* qr = q + (long)n * K / 2;
-    const __m128i m15 = _mm_set1_epi8(15);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[8];
+  const __m128i m15 = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[8];
+  if (M == 1) {             /* one row: four blocks a step into four named accumulators (an array indexed by
+                               b & 3 was kept in memory: each FMA then waited on a store and a load) */
+#define I4_BLOCK(c, b) { \
+      __m128i qb = _mm_loadu_si128((const __m128i*)(qr + (b) * 16)); \
+      __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qb, 4), m15), _mm_and_si128(qb, m15)); \
+      __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)(xq + (b) * 32))), ones); \
+      c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dr[sub == 1 ? (b) : (b) / sub] * xd[b]), c); }
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 4 <= B; b += 4) { I4_BLOCK(c0, b) I4_BLOCK(c1, b + 1) I4_BLOCK(c2, b + 2) I4_BLOCK(c3, b + 3) }
+    for (; b < B; b++) I4_BLOCK(c0, b)
+#undef I4_BLOCK
+    acc[0] = _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3));
+  } else {
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-    if (M == 1) {             /* one row: four independent FMA chains (one chain waits on the FMA latency) */
-      __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int g = 0, b = 0; g < G; g++) {
-        float dw = d[(long)n * G + g];
-        for (int j = 0; j < sub; j++, b++) {
-          __m128i qb = _mm_loadu_si128((const __m128i*)(qr + b * 16));
-          __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qb, 4), m15), _mm_and_si128(qb, m15));
-          __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)(xq + b * 32))), ones);
-          c[b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[b]), c[b & 3]);
-        }
-      }
-      acc[0] = _mm256_add_ps(_mm256_add_ps(c[0], c[1]), _mm256_add_ps(c[2], c[3]));
-    } else
     for (int b = 0; b < B; b++) {
       __m128i qb = _mm_loadu_si128((const __m128i*)(qr + b * 16));
       /* low half: k = 0..15 of the block (low nibbles), high half: k = 16..31 */
       __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qb, 4), m15), _mm_and_si128(qb, m15));
-      float dw = d[(long)n * G + (sub == 1 ? b : b / sub)];
+      float dw = dr[sub == 1 ? b : b / sub];
       for (int m = 0; m < M; m++) {
         __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (long)m * K + b * 32));
         __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[(long)m * B + b]), acc[m]);
       }
     }
-    for (int m = 0; m < M; m++) {
-      float t = hsum(acc[m]);
-      for (int g = 0; g < G; g++) t += mn[(long)n * G + g] * xg[(long)m * G + g];
-      y[(long)m * N + n] = t;
+  }
+  for (int m = 0; m < M; m++) {
+    float t = hsum(acc[m]);
+    for (int g = 0; g < G; g++) t += mr[g] * xg[(long)m * G + g];
+    out[m] = t;
+  }
+}
+/* Up to 4 quantized layers of the same bits, group and in_features sharing x [M, K] (q/k/v, gate/up; or one):
+   x is rounded to int8 once and every layer's rows run in one parallel loop. Per layer j: y_j[M, N_j] =
+   x W_j^T (+ bias_j) (+ scale_j * (x A_j^T) B_j^T, an unmerged LoRA of rank r_j <= 64, r_j = 0 for none).
+   Addresses are 0 where absent; for int8 layers d holds the row scales and mn is unused. M <= 8, K % 32 == 0. */
+typedef struct { int64_t q, d, mn, bias, A, B, y; float scale; int32_t r, N; } qlayer;
+#define QRUN 16
+void qlinear_many(const float* x, int M, int K, int bits, int sub, int nl, const qlayer* L, int nt) {
+  int B = K / 32, G = K / (32 * sub);
+  int8_t* xq = (int8_t*)malloc((size_t)M * K + 64);
+  float* xd = (float*)malloc(sizeof(float) * (2 * (size_t)M * B + (size_t)M * G));
+  float* xs = xd + (size_t)M * B;
+  float* xg = xs + (size_t)M * B;
+  float t[4 * 8 * 64];                      /* t[j, m, :] = scale_j * x[m] A_j^T */
+  quant_x8(x, M, K, xq, xd, xs);
+  for (int m = 0; m < M; m++) for (int g = 0; g < G; g++) {
+    float s = 0.0f;
+    for (int i = 0; i < sub; i++) s += xs[(long)m * B + g * sub + i];
+    xg[(long)m * G + g] = s;
+  }
+  long total = 0, start[5];
+  for (int j = 0; j < nl; j++) {
+    start[j] = total; total += L[j].N;
+    for (int m = 0; m < M; m++) for (int i = 0; i < L[j].r; i++)
+      t[(j * 8 + m) * 64 + i] = dot((const float*)L[j].A + (long)i * K, x + (long)m * K, K) * L[j].scale;
+  }
+  start[nl] = total;
+  long runs = (total + QRUN - 1) / QRUN;
+  #pragma omp parallel for schedule(guided, 1) num_threads(nt)
+  for (long c = 0; c < runs; c++) {
+    long r0 = c * QRUN, r1 = r0 + QRUN < total ? r0 + QRUN : total;
+    for (int j = 0; j < nl; j++) {
+      long a = r0 > start[j] ? r0 : start[j], e = r1 < start[j + 1] ? r1 : start[j + 1];
+      const float* bj = (const float*)L[j].bias;
+      const float* Bj = (const float*)L[j].B;
+      float* yj = (float*)L[j].y;
+      int rj = L[j].r, Nj = L[j].N;
+      for (long n = a - start[j]; n < e - start[j]; n++) {
+        float out[8];
+        if (bits == 8)
+          row_i8((const int8_t*)L[j].q + n * K, ((const float*)L[j].d)[n], xq, xd, out, M, K);
+        else
+          row_i4((const uint8_t*)L[j].q + n * K / 2, (const float*)L[j].d + n * G, (const float*)L[j].mn + n * G,
+                 xq, xd, xg, out, M, K, sub);
+        for (int m = 0; m < M; m++) {
+          float v = out[m] + (bj ? bj[n] : 0.0f);
+          if (rj) {
+            const float* bn = Bj + n * rj;
+            const float* tm = t + (j * 8 + m) * 64;
+            __m256 s = _mm256_setzero_ps();
+            int i = 0;
+            for (; i + 8 <= rj; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(bn + i), _mm256_loadu_ps(tm + i), s);
+            v += hsum(s);
+            for (; i < rj; i++) v += bn[i] * tm[i];
+          }
+          yj[(long)m * Nj + n] = v;
+        }
+      }
     }
   }
   free(xq); free(xd);
-}
-/* y[M, N] += scale * (x[M, K] @ A[r, K]^T) @ B[N, r]^T: an unmerged LoRA on top of the layer's output in the
-   same call (decode rows, M <= 8, r <= 64) */
-void lora_add(const float* x, const float* A, const float* Bw, float* y, int M, int N, int K, int r, float scale,
-              int nt) {
-  float t[8 * 64];
-  for (int m = 0; m < M; m++)
-    for (int j = 0; j < r; j++) t[m * 64 + j] = dot(A + (long)j * K, x + (long)m * K, K) * scale;
-  #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int n = 0; n < N; n++) {
-    const float* b = Bw + (long)n * r;
-    for (int m = 0; m < M; m++) {
-      __m256 s = _mm256_setzero_ps();
-      int j = 0;
-      for (; j + 8 <= r; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), _mm256_loadu_ps(t + m * 64 + j), s);
-      float v = hsum(s);
-      for (; j < r; j++) v += b[j] * t[m * 64 + j];
-      y[(long)m * N + n] += v;
-    }
-  }
 }
 /* rows [n0, n1) of the dequantized weight into w [(n1 - n0), K] (prefill and large batches: then MKL) */
 void dequant_i4(const uint8_t* q, const float* d, const float* mn, float* w, int n0, int n1, int K, int sub, int nt) {
@@ -239,11 +262,9 @@ def _load_kernel():
     if lib is None:
         return None
     P, I = ctypes.c_void_p, ctypes.c_int
-    lib.gemm_i8.argtypes = [P, P, P, P, I, I, I, I]
-    lib.gemm_i4.argtypes = [P, P, P, P, P, I, I, I, I, I]
+    lib.qlinear_many.argtypes = [P, I, I, I, I, I, P, I]
     lib.dequant_i4.argtypes = [P, P, P, P, I, I, I, I, I]
     lib.dequant_i8.argtypes = [P, P, P, I, I, I, I]
-    lib.lora_add.argtypes = [P, P, P, P, I, I, I, I, ctypes.c_float, I]
     _lib = lib
     return lib
 
@@ -366,32 +387,27 @@ class QuantLinear(nn.Module):
         call at decode rows (LoRALinear passes it: one call instead of five torch ops)."""
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
-        M = x2.shape[0]
-        lib = _load_kernel() if (x.device.type == "cpu" and x.dtype == torch.float32 and M > 0) else None
-        if lib is None or (torch.is_grad_enabled() and x.requires_grad):   # autograd keeps the weight it used
+        lib = self._kernel_for(x2)
+        if lib is None:                                  # reference path; autograd keeps the weight it used
             y = F.linear(x2, self.dequantize().to(x.dtype), self.bias)
-        else:
-            x2 = x2.contiguous()
-            nt = torch.get_num_threads()
-            if M > KERNEL_MAX_ROWS:
-                y = self._dequantized_matmul(lib, x2, nt)
-            else:
-                y = torch.empty(M, self.out_features)
-                if self.bits == 8:
-                    lib.gemm_i8(x2.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(), y.data_ptr(),
-                                M, self.out_features, K, nt)
-                else:
-                    lib.gemm_i4(x2.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(),
-                                self.mins.data_ptr(), y.data_ptr(), M, self.out_features, K, self.group_size // 32, nt)
+        elif x2.shape[0] > KERNEL_MAX_ROWS:
+            y = self._dequantized_matmul(lib, x2.contiguous(), torch.get_num_threads())
             if self.bias is not None:
                 y += self.bias
-            if lora is not None and M <= KERNEL_MAX_ROWS and _fusable(*lora):
-                lib.lora_add(x2.data_ptr(), lora[0].data_ptr(), lora[1].data_ptr(), y.data_ptr(), M,
-                             self.out_features, K, lora[0].shape[0], float(lora[2]), nt)
-                lora = None
+        else:
+            fused = lora is not None and _fusable(*lora)
+            y = _decode(lib, x2.contiguous(), [(self, lora if fused else None)])[0]
+            lora = None if fused else lora
         if lora is not None:
             y = y + F.linear(F.linear(x2, lora[0]), lora[1]) * lora[2]
         return y.reshape(*lead, self.out_features)
+
+    def _kernel_for(self, x2: torch.Tensor):
+        """The C kernel library when it may run on x2 [M, K] (CPU fp32, outside autograd), else None."""
+        if x2.device.type != "cpu" or x2.dtype != torch.float32 or x2.shape[0] == 0 \
+                or (torch.is_grad_enabled() and x2.requires_grad):
+            return None
+        return _load_kernel()
 
     def _dequantized_matmul(self, lib, x2: torch.Tensor, nt: int) -> torch.Tensor:
         """Many rows: dequantize CHUNK_BYTES of weight rows at a time into one reused buffer (it stays in
@@ -414,6 +430,93 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+class _Layer(ctypes.Structure):
+    """One layer of a qlinear_many call (the C struct qlayer): addresses, 0 where absent."""
+    _fields_ = [("q", ctypes.c_int64), ("d", ctypes.c_int64), ("mn", ctypes.c_int64), ("bias", ctypes.c_int64),
+                ("A", ctypes.c_int64), ("B", ctypes.c_int64), ("y", ctypes.c_int64), ("scale", ctypes.c_float),
+                ("r", ctypes.c_int32), ("N", ctypes.c_int32)]
+
+
+_plans: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _tensors(m: "QuantLinear") -> tuple:
+    b = m._buffers
+    return b["qweight"], b["scales"], b.get("mins"), m._parameters.get("bias")
+
+
+def _plan(parts: list[tuple]):
+    """The qlinear_many arguments for these (QuantLinear, lora) parts, built once per group of layers and kept
+    (weakly, on the first layer) while every tensor and LoRA scale it was built from is still the one in use."""
+    tens = [(_tensors(m), lo) for m, lo in parts]
+    key = tuple(id(t) for ts, lo in tens for t in (*ts, *(lo[:2] if lo else ()))) \
+        + tuple(float(lo[2]) if lo else None for _, lo in tens)
+    groups = _plans.get(parts[0][0])
+    if groups is None:
+        groups = _plans[parts[0][0]] = {}
+    ids = tuple(id(m) for m, _ in parts)
+    plan = groups.get(ids)
+    if plan is not None and plan[0] == key:
+        return plan[1]
+    layers = (_Layer * len(parts))()
+    for L, (m, lo), (ts, _) in zip(layers, parts, tens):
+        q, d, mn, bias = ts
+        L.q, L.d, L.mn, L.bias = q.data_ptr(), d.data_ptr(), mn.data_ptr() if m.bits == 4 else 0, \
+            bias.data_ptr() if bias is not None else 0
+        L.N = m.out_features
+        if lo:
+            L.A, L.B, L.scale, L.r = lo[0].data_ptr(), lo[1].data_ptr(), float(lo[2]), lo[0].shape[0]
+    groups[ids] = (key, (layers, tens))              # tens keeps the tensors alive, so their ids stay theirs
+    return layers, tens
+
+
+def _decode(lib, x2: torch.Tensor, parts: list[tuple]) -> list[torch.Tensor]:
+    """Decode rows (M <= KERNEL_MAX_ROWS): [x2 W^T (+ bias) (+ LoRA) for (QuantLinear, lora or None) in parts],
+    up to 4 layers of one bits / group / in_features in one call of the kernel (x2 rounded to int8 once)."""
+    M, K = x2.shape
+    first = parts[0][0]
+    layers, _ = _plan(parts)
+    ys = []
+    for L, (m, _) in zip(layers, parts):
+        y = torch.empty(M, m.out_features)
+        L.y = y.data_ptr()
+        ys.append(y)
+    lib.qlinear_many(x2.data_ptr(), M, K, first.bits, first.group_size // 32 if first.bits == 4 else 1,
+                     len(parts), ctypes.addressof(layers), torch.get_num_threads())
+    return ys
+
+
+def _quant_part(m: nn.Module) -> tuple | None:
+    """(QuantLinear, fusable LoRA or None) for a QuantLinear or a LoRALinear on one; None for anything else."""
+    if isinstance(m, QuantLinear):
+        return m, None
+    parts = m.quant_parts() if hasattr(m, "quant_parts") else None
+    if parts is None or (parts[1] is not None and not _fusable(*parts[1])):
+        return None
+    return parts
+
+
+def linear_many(mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """[m(x) for m in mods] in one kernel call (x rounded to int8 once, one parallel loop) when every module is a
+    QuantLinear, or a LoRALinear on one, of one bits / group / in_features, at decode rows: q/k/v and gate/up of
+    a quantized model. None where that does not apply (the caller runs them one by one)."""
+    if not 0 < len(mods) <= 4:
+        return None
+    parts = [_quant_part(m) for m in mods]
+    if any(p is None for p in parts):
+        return None
+    first = parts[0][0]
+    if any((m.bits, m.group_size, m.in_features) != (first.bits, first.group_size, first.in_features)
+           for m, _ in parts):
+        return None
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    lib = first._kernel_for(x2) if x2.shape[0] <= KERNEL_MAX_ROWS else None
+    if lib is None:
+        return None
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in _decode(lib, x2.contiguous(), parts)]
 
 
 class QuantEmbedding(nn.Module):

@@ -360,3 +360,56 @@ def test_quantized_layer_adds_a_lora_in_the_same_call(bits, r):
         x = torch.randn(rows, 96)
         with torch.no_grad():
             torch.testing.assert_close(q(x, lora=(A, B, 0.5)), q(x) + (x @ A.T @ B.T) * 0.5, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_layers_sharing_an_input_run_in_one_call_as_they_would_alone(bits):
+    """quantize.linear_many (q/k/v, gate/up of a quantized model: x rounded once, one parallel loop over every
+    layer's rows) gives each layer exactly its own output, with its own bias and LoRA; a LoRA switched off adds
+    nothing; a mixed group (a plain layer among them) is left to the caller."""
+    from rftkit.lora import LoRALinear
+    from rftkit.quantize import linear_many
+    torch.manual_seed(4)
+    mods = [LoRALinear(QuantLinear.from_linear(nn.Linear(96, n, bias=b), bits, 32), r, 0.5)
+            for n, b, r in ((40, True, 16), (24, False, 4), (56, True, 8))]
+    for m in mods:
+        nn.init.normal_(m.lora_B)
+    mods[1].enabled = False
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 96)
+        with torch.no_grad():
+            got = linear_many(mods, x)
+            assert [g.shape for g in got] == [(rows, m.base.out_features) for m in mods]
+            for g, m in zip(got, mods):
+                assert torch.equal(g, m(x))
+            torch.testing.assert_close(got[1], mods[1].base(x))
+            assert not torch.allclose(got[0], mods[0].base(x), atol=1e-3)     # the LoRA really is in it
+            assert linear_many(mods, torch.randn(9, 96)) is None               # past decode rows: one by one
+    assert linear_many([mods[0], nn.Linear(96, 8)], torch.randn(1, 96)) is None
+
+
+def test_a_fresh_lora_on_a_quantized_model_wraps_every_quantized_layer_and_trains():
+    """apply_lora's all-linear takes QuantLinear layers (QLoRA-style training on the low-bit base): every one
+    but the lm_head gets a LoRA, a decode step's grouped kernel call gives the same logits as the layers one
+    by one, and a backward pass reaches the LoRA weights only."""
+    from rftkit.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
+    model, _ = _quant_model(4)
+    apply_lora(model, LoRAConfig(r=4))
+    quant = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n != "lm_head"]
+    assert sorted(f"{n}.base" for n in lora_modules(model)) == sorted(quant) and len(quant) == 7 * model.cfg.n_layers
+    for m in lora_modules(model).values():
+        nn.init.normal_(m.lora_B, std=0.1)
+    ids = torch.randint(0, 96, (1, 1))
+    with torch.no_grad():
+        grouped = model(ids)[0]
+        import rftkit.model as rm
+        alone = rm.quantize.linear_many
+        rm.quantize.linear_many = lambda mods, x: None          # every layer on its own
+        try:
+            separate = model(ids)[0]
+        finally:
+            rm.quantize.linear_many = alone
+    assert torch.equal(grouped, separate)
+    loss = model(torch.randint(0, 96, (2, 8)))[0].logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
