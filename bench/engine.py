@@ -129,6 +129,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="8 x 16 batched, 16 single-stream, 1 repeat")
     ap.add_argument("--no-kernels", action="store_true", help="torch reference paths only (rftkit.kernels off)")
     ap.add_argument("--skip-hf", action="store_true", help="ours only (no transformers runs)")
+    ap.add_argument("--per-op", action="store_true",
+                    help="decode steps block by block, op by op (not the one-call stack of kernels.decode_layers)")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.tokens, args.single_tokens, args.repeats = 8, 16, 16, 1
@@ -137,6 +139,9 @@ def main():
     from rftkit.engine import Engine
     from rftkit.loading import ensure_embedded, load
     kernels.set_enabled(not args.no_kernels)
+    if args.per_op:
+        import rftkit.model
+        rftkit.model._decode_fused = lambda *a: False     # an A/B switch: the model's per-op path
     torch.manual_seed(0)
     model, tok = load(None)
     prompt = tok.encode_chat([{"role": "user", "content": "Write a story about a robot."}])

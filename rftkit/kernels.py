@@ -6,6 +6,7 @@
     lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
     tokens, logp = sample_rows(logits, temperature, u)   # inverse-CDF sampling in one pass per row
     y = rms_norm(x, w, eps); q = rope(q, cos, sin)        # decode rows (None: run the torch ops)
+    decode_layers(x, layers, ...)                  # a whole stack of plain decoder blocks, one call
 
 Why. One decode step of a small model multiplies a handful of rows by every weight: it is bound by memory
 bandwidth, and torch's fp32 GEMV reached ~12 GB/s on this 2-core AVX2 machine where a copy reaches ~22-26.
@@ -41,8 +42,20 @@ GEMV_MAX_ROWS_LONG_K = 16      # on 2 cores against MKL (F.linear), weights out 
                                # (down_proj) 1.2x at 8, 1.1x at 16, 0.9-1.0x beyond
 
 
-def _gemv_rows_ok(M: int, K: int) -> bool:
-    return 0 < M <= (GEMV_MAX_ROWS if K <= 1024 else GEMV_MAX_ROWS_LONG_K)
+# On a CPU with AVX-512 MKL's GEMM runs 16 lanes wide and beats this 8-lane kernel from 2 rows up (measured on
+# a 2-core Xeon with AVX-512 and AMX, weights out of cache: 1.1-1.4x at 2-32 rows of K = 576, N = 192-1536;
+# one row ties), except at the vocabulary projection, where MKL has a slow stretch of 4-12 rows (N = 49152:
+# the kernel 7.7-10.2 ms against MKL's 9.4-20.4 ms; at 16+ rows MKL wins, 1.7x at 48). There the kernel
+# takes one row, and 2-12 rows of very wide outputs.
+_wide_blas: bool | None = None
+
+
+def _gemv_rows_ok(M: int, K: int, N: int) -> bool:
+    if not 0 < M <= (GEMV_MAX_ROWS if K <= 1024 else GEMV_MAX_ROWS_LONG_K):
+        return False
+    if _wide_blas is None:
+        _load()
+    return not _wide_blas or M == 1 or (N >= 16384 and M <= 12)
 ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM = 16, 256
 
 C_HELPERS = r"""
@@ -70,6 +83,7 @@ static inline float dot(const float* a, const float* b, int n) {       /* any n 
 """   # the includes and helpers every C source here starts with (rftkit.quantize's too)
 
 _SRC = C_HELPERS + r"""
+#include <string.h>
 
 /* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M, R compile-time */
 static inline void gemv_tile(const float* x, const float* W, const float* bias, float* y,
@@ -359,6 +373,51 @@ void rope(const float* x, const float* cs, const float* sn, float* y, int BT, in
     }
   }
 }
+
+/* One decoder block's weights for decode_layers: addresses, 0 for an absent bias (struct mirrored by
+   DecodeLayer in Python). kc, vc: the block's paged cache, [slots, Hkv, hd]. */
+typedef struct {
+  int64_t ln1, wq, wk, wv, bq, bk, bv, wo, bo, ln2, wg, wu, wd, bg, bu, bd, kc, vc;
+  int32_t window, pad;
+} dlayer;
+
+/* nl decoder blocks for M decode rows (one new token each) over a paged cache, in place on x [M, D]:
+     x += o(attn(rope(q), cache + (rope(k), v))) of rms_norm(x);  x += down(silu(gate) * up) of rms_norm(x)
+   with the same kernels as the per-op path (gemv_many, rope, paged_attn, rms_norm): one call for the whole
+   stack instead of ~25 torch ops and kernel calls per block. cs, sn [M, hd]; table [M, nbmax]; qpos [M];
+   wrow [M]: the cache row of each row's new key and value; ws: scratch of M * (2D + 3 H hd + 2 Hkv hd + 2F)
+   floats. D, H hd and F are multiples of 8, M within the GEMV kernel's rows. */
+void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int Hkv, int hd, int F,
+                   const float* cs, const float* sn, const int64_t* table, int nbmax, const int64_t* qpos,
+                   const int64_t* wrow, int bs, float eps, float scale, float* ws, int nt) {
+  const long NQ = (long)H * hd, NK = (long)Hkv * hd;
+  float *h = ws, *q0 = h + M * D, *k0 = q0 + M * NQ, *v0 = k0 + M * NK, *q1 = v0 + M * NK,
+        *att = q1 + M * NQ, *g = att + M * NQ, *u = g + (long)M * F, *t = u + (long)M * F;
+  for (int l = 0; l < nl; l++) {
+    const dlayer* P = L + l;
+    float *kc = (float*)P->kc, *vc = (float*)P->vc;
+    rms_norm(x, (const float*)P->ln1, h, M, D, eps);
+    int64_t W3[3] = {P->wq, P->wk, P->wv}, b3[3] = {P->bq, P->bk, P->bv},
+            y3[3] = {(int64_t)q0, (int64_t)k0, (int64_t)v0};
+    int32_t N3[3] = {(int32_t)NQ, (int32_t)NK, (int32_t)NK};
+    gemv_many(h, W3, b3, y3, N3, 3, M, D, nt);
+    rope(q0, cs, sn, q1, M, H, hd);
+    for (int m = 0; m < M; m++) {                          /* the new key (roped) and value into the cache */
+      rope(k0 + m * NK, cs + (long)m * hd, sn + (long)m * hd, kc + wrow[m] * NK, 1, Hkv, hd);
+      memcpy(vc + wrow[m] * NK, v0 + m * NK, NK * sizeof(float));
+    }
+    paged_attn(q1, kc, vc, table, qpos, att, M, H, Hkv, hd, nbmax, bs, P->window, scale, nt);
+    gemv(att, (const float*)P->wo, (const float*)P->bo, t, M, D, (int)NQ, nt);
+    for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
+    rms_norm(x, (const float*)P->ln2, h, M, D, eps);
+    int64_t W2[2] = {P->wg, P->wu}, b2[2] = {P->bg, P->bu}, y2[2] = {(int64_t)g, (int64_t)u};
+    int32_t N2[2] = {F, F};
+    gemv_many(h, W2, b2, y2, N2, 2, M, D, nt);
+    for (long i = 0; i < (long)M * F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    gemv(g, (const float*)P->wd, (const float*)P->bd, t, M, D, F, nt);
+    for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
+  }
+}
 """
 
 _lib = None
@@ -393,9 +452,10 @@ def build_library(src: str, stem: str, what: str) -> tuple[ctypes.CDLL | None, s
 
 def _load():
     """Build (once, into the cache) and load the kernels; None when this machine cannot."""
-    global _lib, _error
+    global _lib, _error, _wide_blas
     if _lib is not None or _error is not None:
         return _lib
+    _wide_blas = os.path.exists("/proc/cpuinfo") and " avx512f" in open("/proc/cpuinfo").read()
     lib, _error = build_library(_SRC, "decode", "decode kernels")
     if lib is None:
         return None
@@ -407,6 +467,7 @@ def _load():
     lib.rope.argtypes = [P, P, P, P, I, I, I]
     lib.sample_rows.argtypes = [P, P, P, P, P, I, I, I]
     lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, P, I, I, I, I, I]
+    lib.decode_layers.argtypes = [P, P, I, I, I, I, I, I, I, P, P, P, I, P, P, I, Fl, Fl, P, I]
     _lib = lib
     return lib
 
@@ -444,7 +505,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias); x [.., K], weight [N, K]. Few rows on CPU (_gemv_rows_ok): the GEMV kernel."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    if not _gemv_rows_ok(M, K) or K % 8 or not weight.is_contiguous():
+    if not _gemv_rows_ok(M, K, weight.shape[0]) or K % 8 or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     lib = _usable(x, weight) if bias is None else _usable(x, weight, bias)
     if lib is None:
@@ -497,7 +558,7 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch
     None where the kernel does not apply (the caller runs them one by one)."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    if not _gemv_rows_ok(M, K) or K % 8 or not 0 < len(weights) <= 4 \
+    if not 0 < len(weights) <= 4 or not _gemv_rows_ok(M, K, max(w.shape[0] for w in weights)) or K % 8 \
             or not all(w.is_contiguous() and w.shape[1] == K for w in weights):
         return None
     lib = _usable(x, *weights, *[b for b in biases if b is not None])
@@ -512,6 +573,44 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch
     lib.gemv_many(x2.data_ptr(), ptrs[0].data_ptr(), ptrs[1].data_ptr(), ptrs[2].data_ptr(), N.data_ptr(),
                   len(weights), M, K, torch.get_num_threads())
     return ys
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a stack of decoder blocks
+
+DECODE_MAX_ROWS = GEMV_MAX_ROWS_LONG_K      # down_proj's K (the FFN width) is long: the GEMV kernel's limit
+
+
+class DecodeLayer(ctypes.Structure):
+    """One decoder block of a decode_layers call (the C struct dlayer): addresses, 0 for an absent bias."""
+    _fields_ = [(n, ctypes.c_int64) for n in ("ln1", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "ln2",
+                                              "wg", "wu", "wd", "bg", "bu", "bd", "kc", "vc")] \
+        + [("window", ctypes.c_int32), ("pad", ctypes.c_int32)]
+
+
+def decode_layers(x: torch.Tensor, layers, n_heads: int, n_kv: int, head_dim: int, ffn_dim: int,
+                  cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor, qpos: torch.Tensor,
+                  write: torch.Tensor, block_size: int, eps: float) -> bool:
+    """Run len(layers) plain decoder blocks (RMSNorm, q/k/v, RoPE, paged attention, o, RMSNorm, SwiGLU) on
+    x [M, D] in place, one new token per row, writing each block's new key and value to cache row write[m]:
+    the model's per-op decode path in one call. `layers` is a DecodeLayer array the caller built (and keeps)
+    from fp32 CPU contiguous weights. cos, sin [M, head_dim]; table [M, nb], qpos, write [M] int64.
+    False where the kernel does not apply (the caller runs its blocks)."""
+    M, D = x.shape
+    if not 0 < M <= DECODE_MAX_ROWS or D % 8 or (n_heads * head_dim) % 8 or ffn_dim % 8 or head_dim % 8 \
+            or head_dim > ATTN_MAX_HEAD_DIM or n_heads // n_kv > ATTN_MAX_GROUP or not x.is_contiguous() \
+            or table.dtype != torch.int64 or qpos.dtype != torch.int64 or write.dtype != torch.int64:
+        return False
+    lib = _usable(x, cos, sin)
+    if lib is None:
+        return False
+    cos, sin, table, qpos, write = (t.contiguous() for t in (cos, sin, table, qpos, write))
+    nq, nk = n_heads * head_dim, n_kv * head_dim
+    ws = torch.empty(M * (2 * D + 3 * nq + 2 * nk + 2 * ffn_dim))
+    lib.decode_layers(x.data_ptr(), ctypes.addressof(layers), len(layers), M, D, n_heads, n_kv, head_dim, ffn_dim,
+                      cos.data_ptr(), sin.data_ptr(), table.data_ptr(), table.shape[1], qpos.data_ptr(),
+                      write.data_ptr(), block_size, eps, head_dim ** -0.5, ws.data_ptr(), torch.get_num_threads())
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------

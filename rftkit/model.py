@@ -13,12 +13,16 @@ The contiguous `KVCache` here appends (`update`) and runs the shared `attention`
 positions alone (causal, sliding window, padding); the engine's paged cache reads its blocks in place.
 
 Decode speed: with a handful of rows a step is a chain of matrix-vector products bound by memory bandwidth,
-so plain `nn.Linear` layers go through `rftkit.kernels.linear` (a GEMV kernel for <= 8 rows on CPU, torch's
-F.linear otherwise, and always under autograd or on CUDA).
+so plain `nn.Linear` layers go through `rftkit.kernels.linear` (a GEMV kernel for few rows on CPU, torch's
+F.linear otherwise, and always under autograd or on CUDA). With the engine's paged cache in decode mode and
+every block a plain dense one (nn.Linear layers, fp32, CPU, no autograd), the whole block stack of a step
+runs in one call (`kernels.decode_layers`, the same kernels without ~25 torch ops per block); LoRA, the
+adapter bank, quantized and MoE layers take the per-op path.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -452,8 +456,9 @@ class Transformer(nn.Module):
         elif cache is None:
             mask = attention_mask(positions, positions, None)
         aux: dict = {}
-        for block in self.model.layers:
-            x = block(x, cos, sin, positions, cache, mask, aux)
+        if not (T == 1 and cache is not None and _decode_fused(self, x, cos, sin, cache)):
+            for block in self.model.layers:
+                x = block(x, cos, sin, positions, cache, mask, aux)
         x = self.model.norm(x)
         if return_hidden:
             return x, aux
@@ -467,3 +472,99 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the decode step's blocks in one kernel call
+
+def _decode_fused(model: Transformer, x: torch.Tensor, cos, sin, cache) -> bool:
+    """Run every block of a decode step (one new token per row, x [B, 1, D]) in place in one kernel call
+    (rftkit.kernels.decode_layers) when the cache reads paged blocks in place (the engine's, in decode mode:
+    `decode`, `table`, `qpos`, `write`, `block_size`, per-layer `k`/`v` pools) and every block is a plain dense
+    one of nn.Linear layers in fp32 on the CPU, outside autograd. False: the caller runs the blocks one by one
+    (LoRA, the adapter bank, quantized or MoE layers, q/k norms, training, CUDA)."""
+    if not getattr(cache, "decode", False) or torch.is_grad_enabled() or x.shape[0] > kernels.DECODE_MAX_ROWS:
+        return False
+    layers = _decode_plan(model, cache)
+    if layers is None:
+        return False
+    c, B = model.cfg, x.shape[0]
+    return kernels.decode_layers(x.view(B, -1), layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim,
+                                 cos.reshape(B, -1), sin.reshape(B, -1), cache.table, cache.qpos, cache.write,
+                                 cache.block_size, c.norm_eps)
+
+
+_BLOCK_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                  ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+_decode_plans: "weakref.WeakKeyDictionary[Transformer, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _plan_holds(checks: list, ptrs: list) -> bool:
+    return all(d.get(k) is o for d, k, o in checks) and all(t.data_ptr() == p for t, p in ptrs)
+
+
+def _decode_plan(model: Transformer, cache):
+    """The kernels.DecodeLayer array of model's blocks over cache's pools, or None when some block does not
+    qualify; built once and kept on the model while every module, tensor and data pointer it read is still the
+    one in use (module swaps, reassigned parameters and `.to()` all rebuild it)."""
+    kept = _decode_plans.get(model)
+    if kept is not None and kept[0]() is cache and _plan_holds(kept[1], kept[2]):
+        return kept[3]
+    checks, ptrs = [], []
+
+    def take(owner: dict, key: str):
+        obj = owner.get(key)
+        checks.append((owner, key, obj))
+        if isinstance(obj, torch.Tensor):
+            ptrs.append((obj, obj.data_ptr()))
+        return obj
+
+    def usable(t) -> bool:
+        return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+
+    def build():
+        blocks = take(model.model._modules, "layers")
+        n = len(blocks)
+        if len(cache.k) != n or any(not usable(t) for t in (*cache.k, *cache.v)):
+            return None
+        layers = (kernels.DecodeLayer * n)()
+        for i, L in enumerate(layers):
+            blk = take(blocks._modules, str(i))
+            if type(blk) is not Block:
+                return None
+            mods = {}
+            for part, names in _BLOCK_LINEARS:
+                owner = take(blk._modules, part)
+                if type(owner) not in (Attention, MLP) or getattr(owner, "qk_norm", False):
+                    return None
+                for name in names:
+                    m = mods[name] = take(owner._modules, name)
+                    if type(m) is not nn.Linear:
+                        return None
+            for j, norm in enumerate(("input_layernorm", "post_attention_layernorm")):
+                m = take(blk._modules, norm)
+                if type(m) is not RMSNorm or m.eps != model.cfg.norm_eps:
+                    return None
+                w = take(m._parameters, "weight")
+                if not usable(w):
+                    return None
+                setattr(L, ("ln1", "ln2")[j], w.data_ptr())
+            for name, m in mods.items():
+                w, b = take(m._parameters, "weight"), take(m._parameters, "bias")
+                if not (usable(w) and usable(b)):
+                    return None
+                field = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+                         "gate_proj": "g", "up_proj": "u", "down_proj": "d"}[name]
+                setattr(L, "w" + field, w.data_ptr())
+                setattr(L, "b" + field, 0 if b is None else b.data_ptr())
+            L.kc, L.vc = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+            L.window = blk.self_attn.window or 0
+        return layers
+
+    layers = build()
+    # the plan keeps the tensors it read alive (ptrs), so their ids and addresses stay theirs; the cache only
+    # weakly (its pools are allocated once, with it)
+    _decode_plans[model] = (weakref.ref(cache), checks, ptrs, layers)
+    return layers

@@ -160,3 +160,68 @@ def test_requests_sharing_a_prefix_added_together_compute_it_once():
     # the first request computes all 11 tokens; the other four wait a step and reuse 8 of theirs
     assert engine.stats["prefix_cache_hit_tokens"] == 4 * 8
     assert engine.stats["prefill_tokens"] == 11 + 4 * 3 + 5
+
+
+def _decode_logits(model, prompts, fused: bool, monkeypatch):
+    """Logits of the second decode step of each prompt (a batch of mixed lengths), with the block stack in one
+    kernel call or op by op; and how many fused calls ran."""
+    import rftkit.model as model_mod
+    from rftkit import kernels
+    calls = []
+    real = kernels.decode_layers
+
+    def counted(*a, **k):
+        ok = real(*a, **k)
+        calls.append(ok)
+        return ok
+    monkeypatch.setattr(kernels, "decode_layers", counted)
+    if not fused:
+        monkeypatch.setattr(model_mod, "_decode_fused", lambda *a: False)
+    seen = []
+    orig = model.forward
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        seen.append(out[0].clone())
+        return out
+    monkeypatch.setattr(model, "forward", spy)
+    Engine(model, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=3))
+    monkeypatch.undo()
+    return seen[-1], calls
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "sliding_window": 4}])
+def test_a_decode_step_in_one_kernel_call_equals_the_blocks_op_by_op(overrides, monkeypatch):
+    from rftkit import kernels
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    model = tiny_model(seed=3, **overrides)
+    prompts = [[3, 4, 5], list(range(10, 31)), [7]]
+    fused, calls = _decode_logits(model, prompts, True, monkeypatch)
+    plain, none = _decode_logits(model, prompts, False, monkeypatch)
+    assert calls and all(calls) and not none
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    # a parameter replaced (not written in place) is picked up: the kept plan is rebuilt
+    with torch.no_grad():
+        blk = model.model.layers[1]
+        blk.mlp.up_proj.weight = torch.nn.Parameter(blk.mlp.up_proj.weight * 2)
+    fused2, calls2 = _decode_logits(model, prompts, True, monkeypatch)
+    plain2, _ = _decode_logits(model, prompts, False, monkeypatch)
+    assert all(calls2) and not torch.allclose(fused2, fused)
+    torch.testing.assert_close(fused2, plain2, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_a_lora_layer_decodes_its_blocks_op_by_op(monkeypatch):
+    from rftkit.lora import LoRAConfig, apply_lora
+    model = tiny_model(seed=3)
+    apply_lora(model, LoRAConfig(r=4, targets=["q_proj"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)            # B starts at zero: make the adapter matter
+    prompts = [[3, 4, 5], [7, 8]]
+    _, calls = _decode_logits(model, prompts, True, monkeypatch)
+    assert not calls                         # the fused stack would skip the adapter
+    engine = Engine(model, max_seq_len=128, max_batch=8)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    assert [o[0].token_ids for o in outs] == [reference_greedy(model, p, 6) for p in prompts]
