@@ -378,8 +378,26 @@ void rope(const float* x, const float* cs, const float* sn, float* y, int BT, in
    DecodeLayer in Python). kc, vc: the block's paged cache, [slots, Hkv, hd]. */
 typedef struct {
   int64_t ln1, wq, wk, wv, bq, bk, bv, wo, bo, ln2, wg, wu, wd, bg, bu, bd, kc, vc;
+  int64_t la[7], lb[7];          /* unmerged LoRA of q, k, v, o, gate, up, down: A [r, K], B [N, r]; 0 = none */
+  float ls[7];                   /* its scale */
+  int32_t lr[7];                 /* its rank, <= 64 */
   int32_t window, pad;
 } dlayer;
+
+/* y[M, N] += s * (x A^T) B^T for M <= 16 rows, A [r, K], B [N, r] (PEFT's layouts), r <= 64 */
+static void lora_rows(const float* x, int M, int K, const float* A, const float* B, float s, int r, float* y, int N,
+                      int nt) {
+  float t[16 * 64];
+  #pragma omp parallel num_threads(nt)
+  {
+    #pragma omp for schedule(static)
+    for (int i = 0; i < M * r; i++) t[(i / r) * 64 + i % r] = dot(x + (long)(i / r) * K, A + (long)(i % r) * K, K) * s;
+    #pragma omp for schedule(static)
+    for (int n = 0; n < N; n++)
+      for (int m = 0; m < M; m++) y[(long)m * N + n] += dot(B + (long)n * r, t + m * 64, r);
+  }
+}
+#define LORA(j, xin, K, yout, N) if (P->la[j]) lora_rows(xin, M, K, (const float*)P->la[j], (const float*)P->lb[j], P->ls[j], P->lr[j], yout, N, nt);
 
 /* nl decoder blocks for M decode rows (one new token each) over a paged cache, in place on x [M, D]:
      x += o(attn(rope(q), cache + (rope(k), v))) of rms_norm(x);  x += down(silu(gate) * up) of rms_norm(x)
@@ -401,6 +419,7 @@ void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int H
             y3[3] = {(int64_t)q0, (int64_t)k0, (int64_t)v0};
     int32_t N3[3] = {(int32_t)NQ, (int32_t)NK, (int32_t)NK};
     gemv_many(h, W3, b3, y3, N3, 3, M, D, nt);
+    LORA(0, h, D, q0, (int)NQ) LORA(1, h, D, k0, (int)NK) LORA(2, h, D, v0, (int)NK)
     rope(q0, cs, sn, q1, M, H, hd);
     for (int m = 0; m < M; m++) {                          /* the new key (roped) and value into the cache */
       rope(k0 + m * NK, cs + (long)m * hd, sn + (long)m * hd, kc + wrow[m] * NK, 1, Hkv, hd);
@@ -408,13 +427,16 @@ void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int H
     }
     paged_attn(q1, kc, vc, table, qpos, att, M, H, Hkv, hd, nbmax, bs, P->window, scale, nt);
     gemv(att, (const float*)P->wo, (const float*)P->bo, t, M, D, (int)NQ, nt);
+    LORA(3, att, (int)NQ, t, D)
     for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
     rms_norm(x, (const float*)P->ln2, h, M, D, eps);
     int64_t W2[2] = {P->wg, P->wu}, b2[2] = {P->bg, P->bu}, y2[2] = {(int64_t)g, (int64_t)u};
     int32_t N2[2] = {F, F};
     gemv_many(h, W2, b2, y2, N2, 2, M, D, nt);
+    LORA(4, h, D, g, F) LORA(5, h, D, u, F)
     for (long i = 0; i < (long)M * F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     gemv(g, (const float*)P->wd, (const float*)P->bd, t, M, D, F, nt);
+    LORA(6, g, F, t, D)
     for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
   }
 }
@@ -585,15 +607,18 @@ class DecodeLayer(ctypes.Structure):
     """One decoder block of a decode_layers call (the C struct dlayer): addresses, 0 for an absent bias."""
     _fields_ = [(n, ctypes.c_int64) for n in ("ln1", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "ln2",
                                               "wg", "wu", "wd", "bg", "bu", "bd", "kc", "vc")] \
-        + [("window", ctypes.c_int32), ("pad", ctypes.c_int32)]
+        + [("la", ctypes.c_int64 * 7), ("lb", ctypes.c_int64 * 7), ("ls", ctypes.c_float * 7),
+           ("lr", ctypes.c_int32 * 7), ("window", ctypes.c_int32), ("pad", ctypes.c_int32)]
+    LORA_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    LORA_MAX_RANK = 64
 
 
 def decode_layers(x: torch.Tensor, layers, n_heads: int, n_kv: int, head_dim: int, ffn_dim: int,
                   cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor, qpos: torch.Tensor,
                   write: torch.Tensor, block_size: int, eps: float) -> bool:
-    """Run len(layers) plain decoder blocks (RMSNorm, q/k/v, RoPE, paged attention, o, RMSNorm, SwiGLU) on
-    x [M, D] in place, one new token per row, writing each block's new key and value to cache row write[m]:
-    the model's per-op decode path in one call. `layers` is a DecodeLayer array the caller built (and keeps)
+    """Run len(layers) plain decoder blocks (RMSNorm, q/k/v, RoPE, paged attention, o, RMSNorm, SwiGLU; each
+    linear with its unmerged LoRA or none) on x [M, D] in place, one new token per row, writing each block's
+    new key and value to cache row write[m]: the model's per-op decode path in one call. `layers` is a DecodeLayer array the caller built (and keeps)
     from fp32 CPU contiguous weights. cos, sin [M, head_dim]; table [M, nb], qpos, write [M] int64.
     False where the kernel does not apply (the caller runs its blocks)."""
     M, D = x.shape

@@ -478,24 +478,31 @@ class Transformer(nn.Module):
 # the decode step's blocks in one kernel call
 
 def _decode_fused(model: Transformer, x: torch.Tensor, cos, sin, cache) -> bool:
-    """Run every block of a decode step (one new token per row, x [B, 1, D]) in place in one kernel call
-    (rftkit.kernels.decode_layers) when the cache reads paged blocks in place (the engine's, in decode mode:
-    `decode`, `table`, `qpos`, `write`, `block_size`, per-layer `k`/`v` pools) and every block is a plain dense
-    one of nn.Linear layers in fp32 on the CPU, outside autograd. False: the caller runs the blocks one by one
-    (LoRA, the adapter bank, quantized or MoE layers, q/k norms, training, CUDA)."""
+    """Run every block of a decode step (one new token per row, x [B, 1, D]) in place in one kernel call when the
+    cache reads paged blocks in place (the engine's, in decode mode: `decode`, `table`, `qpos`, `write`,
+    `block_size`, per-layer `k`/`v` pools) and every block is a plain dense one in fp32 on the CPU outside
+    autograd, its linears all nn.Linear (rftkit.kernels.decode_layers) or all quantized alike
+    (rftkit.quantize.decode_layers), each with its unmerged LoRA (rank <= 64) or none. False: the caller runs
+    the blocks one by one (the adapter bank, MoE layers, q/k norms, training, CUDA, mixed layer kinds)."""
     if not getattr(cache, "decode", False) or torch.is_grad_enabled() or x.shape[0] > kernels.DECODE_MAX_ROWS:
         return False
-    layers = _decode_plan(model, cache)
-    if layers is None:
+    plan = _decode_plan(model, cache)
+    if plan is None:
         return False
+    kind, layers = plan
     c, B = model.cfg, x.shape[0]
-    return kernels.decode_layers(x.view(B, -1), layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim,
-                                 cos.reshape(B, -1), sin.reshape(B, -1), cache.table, cache.qpos, cache.write,
-                                 cache.block_size, c.norm_eps)
+    x2, cos2, sin2 = x.view(B, -1), cos.reshape(B, -1), sin.reshape(B, -1)
+    if kind is None:
+        return kernels.decode_layers(x2, layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, cos2, sin2,
+                                     cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps)
+    return quantize.decode_layers(x2, layers, kind[0], kind[1], c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim,
+                                  cos2, sin2, cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps)
 
 
 _BLOCK_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                   ("mlp", ("gate_proj", "up_proj", "down_proj")))
+_FIELD = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "g", "up_proj": "u",
+          "down_proj": "d"}
 
 
 _decode_plans: "weakref.WeakKeyDictionary[Transformer, tuple]" = weakref.WeakKeyDictionary()
@@ -506,9 +513,10 @@ def _plan_holds(checks: list, ptrs: list) -> bool:
 
 
 def _decode_plan(model: Transformer, cache):
-    """The kernels.DecodeLayer array of model's blocks over cache's pools, or None when some block does not
-    qualify; built once and kept on the model while every module, tensor and data pointer it read is still the
-    one in use (module swaps, reassigned parameters and `.to()` all rebuild it)."""
+    """(kind, block array) for model's blocks over cache's pools: kind None = nn.Linear layers
+    (kernels.DecodeLayer), (bits, group_size) = quantized ones (quantize._Block); None when some block does not
+    qualify. Built once and kept while every module, tensor, data pointer and LoRA setting it read is still the
+    one in use (module swaps, reassigned parameters, `.to()`, an adapter switched off all rebuild it)."""
     kept = _decode_plans.get(model)
     if kept is not None and kept[0]() is cache and _plan_holds(kept[1], kept[2]):
         return kept[3]
@@ -524,47 +532,97 @@ def _decode_plan(model: Transformer, cache):
     def usable(t) -> bool:
         return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
 
+    def part(m):
+        """(base layer, unmerged LoRA (A, B, scale) or None) of a plain, quantized or LoRA-wrapped linear, every
+        tensor and setting it depends on recorded; None for any other module."""
+        from rftkit.lora import LoRALinear
+        lora = None
+        if type(m) is LoRALinear:
+            for key in ("enabled", "merged", "scaling", "training"):
+                take(m.__dict__, key)
+            drop, base = take(m._modules, "dropout"), take(m._modules, "base")
+            A, B = take(m._parameters, "lora_A"), take(m._parameters, "lora_B")
+            if m.enabled and not m.merged:
+                if not (type(drop) is nn.Identity or not m.training) or A.shape[0] > 64 \
+                        or not (usable(A) and usable(B)):
+                    return None
+                lora = A, B, m.scaling
+            m = base
+        if isinstance(m, quantize.QuantLinear):
+            for key in ("qweight", "scales", "mins"):
+                take(m._buffers, key)
+        elif type(m) is nn.Linear:
+            if not (usable(take(m._parameters, "weight")) and usable(m._parameters.get("bias"))):
+                return None
+        else:
+            return None
+        take(m._parameters, "bias")
+        return m, lora
+
     def build():
         blocks = take(model.model._modules, "layers")
         n = len(blocks)
         if len(cache.k) != n or any(not usable(t) for t in (*cache.k, *cache.v)):
             return None
-        layers = (kernels.DecodeLayer * n)()
-        for i, L in enumerate(layers):
+        kind, layers = "unset", None
+        for i in range(n):
             blk = take(blocks._modules, str(i))
             if type(blk) is not Block:
                 return None
             mods = {}
-            for part, names in _BLOCK_LINEARS:
-                owner = take(blk._modules, part)
+            for child, names in _BLOCK_LINEARS:
+                owner = take(blk._modules, child)
                 if type(owner) not in (Attention, MLP) or getattr(owner, "qk_norm", False):
                     return None
                 for name in names:
-                    m = mods[name] = take(owner._modules, name)
-                    if type(m) is not nn.Linear:
-                        return None
-            for j, norm in enumerate(("input_layernorm", "post_attention_layernorm")):
+                    mods[name] = take(owner._modules, name)
+            norms = []
+            for norm in ("input_layernorm", "post_attention_layernorm"):
                 m = take(blk._modules, norm)
                 if type(m) is not RMSNorm or m.eps != model.cfg.norm_eps:
                     return None
                 w = take(m._parameters, "weight")
                 if not usable(w):
                     return None
-                setattr(L, ("ln1", "ln2")[j], w.data_ptr())
-            for name, m in mods.items():
-                w, b = take(m._parameters, "weight"), take(m._parameters, "bias")
-                if not (usable(w) and usable(b)):
-                    return None
-                field = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-                         "gate_proj": "g", "up_proj": "u", "down_proj": "d"}[name]
-                setattr(L, "w" + field, w.data_ptr())
-                setattr(L, "b" + field, 0 if b is None else b.data_ptr())
+                norms.append(w.data_ptr())
+            parts = {name: part(m) for name, m in mods.items()}
+            if any(p is None for p in parts.values()):
+                return None
+            first = parts["q_proj"][0]
+            k = (first.bits, first.group_size) if isinstance(first, quantize.QuantLinear) else None
+            if any(((q.bits, q.group_size) if isinstance(q, quantize.QuantLinear) else None) != k
+                   for q, _ in parts.values()):
+                return None
+            if kind == "unset":
+                kind = k
+                layers = (kernels.DecodeLayer * n)() if k is None else (quantize._Block * n)()
+            elif k != kind:
+                return None
+            L = layers[i]
+            L.ln1, L.ln2 = norms
             L.kc, L.vc = cache.k[i].data_ptr(), cache.v[i].data_ptr()
             L.window = blk.self_attn.window or 0
-        return layers
+            if kind is None:
+                for j, name in enumerate(kernels.DecodeLayer.LORA_ORDER):
+                    m, lora = parts[name]
+                    w, b = m._parameters["weight"], m._parameters.get("bias")
+                    f = _FIELD[name]
+                    setattr(L, "w" + f, w.data_ptr())
+                    setattr(L, "b" + f, 0 if b is None else b.data_ptr())
+                    if lora is not None:
+                        L.la[j], L.lb[j], L.ls[j], L.lr[j] = lora[0].data_ptr(), lora[1].data_ptr(), lora[2], \
+                            lora[0].shape[0]
+            else:
+                for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    quantize.fill_layer(L.qkv[j], *parts[name])
+                quantize.fill_layer(L.o, *parts["o_proj"])
+                quantize.fill_layer(L.gu[0], *parts["gate_proj"])
+                quantize.fill_layer(L.gu[1], *parts["up_proj"])
+                quantize.fill_layer(L.down, *parts["down_proj"])
+        return kind, layers
 
-    layers = build()
+    plan = build()
     # the plan keeps the tensors it read alive (ptrs), so their ids and addresses stay theirs; the cache only
     # weakly (its pools are allocated once, with it)
-    _decode_plans[model] = (weakref.ref(cache), checks, ptrs, layers)
-    return layers
+    _decode_plans[model] = (weakref.ref(cache), checks, ptrs, plan)
+    return plan

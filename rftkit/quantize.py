@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit.kernels import C_HELPERS
+from rftkit import kernels
 
 BITS = (4, 8)
 KERNEL_MAX_ROWS = 8            # the C kernel keeps one accumulator per row in registers
@@ -59,7 +59,8 @@ def _scratch(numel: int) -> torch.Tensor:
         _buffer = torch.empty(numel)
     return _buffer
 
-_KERNEL_SRC = C_HELPERS + r"""
+# the decode kernels' source first: the block stack below calls their RMSNorm, RoPE and paged attention
+_KERNEL_SRC = kernels._SRC + r"""
 /* rows of x -> int8 per block of 32, llama.cpp's Q8 rule: d = absmax / 127, q = round(x / d);
    xd[m, b] = d, xs[m, b] = the exact float sum of the block */
 static void quant_x8(const float* x, int M, int K, int8_t* xq, float* xd, float* xs) {
@@ -217,6 +218,47 @@ void qlinear_many(const float* x, int M, int K, int bits, int sub, int nl, const
   }
   free(xq); free(xd);
 }
+/* One decoder block of a quantized model for decode_layers_q (mirrored by _Block in Python): its norms' weights,
+   its paged cache pools, and its seven layers as qlinear_many takes them (output addresses set per call). */
+typedef struct {
+  int64_t ln1, ln2, kc, vc;
+  qlayer qkv[3], o, gu[2], down;
+  int32_t window, pad;
+} qblock;
+
+/* rftkit.kernels' decode_layers for quantized blocks (every layer of one bits and group, each with its
+   unmerged LoRA or none): nl blocks for M <= 8 decode rows over a paged cache, in place on x [M, D]; one call
+   for the whole stack instead of ~25 torch ops and kernel calls per block. Arguments as decode_layers'. */
+void decode_layers_q(float* x, qblock* L, int nl, int M, int D, int H, int Hkv, int hd, int F, int bits, int sub,
+                     const float* cs, const float* sn, const int64_t* table, int nbmax, const int64_t* qpos,
+                     const int64_t* wrow, int bs, float eps, float scale, float* ws, int nt) {
+  const long NQ = (long)H * hd, NK = (long)Hkv * hd;
+  float *h = ws, *q0 = h + M * D, *k0 = q0 + M * NQ, *v0 = k0 + M * NK, *q1 = v0 + M * NK,
+        *att = q1 + M * NQ, *g = att + M * NQ, *u = g + (long)M * F, *t = u + (long)M * F;
+  for (int l = 0; l < nl; l++) {
+    qblock* P = L + l;
+    float *kc = (float*)P->kc, *vc = (float*)P->vc;
+    rms_norm(x, (const float*)P->ln1, h, M, D, eps);
+    P->qkv[0].y = (int64_t)q0; P->qkv[1].y = (int64_t)k0; P->qkv[2].y = (int64_t)v0;
+    qlinear_many(h, M, D, bits, sub, 3, P->qkv, nt);
+    rope(q0, cs, sn, q1, M, H, hd);
+    for (int m = 0; m < M; m++) {
+      rope(k0 + m * NK, cs + (long)m * hd, sn + (long)m * hd, kc + wrow[m] * NK, 1, Hkv, hd);
+      memcpy(vc + wrow[m] * NK, v0 + m * NK, NK * sizeof(float));
+    }
+    paged_attn(q1, kc, vc, table, qpos, att, M, H, Hkv, hd, nbmax, bs, P->window, scale, nt);
+    P->o.y = (int64_t)t;
+    qlinear_many(att, M, (int)NQ, bits, sub, 1, &P->o, nt);
+    for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
+    rms_norm(x, (const float*)P->ln2, h, M, D, eps);
+    P->gu[0].y = (int64_t)g; P->gu[1].y = (int64_t)u;
+    qlinear_many(h, M, D, bits, sub, 2, P->gu, nt);
+    for (long i = 0; i < (long)M * F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    P->down.y = (int64_t)t;
+    qlinear_many(g, M, F, bits, sub, 1, &P->down, nt);
+    for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
+  }
+}
 /* rows [n0, n1) of the dequantized weight into w [(n1 - n0), K] (prefill and large batches: then MKL) */
 void dequant_i4(const uint8_t* q, const float* d, const float* mn, float* w, int n0, int n1, int K, int sub, int nt) {
   int B = K / 32, G = K / (32 * sub);
@@ -267,6 +309,8 @@ def _load_kernel():
     lib.qlinear_many.argtypes = [P, I, I, I, I, I, P, I]
     lib.dequant_i4.argtypes = [P, P, P, P, I, I, I, I, I]
     lib.dequant_i8.argtypes = [P, P, P, I, I, I, I]
+    Fl = ctypes.c_float
+    lib.decode_layers_q.argtypes = [P, P, I, I, I, I, I, I, I, I, I, P, P, P, I, P, P, I, Fl, Fl, P, I]
     _lib = lib
     return lib
 
@@ -444,6 +488,48 @@ class _Layer(ctypes.Structure):
 _plans: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+class _Block(ctypes.Structure):
+    """One decoder block of a decode_layers_q call (the C struct qblock)."""
+    _fields_ = [("ln1", ctypes.c_int64), ("ln2", ctypes.c_int64), ("kc", ctypes.c_int64), ("vc", ctypes.c_int64),
+                ("qkv", _Layer * 3), ("o", _Layer), ("gu", _Layer * 2), ("down", _Layer),
+                ("window", ctypes.c_int32), ("pad", ctypes.c_int32)]
+
+
+def fill_layer(L: _Layer, m: "QuantLinear", lora: tuple | None) -> None:
+    """Point L at QuantLinear m's tensors and its fused LoRA (A, B, scale) or none (the output is set per call)."""
+    q, d, mn, bias = _tensors(m)
+    L.q, L.d, L.mn = q.data_ptr(), d.data_ptr(), mn.data_ptr() if m.bits == 4 else 0
+    L.bias = bias.data_ptr() if bias is not None else 0
+    L.N = m.out_features
+    L.A = L.B = L.r = 0
+    L.scale = 0.0
+    if lora:
+        L.A, L.B, L.scale, L.r = lora[0].data_ptr(), lora[1].data_ptr(), float(lora[2]), lora[0].shape[0]
+
+
+def decode_layers(x: torch.Tensor, blocks, bits: int, group_size: int, n_heads: int, n_kv: int, head_dim: int,
+                  ffn_dim: int, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor, qpos: torch.Tensor,
+                  write: torch.Tensor, block_size: int, eps: float) -> bool:
+    """rftkit.kernels.decode_layers for quantized blocks: `blocks` a _Block array the caller built (and keeps),
+    every layer of `bits` / `group_size`. x [M, D] in place, M <= KERNEL_MAX_ROWS. False where the kernel
+    does not apply (the caller runs its blocks)."""
+    M, D = x.shape
+    if not 0 < M <= KERNEL_MAX_ROWS or not x.is_contiguous() or x.dtype != torch.float32 or x.device.type != "cpu" \
+            or head_dim % 8 or head_dim > kernels.ATTN_MAX_HEAD_DIM or n_heads // n_kv > kernels.ATTN_MAX_GROUP:
+        return False
+    lib = _load_kernel()
+    if lib is None:
+        return False
+    cos, sin = cos.contiguous(), sin.contiguous()
+    nq, nk = n_heads * head_dim, n_kv * head_dim
+    ws = torch.empty(M * (2 * D + 3 * nq + 2 * nk + 2 * ffn_dim))
+    lib.decode_layers_q(x.data_ptr(), ctypes.addressof(blocks), len(blocks), M, D, n_heads, n_kv, head_dim, ffn_dim,
+                        bits, group_size // 32 if bits == 4 else 1, cos.data_ptr(), sin.data_ptr(), table.data_ptr(),
+                        table.shape[1], qpos.data_ptr(), write.data_ptr(), block_size, eps, head_dim ** -0.5,
+                        ws.data_ptr(), torch.get_num_threads())
+    return True
+
+
 def _tensors(m: "QuantLinear") -> tuple:
     b = m._buffers
     return b["qweight"], b["scales"], b.get("mins"), m._parameters.get("bias")
@@ -463,13 +549,8 @@ def _plan(parts: list[tuple]):
     if plan is not None and plan[0] == key:
         return plan[1]
     layers = (_Layer * len(parts))()
-    for L, (m, lo), (ts, _) in zip(layers, parts, tens):
-        q, d, mn, bias = ts
-        L.q, L.d, L.mn, L.bias = q.data_ptr(), d.data_ptr(), mn.data_ptr() if m.bits == 4 else 0, \
-            bias.data_ptr() if bias is not None else 0
-        L.N = m.out_features
-        if lo:
-            L.A, L.B, L.scale, L.r = lo[0].data_ptr(), lo[1].data_ptr(), float(lo[2]), lo[0].shape[0]
+    for L, (m, lo) in zip(layers, parts):
+        fill_layer(L, m, lo)
     groups[ids] = (key, (layers, tens))              # tens keeps the tensors alive, so their ids stay theirs
     return layers, tens
 

@@ -211,17 +211,66 @@ def test_a_decode_step_in_one_kernel_call_equals_the_blocks_op_by_op(overrides, 
     torch.testing.assert_close(fused2, plain2, rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_with_a_lora_layer_decodes_its_blocks_op_by_op(monkeypatch):
+def test_unmerged_lora_rides_the_one_call_stack_and_what_it_cannot_take_goes_op_by_op(monkeypatch):
+    from rftkit import kernels
     from rftkit.lora import LoRAConfig, apply_lora
-    model = tiny_model(seed=3)
-    apply_lora(model, LoRAConfig(r=4, targets=["q_proj"]))
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    model = tiny_model(seed=3, qkv_bias=True)
+    apply_lora(model, LoRAConfig(r=4, targets=["q_proj", "o_proj", "up_proj", "down_proj"]))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)            # B starts at zero: make the adapter matter
-    prompts = [[3, 4, 5], [7, 8]]
-    _, calls = _decode_logits(model, prompts, True, monkeypatch)
-    assert not calls                         # the fused stack would skip the adapter
-    engine = Engine(model, max_seq_len=128, max_batch=8)
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    prompts = [[3, 4, 5], list(range(10, 31)), [7, 8]]
+    fused, calls = _decode_logits(model, prompts, True, monkeypatch)
+    plain, _ = _decode_logits(model, prompts, False, monkeypatch)
+    assert calls and all(calls)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    outs = Engine(model, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=6))
     assert [o[0].token_ids for o in outs] == [reference_greedy(model, p, 6) for p in prompts]
+    # a rank above the kernel's 64 is left to the per-op path, which still adds it
+    big = tiny_model(seed=3)
+    apply_lora(big, LoRAConfig(r=65, targets=["v_proj"]))
+    with torch.no_grad():
+        for p in big.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    _, calls = _decode_logits(big, prompts, True, monkeypatch)
+    assert not calls
+    outs = Engine(big, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    assert [o[0].token_ids for o in outs] == [reference_greedy(big, p, 6) for p in prompts]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_model_with_lora_decodes_its_stack_in_one_call_as_op_by_op(bits, monkeypatch):
+    from rftkit import quantize
+    from rftkit.lora import LoRAConfig, apply_lora
+    if not quantize.kernel_available():
+        pytest.skip(quantize.kernel_status())
+    model = tiny_model(seed=4, qkv_bias=True)
+    quantize.quantize(model, bits=bits, group_size=32)
+    apply_lora(model, LoRAConfig(r=4, targets=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    prompts = [[3, 4, 5], list(range(10, 31)), [7]]
+    fused, calls = _decode_logits(model, prompts, True, monkeypatch)
+    plain, none = _decode_logits(model, prompts, False, monkeypatch)
+    assert calls == [] and none == []        # the quantized stack is not kernels.decode_layers
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    ran = []
+    real = quantize.decode_layers
+    monkeypatch.setattr(quantize, "decode_layers", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    outs = Engine(model, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=5))
+    assert ran and all(ran)
+    assert [o[0].token_ids for o in outs] == [reference_greedy(model, p, 5) for p in prompts]
+    # switching the adapter off is seen at once: the kept plan is rebuilt without it
+    for m in model.modules():
+        if hasattr(m, "enabled"):
+            m.enabled = False
+    off, _ = _decode_logits(model, prompts, True, monkeypatch)
+    assert not torch.allclose(off, fused)
+    plain_off, _ = _decode_logits(model, prompts, False, monkeypatch)
+    torch.testing.assert_close(off, plain_off, rtol=1e-5, atol=1e-5)
