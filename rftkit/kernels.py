@@ -374,6 +374,22 @@ void rope(const float* x, const float* cs, const float* sn, float* y, int BT, in
   }
 }
 
+/* The attention of a decode step after q/k/v: RoPE on q0 (into q1) and k0, the new keys and values into cache
+   rows wrow of the pools kc, vc, then paged attention into att [M, H, hd] (decode_layers and rftkit.quantize's
+   decode_layers_q) */
+static void decode_attend(const float* q0, const float* k0, const float* v0, float* q1, float* att, float* kc,
+                          float* vc, int M, int H, int Hkv, int hd, const float* cs, const float* sn,
+                          const int64_t* table, int nbmax, const int64_t* qpos, const int64_t* wrow, int bs,
+                          int window, float scale, int nt) {
+  const long NK = (long)Hkv * hd;
+  rope(q0, cs, sn, q1, M, H, hd);
+  for (int m = 0; m < M; m++) {
+    rope(k0 + m * NK, cs + (long)m * hd, sn + (long)m * hd, kc + wrow[m] * NK, 1, Hkv, hd);
+    memcpy(vc + wrow[m] * NK, v0 + m * NK, NK * sizeof(float));
+  }
+  paged_attn(q1, kc, vc, table, qpos, att, M, H, Hkv, hd, nbmax, bs, window, scale, nt);
+}
+
 /* One decoder block's weights for decode_layers: addresses, 0 for an absent bias (struct mirrored by
    DecodeLayer in Python). kc, vc: the block's paged cache, [slots, Hkv, hd]. */
 typedef struct {
@@ -420,12 +436,8 @@ void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int H
     int32_t N3[3] = {(int32_t)NQ, (int32_t)NK, (int32_t)NK};
     gemv_many(h, W3, b3, y3, N3, 3, M, D, nt);
     LORA(0, h, D, q0, (int)NQ) LORA(1, h, D, k0, (int)NK) LORA(2, h, D, v0, (int)NK)
-    rope(q0, cs, sn, q1, M, H, hd);
-    for (int m = 0; m < M; m++) {                          /* the new key (roped) and value into the cache */
-      rope(k0 + m * NK, cs + (long)m * hd, sn + (long)m * hd, kc + wrow[m] * NK, 1, Hkv, hd);
-      memcpy(vc + wrow[m] * NK, v0 + m * NK, NK * sizeof(float));
-    }
-    paged_attn(q1, kc, vc, table, qpos, att, M, H, Hkv, hd, nbmax, bs, P->window, scale, nt);
+    decode_attend(q0, k0, v0, q1, att, kc, vc, M, H, Hkv, hd, cs, sn, table, nbmax, qpos, wrow, bs, P->window,
+                  scale, nt);
     gemv(att, (const float*)P->wo, (const float*)P->bo, t, M, D, (int)NQ, nt);
     LORA(3, att, (int)NQ, t, D)
     for (long i = 0; i < (long)M * D; i++) x[i] += t[i];

@@ -273,6 +273,19 @@ def moe_modules(model: nn.Module) -> dict[int, MoEFeedForward]:
     return {i: b.mlp for i, b in enumerate(model.model.layers) if isinstance(b.mlp, MoEFeedForward)}
 
 
+def expert_spread(model: nn.Module) -> float:
+    """How far the experts of any MoE layer have moved apart: the max over layers and expert tensors of
+    max_{e,f} ||W_e - W_f|| / (||W|| / sqrt(E)), with expert LoRA applied; 0 for a freshly upcycled model."""
+    out = 0.0
+    with torch.no_grad():
+        for m in moe_modules(model).values():
+            for name in ("gate_up_proj", "down_proj"):
+                W = getattr(m.experts, name)                                       # [E, out, in], LoRA folded in
+                d = (W[:, None] - W[None]).flatten(2).norm(dim=-1).max()
+                out = max(out, float(d / W.norm() * W.shape[0] ** 0.5))
+    return out
+
+
 def expert_load(model: nn.Module) -> dict[int, torch.Tensor]:
     """{layer: assignments per expert [E]} of the last forward, for logging."""
     return {i: m.expert_counts.clone() for i, m in moe_modules(model).items()}

@@ -241,12 +241,8 @@ void decode_layers_q(float* x, qblock* L, int nl, int M, int D, int H, int Hkv, 
     rms_norm(x, (const float*)P->ln1, h, M, D, eps);
     P->qkv[0].y = (int64_t)q0; P->qkv[1].y = (int64_t)k0; P->qkv[2].y = (int64_t)v0;
     qlinear_many(h, M, D, bits, sub, 3, P->qkv, nt);
-    rope(q0, cs, sn, q1, M, H, hd);
-    for (int m = 0; m < M; m++) {
-      rope(k0 + m * NK, cs + (long)m * hd, sn + (long)m * hd, kc + wrow[m] * NK, 1, Hkv, hd);
-      memcpy(vc + wrow[m] * NK, v0 + m * NK, NK * sizeof(float));
-    }
-    paged_attn(q1, kc, vc, table, qpos, att, M, H, Hkv, hd, nbmax, bs, P->window, scale, nt);
+    decode_attend(q0, k0, v0, q1, att, kc, vc, M, H, Hkv, hd, cs, sn, table, nbmax, qpos, wrow, bs, P->window,
+                  scale, nt);
     P->o.y = (int64_t)t;
     qlinear_many(att, M, (int)NQ, bits, sub, 1, &P->o, nt);
     for (long i = 0; i < (long)M * D; i++) x[i] += t[i];

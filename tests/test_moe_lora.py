@@ -10,7 +10,7 @@ import torch
 from rftkit.lora import (LoRAConfig, LoRAParam, apply_lora, load_lora, lora_disabled, lora_modules, lora_parameters,
                          merge_lora, save_lora)
 from rftkit.model import ModelConfig, Transformer
-from rftkit.moe import Experts, MoEConfig, moe_modules
+from rftkit.moe import Experts, MoEConfig, expert_spread
 from tests.test_tokenizer import tok_dir  # noqa: F401
 
 SMALL = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48, max_seq_len=256)
@@ -153,18 +153,6 @@ def test_engine_cached_decode_equals_full_forward_argmax_on_moe_with_lora():
             for _ in range(10):
                 ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
         assert group[0].token_ids == ids[len(p):]
-
-
-def expert_spread(model) -> float:
-    """max over layers and tensors of max_{e,f} ||W_e - W_f|| / ||W||, with the adapters applied."""
-    out = 0.0
-    with torch.no_grad():
-        for m in moe_modules(model).values():
-            for name in ("gate_up_proj", "down_proj"):
-                W = getattr(m.experts, name)                                       # [E, out, in], LoRA folded in
-                d = (W[:, None] - W[None]).flatten(2).norm(dim=-1).max()
-                out = max(out, float(d / W.norm() * W.shape[0] ** 0.5))
-    return out
 
 
 @pytest.mark.slow
