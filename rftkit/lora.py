@@ -155,8 +155,19 @@ class LoRAParam(nn.Module):
                 raise
         value = getattr(self._modules["base_layer"], name)
         if name == self.__dict__["param_name"] and self.enabled and not self.merged:
-            return value + self.delta()
+            return value + self.delta() if torch.is_grad_enabled() else self._merged_view(value)
         return value
+
+    def _merged_view(self, value: torch.Tensor) -> torch.Tensor:
+        """W + delta outside autograd, kept while W, A, B (their storage and in-place version counters) and the
+        scale are unchanged: decode reads the tensor every step, and rebuilding E full matrices per read cost
+        ~10x the step's own work. One extra copy of the adapted tensor while kept."""
+        A, B = self._parameters["lora_A"], self._parameters["lora_B"]
+        key = (value.data_ptr(), value._version, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling)
+        kept = self.__dict__.get("_kept")
+        if kept is None or kept[0] != key:
+            kept = self.__dict__["_kept"] = (key, value + self.delta())
+        return kept[1]
 
     @torch.no_grad()
     def merge(self):

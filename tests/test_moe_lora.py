@@ -178,3 +178,19 @@ def test_grpo_on_a_tiny_upcycled_model_raises_reward_and_experts_diverge(tmp_pat
     first, last = sum(rewards[:8]) / 8, sum(rewards[-16:]) / 16
     assert last > 1.4 * first, rewards
     assert expert_spread(model) > 1e-2
+
+
+def test_expert_lora_read_outside_autograd_follows_in_place_updates():
+    from rftkit.lora import LoRAParam
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=32,
+                                    moe=asdict(MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=16))))
+    apply_lora(model, LoRAConfig(r=2, targets=["experts.gate_up_proj"]))
+    wrap = next(m for m in model.modules() if isinstance(m, LoRAParam))
+    with torch.no_grad():
+        first = wrap.gate_up_proj
+        assert wrap.gate_up_proj is first                       # kept while nothing changed
+        wrap.lora_B.add_(0.5)                                   # an optimizer step is in place
+        second = wrap.gate_up_proj
+        torch.testing.assert_close(second, wrap.weight_param() + wrap.delta())
+        assert not torch.equal(first, second)
+    assert wrap.gate_up_proj.requires_grad                       # under autograd: recomputed, differentiable
