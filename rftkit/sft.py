@@ -46,6 +46,8 @@ class SFTConfig:
     eval_every: int = 50                 # steps between held-out evaluations (0 = only at the end)
     epochs: float = 1.0                  # passes over the training data (when steps = 0)
     steps: int = 0                       # optimizer steps (0 = from epochs)
+    time_budget: float = 0.0             # training seconds at most (0 = no limit): the run ends at the budget
+                                         # or at steps / epochs, whichever comes first (lr schedule: steps)
     batch_size: int = 8                  # examples per optimizer step (the global batch)
     micro_batch: int = 8                 # examples per forward/backward (memory only: same gradients)
     max_length: int = 1024               # tokens per example, prompt + completion
@@ -76,6 +78,8 @@ class SFTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0 or self.epochs <= 0 and self.steps == 0:
             raise ValueError(f"set steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
+        if self.time_budget < 0:
+            raise ValueError(f"time_budget must be >= 0 seconds, got {self.time_budget}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.overlong not in ("truncate", "drop"):
@@ -352,7 +356,10 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start, desc="rft sft", unit="step", dynamic_ncols=True)
     eval_loss = None
+    done = start
     for step in range(start, total_steps):
+        if cfg.time_budget > 0 and elapsed >= cfg.time_budget:
+            break
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -383,7 +390,8 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
                "completion_tokens": st["n_tokens"], "tokens": st["seen_tokens"],
                "tok_per_s": round(st["seen_tokens"] / dt, 1), "step_s": round(dt, 3), "time": round(elapsed, 2),
                "epoch": round((step + 1) * cfg.batch_size / len(train_set), 3)}
-        last = step + 1 == total_steps
+        done = step + 1
+        last = step + 1 == total_steps or 0 < cfg.time_budget <= elapsed
         if eval_set and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch, fsdp)
         if main:
@@ -410,7 +418,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     rows_logged = [r for r in log.read() if "loss" in r] if main else []
     if rows_logged:
         plot_curves(rows_logged, "step", ["loss", "eval_loss"], out / "loss.png", title="SFT loss")
-    return {"steps": total_steps, "seconds": elapsed, "output": str(final), "data": counts, "eval_loss": eval_loss,
+    return {"steps": done, "seconds": elapsed, "output": str(final), "data": counts, "eval_loss": eval_loss,
             "tokens": tokens_seen}
 
 

@@ -149,6 +149,19 @@ def test_killed_run_resumes_exactly(tmp_path, folder):
     assert steps == list(range(8))                              # the killed run's step 5 is not logged twice
 
 
+def test_time_budget_ends_the_run_and_saves_the_adapter(tmp_path, folder):
+    data = _write(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in FACTS])
+    model, tok = load(str(folder))
+    seen = []
+    result = train(_cfg(tmp_path, data, steps=10**6, time_budget=0.5, checkpoint_every=10**6), model, tok,
+                   progress=False, on_step=lambda step, row: seen.append(row["time"]))
+    assert 1 <= result["steps"] == len(seen) < 10**6
+    assert result["seconds"] >= 0.5 and (len(seen) == 1 or seen[-2] <= 0.5)    # the first step past it (times: 0.01 s)
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="time_budget"):
+        SFTConfig(data="x.jsonl", time_budget=-1)
+
+
 def test_tiny_model_learns_ten_examples_and_generates_them(tmp_path, folder, capsys):
     from rftkit.cli import main
     data = _write(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in FACTS])
