@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -32,15 +31,54 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 204
     return torch.cat(out).view(targets.shape)
 
 
-def _chunk_logprobs(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temperature: float,
-                    with_entropy: bool = False):
-    logits = F.linear(h, weight).float() / temperature                             # [c, V]
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
-    if not with_entropy:
-        return logp
-    with torch.no_grad():                                                          # H = lse - E_p[logits]
-        return logp, lse - (F.softmax(logits, dim=-1) * logits).sum(-1)
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, inv_t: float) -> torch.Tensor:
+    z = F.linear(h, weight).float()                                                  # [c, V], fresh
+    return z.mul_(inv_t) if inv_t != 1.0 else z
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """One chunk of rows: z = h W^T / T -> (log softmax(z)[t], entropy of softmax(z) without gradient), with
+    the backward written out (d logp / dz = onehot(t) - p). Forward makes two [c, V] buffers (z, then p, in
+    place) where autograd's logsumexp / gather / softmax graph made about ten (each a fresh allocation that
+    page-faults at these sizes) and keeps only p for backward; with `recompute` it keeps nothing of [c, V]
+    size and rebuilds p in backward from h, W and the log-normaliser (one more lm_head matmul)."""
+
+    @staticmethod
+    def forward(ctx, h, t, weight, inv_t: float, recompute: bool, want_entropy: bool):
+        z = _chunk_logits(h, weight, inv_t)
+        zt = z.gather(1, t[:, None]).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        z.sub_(m)                                                                    # y = z - max <= 0
+        p = torch.exp(z)
+        s = p.sum(1, keepdim=True)
+        log_s = s.log().squeeze(1)
+        lse = m.squeeze(1) + log_s
+        if want_entropy:                                                             # H = log s - sum(e^y y) / s
+            ent = log_s - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1) / s.squeeze(1)
+        else:
+            ent = lse.new_zeros(lse.shape)
+        del z
+        ctx.inv_t = inv_t
+        ctx.save_for_backward(h, t, weight, lse)
+        ctx.p = None if recompute else p.div_(s)
+        ctx.mark_non_differentiable(ent)
+        return zt - lse, ent
+
+    @staticmethod
+    def backward(ctx, g, _g_entropy):
+        h, t, weight, lse = ctx.saved_tensors
+        if ctx.p is None:                              # recompute, or a second backward (retain_graph)
+            p = _chunk_logits(h, weight, ctx.inv_t).sub_(lse[:, None]).exp_()
+        else:
+            p, ctx.p = ctx.p, None                     # consumed in place below
+        g = g.float()
+        dz = p.mul_(-g[:, None]).scatter_add_(1, t[:, None], g[:, None])              # g (onehot(t) - p)
+        if ctx.inv_t != 1.0:
+            dz.mul_(ctx.inv_t)
+        dz = dz.to(h.dtype)
+        gh = dz.matmul(weight) if ctx.needs_input_grad[0] else None
+        gw = dz.t().matmul(h) if ctx.needs_input_grad[2] else None
+        return gh, None, gw, None, None, None
 
 
 RECOMPUTE_BYTES = 1 << 30     # keep the logits for backward up to 1 GiB, recompute them above
@@ -49,8 +87,8 @@ RECOMPUTE_BYTES = 1 << 30     # keep the logits for backward up to 1 GiB, recomp
 def hidden_logprobs(h: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, chunk: int = 1024,
                     temperature: float = 1.0, recompute: bool | None = None, with_entropy: bool = False):
     """Final hidden states h [..., D] and targets [...] -> log p(target) [...], computing the [*, V] logits
-    one chunk of rows at a time. With `recompute` each chunk's logits are recomputed in backward instead of
-    kept, so [N, V] never exists (N = all rows; at V = 49152 that is the largest tensor of a step); by default
+    one chunk of rows at a time (`_HeadLogProbs`). With `recompute` each chunk's probabilities are rebuilt in
+    backward instead of kept, so [N, V] never exists (N = all rows; at V = 49152 that is the largest tensor of a step); by default
     only when keeping them would take more than RECOMPUTE_BYTES (recomputing costs one more lm_head matmul).
     with_entropy: return (log-probs, entropies [...]) — the entropy of each row's distribution at
     `temperature`, from the same logits, without gradient (GRPO logs it)."""
@@ -61,16 +99,12 @@ def hidden_logprobs(h: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Mo
     grad = torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad)
     if recompute is None:
         recompute = flat_h.shape[0] * weight.shape[0] * 4 > RECOMPUTE_BYTES
-    out = []
-    for i in range(0, flat_h.shape[0], chunk):
-        args = (flat_h[i:i + chunk], flat_t[i:i + chunk], weight, temperature) + ((True,) if with_entropy else ())
-        out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute and grad
-                   else _chunk_logprobs(*args))
+    out = [_HeadLogProbs.apply(flat_h[i:i + chunk], flat_t[i:i + chunk], weight, 1.0 / temperature,
+                               recompute and grad, with_entropy) for i in range(0, flat_h.shape[0], chunk)]
+    logp = torch.cat([o[0] for o in out]).view(targets.shape) if out else flat_h.new_zeros(targets.shape)
     if not with_entropy:
-        return torch.cat(out).view(targets.shape) if out else flat_h.new_zeros(targets.shape)
-    if not out:
-        return flat_h.new_zeros(targets.shape), flat_h.new_zeros(targets.shape)
-    return torch.cat([o[0] for o in out]).view(targets.shape), torch.cat([o[1] for o in out]).view(targets.shape)
+        return logp
+    return logp, (torch.cat([o[1] for o in out]).view(targets.shape) if out else flat_h.new_zeros(targets.shape))
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

@@ -30,10 +30,11 @@ def test_hidden_logprobs_values_and_gradients(recompute):
     ref = torch.log_softmax(head(h) / 0.7, -1).gather(-1, t[..., None]).squeeze(-1)
     ref_grads = torch.autograd.grad((ref * w).sum(), [h, head.weight])
     got = hidden_logprobs(h, t, head, chunk=5, temperature=0.7, recompute=recompute)
-    grads = torch.autograd.grad((got * w).sum(), [h, head.weight])
+    grads = torch.autograd.grad((got * w).sum(), [h, head.weight], retain_graph=True)
+    again = torch.autograd.grad((got * w).sum(), [h, head.weight])          # a second backward of one graph
     assert torch.allclose(got, ref, atol=1e-6)
-    for a, b in zip(grads, ref_grads):
-        assert torch.allclose(a, b, atol=1e-6)
+    for a, b, c in zip(grads, ref_grads, again):
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(c, b, atol=1e-6)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -55,12 +56,12 @@ def test_hidden_logprobs_recomputes_by_default_only_above_the_byte_limit(monkeyp
     once), recompute them in backward above it (each chunk computed twice)."""
     import rftkit.train_utils as tu
     calls = {"n": 0}
-    real = tu._chunk_logprobs
+    real = tu._chunk_logits
 
     def counted(*args):
         calls["n"] += 1
         return real(*args)
-    monkeypatch.setattr(tu, "_chunk_logprobs", counted)
+    monkeypatch.setattr(tu, "_chunk_logits", counted)
     head = torch.nn.Linear(8, 40, bias=False)
     h, t = torch.randn(12, 8, requires_grad=True), torch.randint(0, 40, (12,))
     for limit, expected in ((12 * 40 * 4, 3), (12 * 40 * 4 - 1, 6)):      # 3 chunks of 5, 5, 2 rows
