@@ -253,86 +253,55 @@ void paged_attn(const float* q, const float* kc, const float* vc, const int64_t*
 
 /* Punica BGMV over slots: y[m] += s[k] * B_k (A_k x[m]) with k = rows[m], for rows whose slot has weights
    (A[k] != 0). x [M, K] (K % 8 == 0), y [M, N]; A_k [R_k, K]; B_k [N, R_k], or its transpose [R_k, N] where Tr[k] (then the
-   expand is R_k axpys along N, vectorised; the [N, R_k] layout of live tensors costs a dot per output).
-   The rows are grouped by slot first (a stable counting sort), so each slot's A and B come from memory once
-   per call and from cache for the slot's other rows: with 16 adapters of r = 16 on every linear layer of a
-   135M model, the adapters are ~310 MB, and reading them once per row instead of once per slot made a
-   64-row decode step read them 4 times. S: the slots (rows[m] < S); xs [M, K], tmp [M, Rmax] float and
-   idx [M + 3 S + 1] int32 scratch. */
+   expand is R_k axpys along N, vectorised; the [N, R_k] layout of live tensors costs a dot per output);
+   tmp [M, Rmax] scratch. */
 void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, const int64_t* Bw,
-               const int32_t* Tr, const int32_t* R, const float* s, float* xs, float* tmp, int32_t* idx, int M,
-               int K, int N, int Rmax, int S, int nt) {
-  int32_t *order = idx, *first = idx + M, *cur = first + S + 1, *gk = cur + S;  /* first [S+1], cur [S], gk [S] */
-  for (int k = 0; k <= S; k++) first[k] = 0;
-  for (int m = 0; m < M; m++)
-    if (rows[m] >= 0 && rows[m] < S && A[rows[m]]) first[rows[m] + 1]++;
-  int G = 0;
-  for (int k = 0; k < S; k++) {
-    if (first[k + 1]) gk[G++] = k;
-    first[k + 1] += first[k];
-    cur[k] = first[k];
-  }
-  const int n = first[S];                                 /* rows with an adapter, sorted by slot */
-  for (int m = 0; m < M; m++)
-    if (rows[m] >= 0 && rows[m] < S && A[rows[m]]) order[cur[rows[m]]++] = m;
-  if (!n) return;
+               const int32_t* Tr, const int32_t* R, const float* s, float* tmp, int M, int K, int N, int Rmax,
+               int nt) {
   #pragma omp parallel num_threads(nt)
   {
     #pragma omp for schedule(static)
-    for (int j = 0; j < n; j++) memcpy(xs + (long)j * K, x + (long)order[j] * K, K * sizeof(float));
-    /* shrink: tmp[j] = s * A_k xs[j] for blocks of up to 4 rows of one slot (row blocks x A rows a pass) */
-    #pragma omp for schedule(static)
-    for (int j0 = 0; j0 < n; j0++) {                      /* a block starts every 4th row of its slot */
-      int k = rows[order[j0]];
-      if ((j0 - first[k]) % 4) continue;
-      int nb = first[k + 1] - j0 < 4 ? first[k + 1] - j0 : 4;
-      const float* a = (const float*)A[k];
-      const float* xb = xs + (long)j0 * K;
-      float* t = tmp + (long)j0 * Rmax;
-      switch (nb) {
-        case 1: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 1, 4); break;
-        case 2: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 2, 4); break;
-        case 3: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 3, 2); break;
-        default: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 4, 2); break;
-      }
-      for (int q = 0; q < nb; q++)
-        for (int r = 0; r < R[k]; r++) t[(long)q * Rmax + r] *= s[k];
+    for (int m = 0; m < M; m++) {                         /* shrink: tmp[m] = s * A_k x[m], 4 rows of A a pass */
+      int k = rows[m];
+      float* t = tmp + (long)m * Rmax;
+      if (!A[k]) continue;
+      gemv_tile(x + (long)m * K, (const float*)A[k], 0, t, 0, R[k], R[k], K, 1, 4);
+      for (int r = 0; r < R[k]; r++) t[r] *= s[k];
     }
-    /* expand: tasks of (slot, run of 256 outputs), the slot's rows inside, so a run of B stays in L1 */
+    /* expand: tasks of (row, run of 256 outputs) */
     const int NC = 256, nc = (N + NC - 1) / NC;
     #pragma omp for schedule(static)
-    for (long i = 0; i < (long)G * nc; i++) {
-      int k = gk[i / nc], Rk = R[k];
-      int n0 = (i % nc) * NC, n1 = n0 + NC < N ? n0 + NC : N;
+    for (long i = 0; i < (long)M * nc; i++) {
+      int m = i / nc, k = rows[m];
+      if (!A[k]) continue;
+      int n0 = (i % nc) * NC, n1 = n0 + NC < N ? n0 + NC : N, Rk = R[k];
+      const float* t = tmp + (long)m * Rmax;
+      float* yr = y + (long)m * N;
       const float* b = (const float*)Bw[k];
-      for (int j = first[k]; j < first[k + 1]; j++) {
-        const float* t = tmp + (long)j * Rmax;
-        float* yr = y + (long)order[j] * N;
-        if (Tr[k]) {                                      /* b [R, N] */
-          int c = n0;
-          for (; c + 32 <= n1; c += 32) {                 /* 4 vectors per broadcast of tmp[r] */
-            __m256 a0 = _mm256_loadu_ps(yr + c), a1 = _mm256_loadu_ps(yr + c + 8);
-            __m256 a2 = _mm256_loadu_ps(yr + c + 16), a3 = _mm256_loadu_ps(yr + c + 24);
-            for (int r = 0; r < Rk; r++) {
-              const float* br = b + (long)r * N + c;
-              __m256 tv = _mm256_set1_ps(t[r]);
-              a0 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br), a0);
-              a1 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 8), a1);
-              a2 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 16), a2);
-              a3 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 24), a3);
-            }
-            _mm256_storeu_ps(yr + c, a0); _mm256_storeu_ps(yr + c + 8, a1);
-            _mm256_storeu_ps(yr + c + 16, a2); _mm256_storeu_ps(yr + c + 24, a3);
+      if (Tr[k]) {                                        /* b [R, N] */
+        int n = n0;
+        for (; n + 32 <= n1; n += 32) {                   /* 4 vectors per broadcast of tmp[r] */
+          __m256 a0 = _mm256_loadu_ps(yr + n), a1 = _mm256_loadu_ps(yr + n + 8);
+          __m256 a2 = _mm256_loadu_ps(yr + n + 16), a3 = _mm256_loadu_ps(yr + n + 24);
+          for (int r = 0; r < Rk; r++) {
+            const float* br = b + (long)r * N + n;
+            __m256 tv = _mm256_set1_ps(t[r]);
+            a0 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br), a0);
+            a1 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 8), a1);
+            a2 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 16), a2);
+            a3 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 24), a3);
           }
-          for (; c + 8 <= n1; c += 8) {
-            __m256 a = _mm256_loadu_ps(yr + c);
-            for (int r = 0; r < Rk; r++) a = _mm256_fmadd_ps(_mm256_set1_ps(t[r]), _mm256_loadu_ps(b + (long)r * N + c), a);
-            _mm256_storeu_ps(yr + c, a);
-          }
-          for (; c < n1; c++) { float a = 0.f; for (int r = 0; r < Rk; r++) a += t[r] * b[(long)r * N + c]; yr[c] += a; }
-        } else {                                          /* b [N, R] */
-          for (int c = n0; c < n1; c++) yr[c] += dot(b + (long)c * Rk, t, Rk);
+          _mm256_storeu_ps(yr + n, a0); _mm256_storeu_ps(yr + n + 8, a1);
+          _mm256_storeu_ps(yr + n + 16, a2); _mm256_storeu_ps(yr + n + 24, a3);
         }
+        for (; n + 8 <= n1; n += 8) {
+          __m256 a = _mm256_loadu_ps(yr + n);
+          for (int r = 0; r < Rk; r++) a = _mm256_fmadd_ps(_mm256_set1_ps(t[r]), _mm256_loadu_ps(b + (long)r * N + n), a);
+          _mm256_storeu_ps(yr + n, a);
+        }
+        for (; n < n1; n++) { float a = 0.f; for (int r = 0; r < Rk; r++) a += t[r] * b[(long)r * N + n]; yr[n] += a; }
+      } else {                                            /* b [N, R] */
+        for (int n = n0; n < n1; n++) yr[n] += dot(b + (long)n * Rk, t, Rk);
       }
     }
   }
@@ -531,7 +500,7 @@ def _load():
     lib.rms_norm.argtypes = [P, P, P, I, I, Fl]
     lib.rope.argtypes = [P, P, P, P, I, I, I]
     lib.sample_rows.argtypes = [P, P, P, P, P, I, I, I]
-    lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, P, P, P, I, I, I, I, I, I]
+    lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, P, I, I, I, I, I]
     lib.decode_layers.argtypes = [P, P, I, I, I, I, I, I, I, P, P, P, I, P, P, I, Fl, Fl, P, I]
     _lib = lib
     return lib
@@ -799,11 +768,11 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, table: SlotT
         return None
     x = x.contiguous()
     M, K = x.shape
-    R, S = max(table.max_rank, 1), table.A.shape[0]
-    xs, tmp, idx = torch.empty(M, K), torch.empty(M, R), torch.empty(M + 3 * S + 1, dtype=torch.int32)
+    R = max(table.max_rank, 1)
+    tmp = torch.empty(M, R)
     lib.lora_bgmv(x.data_ptr(), y.data_ptr(), rows.data_ptr(), table.A.data_ptr(), table.B.data_ptr(),
-                  table.T.data_ptr(), table.R.data_ptr(), table.s.data_ptr(), xs.data_ptr(), tmp.data_ptr(),
-                  idx.data_ptr(), M, K, y.shape[1], R, S, torch.get_num_threads())
+                  table.T.data_ptr(), table.R.data_ptr(), table.s.data_ptr(), tmp.data_ptr(), M, K, y.shape[1], R,
+                  torch.get_num_threads())
     return y
 
 
