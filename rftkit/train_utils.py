@@ -88,8 +88,8 @@ def hidden_logprobs(h: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Mo
                     temperature: float = 1.0, recompute: bool | None = None, with_entropy: bool = False):
     """Final hidden states h [..., D] and targets [...] -> log p(target) [...], computing the [*, V] logits
     one chunk of rows at a time (`_HeadLogProbs`). With `recompute` each chunk's probabilities are rebuilt in
-    backward instead of kept, so [N, V] never exists (N = all rows; at V = 49152 that is the largest tensor of a step); by default
-    only when keeping them would take more than RECOMPUTE_BYTES (recomputing costs one more lm_head matmul).
+    backward instead of kept, so [N, V] never exists (N = all rows; at V = 49152 that is the largest tensor of a
+    step); by default only when keeping them would take more than RECOMPUTE_BYTES (one more lm_head matmul).
     with_entropy: return (log-probs, entropies [...]) — the entropy of each row's distribution at
     `temperature`, from the same logits, without gradient (GRPO logs it)."""
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
