@@ -41,7 +41,8 @@ class _HeadLogProbs(torch.autograd.Function):
     the backward written out (d logp / dz = onehot(t) - p). Forward makes two [c, V] buffers (z, then p, in
     place) where autograd's logsumexp / gather / softmax graph made about ten (each a fresh allocation that
     page-faults at these sizes) and keeps only p for backward; with `recompute` it keeps nothing of [c, V]
-    size and rebuilds p in backward from h, W and the log-normaliser (one more lm_head matmul)."""
+    size and rebuilds p in backward from h, W and the log-normaliser (one more lm_head matmul); without a
+    gradient (a reference forward under no_grad) it is called with `recompute` and keeps nothing."""
 
     @staticmethod
     def forward(ctx, h, t, weight, inv_t: float, recompute: bool, want_entropy: bool):
@@ -100,7 +101,7 @@ def hidden_logprobs(h: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Mo
     if recompute is None:
         recompute = flat_h.shape[0] * weight.shape[0] * 4 > RECOMPUTE_BYTES
     out = [_HeadLogProbs.apply(flat_h[i:i + chunk], flat_t[i:i + chunk], weight, 1.0 / temperature,
-                               recompute and grad, with_entropy) for i in range(0, flat_h.shape[0], chunk)]
+                               recompute or not grad, with_entropy) for i in range(0, flat_h.shape[0], chunk)]
     logp = torch.cat([o[0] for o in out]).view(targets.shape) if out else flat_h.new_zeros(targets.shape)
     if not with_entropy:
         return logp
