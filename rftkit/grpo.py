@@ -36,7 +36,8 @@ from rftkit import distributed as dist
 from rftkit.grpo_forward import group_logprobs
 from rftkit.grpo_loss import LossSpec, Totals, group_advantages, policy_loss
 from rftkit.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, lora_parameters, save_lora
-from rftkit.train_utils import MetricsLog, latest_checkpoint, load_checkpoint, lr_at, plot_curves, save_checkpoint
+from rftkit.train_utils import (MetricsLog, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at,
+                                plot_curves, save_checkpoint)
 
 
 @dataclass
@@ -244,6 +245,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     from rftkit.tasks import get_task
     rank, world = dist.init(cfg.dist_timeout)          # (0, 1) outside torchrun
     main = rank == 0                                    # only rank 0 writes
+    keep_freed_memory()                                 # no page faults re-allocating each step's activations
     if cfg.prompts_per_step < world:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is smaller than the {world} processes: each "
                          f"needs at least one prompt per step")

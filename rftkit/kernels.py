@@ -1,10 +1,12 @@
-"""Hand-written CPU kernels for the decode path (fp32, AVX2 + FMA, OpenMP), each with its torch reference.
+"""Hand-written CPU kernels for the decode path and the training log-probs (fp32, AVX2 + FMA, OpenMP), each with its
+torch reference.
 
     y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 8 rows
     q, k, v = linear_many(x, [Wq, Wk, Wv], [None] * 3)   # several weights of one input, one call
     out = paged_attention(q, K, V, table, qpos, block_size, window)
     lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
     tokens, logp = sample_rows(logits, temperature, u)   # inverse-CDF sampling in one pass per row
+    logp, lse, ent, s = softmax_rows(z, targets, 1 / T, True)   # training log-probs, z -> exp in place
     y = rms_norm(x, w, eps); q = rope(q, cos, sin)        # decode rows (None: run the torch ops)
     decode_layers(x, layers, ...)                  # a whole stack of plain decoder blocks, one call
 
@@ -347,6 +349,46 @@ void sample_rows(const float* logits, const float* inv_t, const float* u, int64_
     logp[b] = z[t] * it - mx * it - logf(total);
   }
 }
+/* Softmax statistics of logits z [B, V] at 1/T = inv_t, in place (the training log-probs, rftkit.train_utils):
+   y = (z - max) * inv_t floored at -86 (below it exp gives denormals, which run ~10x slower, for weights under
+   1e-37), and z becomes e = exp(y). Per row: logp[b] = (z[t] - max) * inv_t - log s (s = sum e, the target
+   unfloored), lse[b] = max * inv_t + log s, s_out[b] = s, and ent[b] = log s - sum(e y) / s when ent. */
+void softmax_rows(float* z, const int64_t* t, float inv_t, float* logp, float* lse, float* ent, float* s_out,
+                  int B, int V, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int b = 0; b < B; b++) {
+    float* r = z + (long)b * V;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int v = 0;
+    for (; v + 8 <= V; v += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(r + v));
+    float mx = -INFINITY, tmp[8];
+    _mm256_storeu_ps(tmp, mv);
+    for (int i = 0; i < 8; i++) mx = tmp[i] > mx ? tmp[i] : mx;
+    for (; v < V; v++) mx = r[v] > mx ? r[v] : mx;
+    float yt = (r[t[b]] - mx) * inv_t;
+    __m256 itv = _mm256_set1_ps(inv_t), sh = _mm256_set1_ps(mx * inv_t), lo = _mm256_set1_ps(-86.f);
+    __m256 sum = _mm256_setzero_ps(), sey = _mm256_setzero_ps();
+    for (v = 0; v + 8 <= V; v += 8) {
+      __m256 y = _mm256_max_ps(_mm256_fmsub_ps(_mm256_loadu_ps(r + v), itv, sh), lo);
+      __m256 e = exp256(y);
+      _mm256_storeu_ps(r + v, e);
+      sum = _mm256_add_ps(sum, e);
+      sey = _mm256_fmadd_ps(e, y, sey);
+    }
+    float total = hsum(sum), ey = hsum(sey);
+    for (; v < V; v++) {
+      float y = r[v] * inv_t - mx * inv_t;
+      y = y < -86.f ? -86.f : y;
+      float e = expf(y);
+      r[v] = e; total += e; ey += e * y;
+    }
+    float ls = logf(total);
+    logp[b] = yt - ls;
+    lse[b] = mx * inv_t + ls;
+    s_out[b] = total;
+    if (ent) ent[b] = ls - ey / total;
+  }
+}
 /* y[m] = w * x[m] / sqrt(mean(x[m]^2) + eps); x, y [M, D] */
 void rms_norm(const float* x, const float* w, float* y, int M, int D, float eps) {
   for (int m = 0; m < M; m++) {
@@ -500,6 +542,7 @@ def _load():
     lib.rms_norm.argtypes = [P, P, P, I, I, Fl]
     lib.rope.argtypes = [P, P, P, P, I, I, I]
     lib.sample_rows.argtypes = [P, P, P, P, P, I, I, I]
+    lib.softmax_rows.argtypes = [P, P, Fl, P, P, P, P, I, I, I]
     lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, P, I, I, I, I, I]
     lib.decode_layers.argtypes = [P, P, I, I, I, I, I, I, I, P, P, P, I, P, P, I, Fl, Fl, P, I]
     _lib = lib
@@ -794,3 +837,20 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor
     lib.sample_rows(logits.data_ptr(), inv_t.data_ptr(), u.data_ptr(), tok.data_ptr(), logp.data_ptr(), B, V,
                     torch.get_num_threads())
     return tok, logp
+
+
+def softmax_rows(z: torch.Tensor, targets: torch.Tensor, inv_t: float, with_entropy: bool):
+    """Log-softmax statistics of logits z [B, V] at temperature 1/inv_t, overwriting z with the unnormalised
+    probabilities e = exp((z - max) * inv_t) (floored at exp(-86)): (log p(target) [B], log-normaliser [B],
+    entropy [B] or None, row sums of e [B]); None where the kernel does not apply (the caller runs torch ops).
+    targets int64 [B]."""
+    lib = _usable(z)
+    if lib is None or z.dim() != 2 or not z.is_contiguous() or targets.dtype != torch.int64:
+        return None
+    B, V = z.shape
+    t = targets.contiguous()
+    logp, lse, s = torch.empty(B), torch.empty(B), torch.empty(B)
+    ent = torch.empty(B) if with_entropy else None
+    lib.softmax_rows(z.data_ptr(), t.data_ptr(), float(inv_t), logp.data_ptr(), lse.data_ptr(),
+                     0 if ent is None else ent.data_ptr(), s.data_ptr(), B, V, torch.get_num_threads())
+    return logp, lse, ent, s

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from rftkit.model import ModelConfig, Transformer
-from rftkit.train_utils import MetricsLog, latest_checkpoint, load_checkpoint, lr_at, save_checkpoint
+from rftkit.train_utils import MetricsLog, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at, save_checkpoint
 
 
 @dataclass
@@ -268,6 +268,7 @@ def train(cfg: PretrainConfig, arch: str, data: tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"arch must be dense or moe, got {arch!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()                                 # no page faults re-allocating each step's activations
     out = Path(cfg.output) / arch
     out.mkdir(parents=True, exist_ok=True)
     train_data, held = data if data is not None else corpus(cfg.generated_bytes)

@@ -30,8 +30,8 @@ import torch
 
 from rftkit import distributed as dist
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
-from rftkit.train_utils import (MetricsLog, hidden_logprobs, latest_checkpoint, load_checkpoint, lr_at, plot_curves,
-                                save_checkpoint, set_rng_state, set_seed)
+from rftkit.train_utils import (MetricsLog, hidden_logprobs, keep_freed_memory, latest_checkpoint, load_checkpoint,
+                                lr_at, plot_curves, save_checkpoint, set_rng_state, set_seed)
 
 EMBEDDED = "smollm2-135m-instruct"
 
@@ -284,6 +284,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         raise ValueError("--data is required: a JSONL file of chats or prompt/completion pairs")
     rank, world = dist.init(cfg.dist_timeout)          # (0, 1) outside torchrun
     main = rank == 0                                    # only rank 0 writes
+    keep_freed_memory()                                 # no page faults re-allocating each step's activations
     if cfg.batch_size < world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes: each needs at least "
                          f"one example per step")

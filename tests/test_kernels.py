@@ -173,6 +173,28 @@ def test_sample_rows_kernel_equals_the_torch_sampler():
     torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("inv_t", [1.0, 1 / 0.7])
+def test_softmax_rows_kernel_equals_log_softmax_and_entropy(inv_t):
+    """Log-probs, log-normaliser, entropy and the unnormalised probabilities left in place, on rows spread far
+    below their maximum (where exp underflows) and V not a multiple of 8."""
+    g = _gen(11)
+    B, V = 9, 1003
+    z = torch.randn(B, V, generator=g) * 3
+    z[0, :500] = -150.0                                              # far below the top: floored, weight ~0
+    z[1, 7] = 60.0                                                   # one dominant token
+    z[2] = torch.linspace(-200, 0, V)
+    t = torch.randint(0, V, (B,), generator=g)
+    t[0] = 3                                                         # a target among the floored ones
+    ref = torch.log_softmax(z.double() * inv_t, -1)
+    work = z.clone()
+    logp, lse, ent, s = kernels.softmax_rows(work, t, inv_t, with_entropy=True)
+    torch.testing.assert_close(logp.double(), ref[torch.arange(B), t], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z.double() * inv_t, -1), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(ent.double(), -(ref.exp() * ref).sum(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close((work / s[:, None]).double(), ref.exp(), rtol=1e-5, atol=1e-7)
+    assert kernels.softmax_rows(z.clone(), t, inv_t, with_entropy=False)[2] is None
+
+
 def test_rms_norm_and_rope_kernels_equal_their_torch_formulas():
     from rftkit.model import rotate_half
     g = _gen(9)

@@ -20,8 +20,17 @@ def test_token_logprobs_equal_log_softmax():
     assert torch.allclose(token_logprobs(logits, targets, chunk=4).double(), ref, atol=1e-5)
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def kernel_or_torch(request):
+    """hidden_logprobs on the CPU softmax kernel (when it builds) and on the torch path."""
+    from rftkit import kernels
+    kernels.set_enabled(request.param == "kernel")
+    yield request.param
+    kernels.set_enabled(True)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
-def test_hidden_logprobs_values_and_gradients(recompute):
+def test_hidden_logprobs_values_and_gradients(recompute, kernel_or_torch):
     g = torch.Generator().manual_seed(1)
     head = torch.nn.Linear(16, 40, bias=False)
     h = torch.randn(2, 9, 16, generator=g, requires_grad=True)
@@ -38,7 +47,7 @@ def test_hidden_logprobs_values_and_gradients(recompute):
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_hidden_logprobs_entropy_equals_the_distributions_entropy(recompute):
+def test_hidden_logprobs_entropy_equals_the_distributions_entropy(recompute, kernel_or_torch):
     g = torch.Generator().manual_seed(2)
     head = torch.nn.Linear(16, 40, bias=False)
     h = torch.randn(2, 9, 16, generator=g, requires_grad=True)
@@ -49,6 +58,39 @@ def test_hidden_logprobs_entropy_equals_the_distributions_entropy(recompute):
     assert torch.allclose(logp, hidden_logprobs(h, t, head, chunk=5, temperature=0.7), atol=1e-6)
     logp.sum().backward()                                        # the log-probs keep their gradient path
     assert h.grad is not None and h.grad.abs().sum() > 0
+
+
+def test_hidden_logprobs_workspace_is_not_reused_while_a_graph_keeps_it(kernel_or_torch):
+    """The logits workspace kept with the lm_head: a second graph built before the first one's backward, and a
+    no-grad call in between, must not overwrite what the first keeps; after the backwards it is reused."""
+    import rftkit.train_utils as tu
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 40, bias=False)
+    h1, h2 = (torch.randn(11, 16, generator=g, requires_grad=True) for _ in range(2))
+    t1, t2 = (torch.randint(0, 40, (11,), generator=g) for _ in range(2))
+
+    def ref_grad(h, t):
+        return torch.autograd.grad(torch.log_softmax(head(h), -1).gather(-1, t[:, None]).sum(), h)[0]
+    a = hidden_logprobs(h1, t1, head, chunk=4)
+    b = hidden_logprobs(h2, t2, head, chunk=4)
+    with torch.no_grad():
+        hidden_logprobs(h2 * 3, t1, head, chunk=4)
+    a.sum().backward()
+    b.sum().backward()
+    assert torch.allclose(h1.grad, ref_grad(h1, t1), atol=1e-6) and torch.allclose(h2.grad, ref_grad(h2, t2), atol=1e-6)
+    ws = tu._workspaces[head]
+    before = ws.buf.data_ptr()
+    hidden_logprobs(h1, t1, head, chunk=4).sum().backward()
+    assert ws.buf.data_ptr() == before                       # free again: the same buffer, no new allocation
+
+
+def test_keep_freed_memory_takes_on_glibc():
+    import platform
+    from rftkit.train_utils import keep_freed_memory
+    ok = keep_freed_memory()
+    assert keep_freed_memory() is ok                         # once per process
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert ok
 
 
 def test_hidden_logprobs_recomputes_by_default_only_above_the_byte_limit(monkeypatch):
