@@ -118,6 +118,8 @@ def summarise(args, results: dict) -> None:
                  "optim_s": "optimizer", "other": "other"}
         print("ours, share of the median step: " + ", ".join(f"{names[k]} {v / total:.0%} ({v:.2f} s)"
                                                            for k, v in parts.items()))
+        print("ours, per step (generation / forward / backward s): " + "; ".join(
+            f"{r['gen_s']:.2f} / {r['forward_s']:.2f} / {r['backward_s']:.2f}" for r in results["ours"]))
         tok_s = statistics.median(P * G * args.tokens / r["gen_s"] for r in rows)
         print(f"ours, rollout throughput: {tok_s:.0f} generated tokens/s")
     if len(med) == 2:

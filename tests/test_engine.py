@@ -211,13 +211,14 @@ def test_a_decode_step_in_one_kernel_call_equals_the_blocks_op_by_op(overrides, 
     torch.testing.assert_close(fused2, plain2, rtol=1e-5, atol=1e-5)
 
 
-def test_unmerged_lora_rides_the_one_call_stack_and_what_it_cannot_take_goes_op_by_op(monkeypatch):
+@pytest.mark.parametrize("r", [4, 16])            # 16: the expand's eight-outputs-at-once path
+def test_unmerged_lora_rides_the_one_call_stack_and_what_it_cannot_take_goes_op_by_op(r, monkeypatch):
     from rftkit import kernels
     from rftkit.lora import LoRAConfig, apply_lora
     if not kernels.available():
         pytest.skip(kernels.status())
     model = tiny_model(seed=3, qkv_bias=True)
-    apply_lora(model, LoRAConfig(r=4, targets=["q_proj", "o_proj", "up_proj", "down_proj"]))
+    apply_lora(model, LoRAConfig(r=r, targets=["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
