@@ -38,10 +38,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-GEMV_MAX_ROWS = 64             # the GEMV kernel takes 8 rows at a time over weight rows in cache; measured
-GEMV_MAX_ROWS_LONG_K = 16      # on 2 cores against MKL (F.linear), weights out of cache: at K = 576 2.3-2.9x
-                               # at 8 rows, 1.3-1.7x at 16-32, 1.2x at 64, ~1.05x at 128; at K = 1536
-                               # (down_proj) 1.2x at 8, 1.1x at 16, 0.9-1.0x beyond
+GEMV_MAX_ROWS = 64             # the GEMV kernel's row limit; measured on 2 cores against MKL (F.linear), weights
+GEMV_MAX_ROWS_LONG_K = 64      # out of cache. The first AVX2 machine, eight x rows against one weight row: at K =
+                               # 576 2.3-2.9x at 8 rows, 1.3-1.7x at 16-32, 1.2x at 64, ~1.05x at 128; at K = 1536
+                               # (down_proj) 1.2x at 8, 1.1x at 16, 0.9-1.0x beyond (so long K stopped at 16).
+                               # Three x rows against four weight rows (gemv_rows), a 2-core AMD EPYC: at 64 rows
+                               # 1.4-1.5x at K = 576 and 1.4x at K = 1536 (0.63 vs 0.87 ms), 1.7x at 32 (down_proj
+                               # 0.35 vs 0.60 ms), 179-191 GFLOP/s at 64 rows; so long K goes to 64 rows too.
 
 
 # On a CPU with AVX-512 MKL's GEMM runs 16 lanes wide and beats this 8-lane kernel from 2 rows up (measured on
@@ -89,18 +92,23 @@ static inline float dot(const float* a, const float* b, int n) {       /* any n 
 _SRC = C_HELPERS + r"""
 #include <string.h>
 
-/* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M, R compile-time */
+/* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M, R compile-time, M * R <= 12.
+   Each k step loads the M x vectors once and each of the R weight vectors once for M * R FMAs. Every output is
+   one 8-lane FMA chain over K and a horizontal sum, whatever M and R are: a row's result does not depend on
+   which rows share its call (seeded requests stay batch-invariant). */
 static inline void gemv_tile(const float* x, const float* W, const float* bias, float* y,
                              long n0, long n1, int N, int K, const int M, const int R) {
   long n = n0;
   for (; n + R <= n1; n += R) {
-    __m256 acc[8];
+    __m256 acc[12];
     for (int i = 0; i < M * R; i++) acc[i] = _mm256_setzero_ps();
     const float* w = W + n * K;
     for (int k = 0; k < K; k += 8) {
+      __m256 xv[3];
+      for (int m = 0; m < M; m++) xv[m] = _mm256_loadu_ps(x + (long)m * K + k);
       for (int r = 0; r < R; r++) {
         __m256 wv = _mm256_loadu_ps(w + (long)r * K + k);
-        for (int m = 0; m < M; m++) acc[m * R + r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (long)m * K + k), wv, acc[m * R + r]);
+        for (int m = 0; m < M; m++) acc[m * R + r] = _mm256_fmadd_ps(xv[m], wv, acc[m * R + r]);
       }
     }
     for (int m = 0; m < M; m++)
@@ -110,23 +118,19 @@ static inline void gemv_tile(const float* x, const float* W, const float* bias, 
     for (int m = 0; m < M; m++) y[(long)m * N + n] = dot(x + (long)m * K, W + n * K, K) + (bias ? bias[n] : 0.f);
 }
 
-/* rows [n0, n1) of weight w into y, M picked at run time; more than 8 rows go 8 at a time over the same
-   weight rows, which are in L1/L2 by then (a run of 16 rows of K = 1536 is 96 KB) */
+/* rows [n0, n1) of weight w into y, M picked at run time: x rows three at a time against four weight rows
+   (7 loads per 12 FMAs, where eight rows against one took 9 per 8 and ran load-bound), the last one or two,
+   or four as two pairs, against four; the weight run is in L1/L2 after the first pass (16 rows of K = 1536 is
+   96 KB) */
 static void gemv_rows(const float* x, const float* w, const float* bias, float* y, long n0, long n1, int N, int K,
                       int M) {
-  for (int m0 = 0; m0 < M; m0 += 8) {
+  for (int m0 = 0; m0 < M;) {
     const float* xb = x + (long)m0 * K;
     float* yb = y + (long)m0 * N;
-    switch (M - m0) {
-      case 1: gemv_tile(xb, w, bias, yb, n0, n1, N, K, 1, 4); break;
-      case 2: gemv_tile(xb, w, bias, yb, n0, n1, N, K, 2, 4); break;
-      case 3: gemv_tile(xb, w, bias, yb, n0, n1, N, K, 3, 2); break;
-      case 4: gemv_tile(xb, w, bias, yb, n0, n1, N, K, 4, 2); break;
-      case 5: gemv_tile(xb, w, bias, yb, n0, n1, N, K, 5, 1); break;
-      case 6: gemv_tile(xb, w, bias, yb, n0, n1, N, K, 6, 1); break;
-      case 7: gemv_tile(xb, w, bias, yb, n0, n1, N, K, 7, 1); break;
-      default: gemv_tile(xb, w, bias, yb, n0, n1, N, K, 8, 1); break;
-    }
+    int left = M - m0;
+    if (left == 1) { gemv_tile(xb, w, bias, yb, n0, n1, N, K, 1, 4); m0 += 1; }
+    else if (left == 2 || left == 4) { gemv_tile(xb, w, bias, yb, n0, n1, N, K, 2, 4); m0 += 2; }
+    else { gemv_tile(xb, w, bias, yb, n0, n1, N, K, 3, 4); m0 += 3; }
   }
 }
 
@@ -444,18 +448,17 @@ typedef struct {
   int32_t window, pad;
 } dlayer;
 
-/* y[M, N] += s * (x A^T) B^T for M <= 16 rows, A [r, K], B [N, r] (PEFT's layouts), r <= 64 */
 /* the 8 horizontal sums of v[0..7], as one vector */
 static inline __m256 hsum8(const __m256* v) {
   __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
   __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
-/* y [M, N] += s * (x A^T) B^T for live LoRA tensors A [r, K], B [N, r] (r <= 64, M <= 16). The expand's dots
-   are only r long: with r % 8 == 0 eight outputs share one horizontal reduction (hsum8) instead of one each. */
+/* y [M, N] += s * (x A^T) B^T for live LoRA tensors A [r, K], B [N, r] (PEFT's layouts; r <= 64, M <= 64). The
+   expand's dots are only r long: with r % 8 == 0 eight outputs share one horizontal reduction (hsum8). */
 static void lora_rows(const float* x, int M, int K, const float* A, const float* B, float s, int r, float* y, int N,
                       int nt) {
-  float t[16 * 64];
+  float t[64 * 64];
   #pragma omp parallel num_threads(nt)
   {
     #pragma omp for schedule(static)
@@ -486,6 +489,20 @@ static void lora_rows(const float* x, int M, int K, const float* A, const float*
    stack instead of ~25 torch ops and kernel calls per block. cs, sn [M, hd]; table [M, nbmax]; qpos [M];
    wrow [M]: the cache row of each row's new key and value; ws: scratch of M * (2D + 3 H hd + 2 Hkv hd + 2F)
    floats. D, H hd and F are multiples of 8, M within the GEMV kernel's rows. */
+/* g = silu(g) * u over n floats, 8 lanes at a time on every thread (one row's scalar expf loop was ~4 ms of a
+   16-row decode step) */
+static void silu_mul(float* g, const float* u, long n, int nt) {
+  long n8 = n / 8 * 8;
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (long i = 0; i < n8; i += 8) {
+    __m256 gv = _mm256_loadu_ps(g + i);
+    __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                          _mm256_loadu_ps(u + i)));
+  }
+  for (long i = n8; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
 void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int Hkv, int hd, int F,
                    const float* cs, const float* sn, const int64_t* table, int nbmax, const int64_t* qpos,
                    const int64_t* wrow, int bs, float eps, float scale, float* ws, int nt) {
@@ -511,7 +528,7 @@ void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int H
     int32_t N2[2] = {F, F};
     gemv_many(h, W2, b2, y2, N2, 2, M, D, nt);
     LORA(4, h, D, g, F) LORA(5, h, D, u, F)
-    for (long i = 0; i < (long)M * F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    silu_mul(g, u, (long)M * F, nt);
     gemv(g, (const float*)P->wd, (const float*)P->bd, t, M, D, F, nt);
     LORA(6, g, F, t, D)
     for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
@@ -680,6 +697,16 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch
 # a stack of decoder blocks
 
 DECODE_MAX_ROWS = GEMV_MAX_ROWS_LONG_K      # down_proj's K (the FFN width) is long: the GEMV kernel's limit
+DECODE_MAX_ROWS_WIDE_BLAS = 16               # where MKL beats the kernel from 2 rows (Intel, _wide_blas), the one-call
+                                             # stack keeps the limit it was measured at (16, Xeon) and larger batches
+                                             # run op by op through MKL
+
+
+def decode_max_rows() -> int:
+    """The most rows decode_layers takes on this CPU."""
+    if _wide_blas is None:
+        _load()
+    return DECODE_MAX_ROWS_WIDE_BLAS if _wide_blas else DECODE_MAX_ROWS
 
 
 class DecodeLayer(ctypes.Structure):
@@ -701,7 +728,7 @@ def decode_layers(x: torch.Tensor, layers, n_heads: int, n_kv: int, head_dim: in
     from fp32 CPU contiguous weights. cos, sin [M, head_dim]; table [M, nb], qpos, write [M] int64.
     False where the kernel does not apply (the caller runs its blocks)."""
     M, D = x.shape
-    if not 0 < M <= DECODE_MAX_ROWS or D % 8 or (n_heads * head_dim) % 8 or ffn_dim % 8 or head_dim % 8 \
+    if not 0 < M <= decode_max_rows() or D % 8 or (n_heads * head_dim) % 8 or ffn_dim % 8 or head_dim % 8 \
             or head_dim > ATTN_MAX_HEAD_DIM or n_heads // n_kv > ATTN_MAX_GROUP or not x.is_contiguous() \
             or table.dtype != torch.int64 or qpos.dtype != torch.int64 or write.dtype != torch.int64:
         return False

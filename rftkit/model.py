@@ -484,7 +484,7 @@ def _decode_fused(model: Transformer, x: torch.Tensor, cos, sin, cache) -> bool:
     autograd, its linears all nn.Linear (rftkit.kernels.decode_layers) or all quantized alike
     (rftkit.quantize.decode_layers), each with its unmerged LoRA (rank <= 64) or none. False: the caller runs
     the blocks one by one (the adapter bank, MoE layers, q/k norms, training, CUDA, mixed layer kinds)."""
-    if not getattr(cache, "decode", False) or torch.is_grad_enabled() or x.shape[0] > kernels.DECODE_MAX_ROWS:
+    if not getattr(cache, "decode", False) or torch.is_grad_enabled() or x.shape[0] > kernels.decode_max_rows():
         return False
     plan = _decode_plan(model, cache)
     if plan is None:

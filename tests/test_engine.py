@@ -162,7 +162,7 @@ def test_requests_sharing_a_prefix_added_together_compute_it_once():
     assert engine.stats["prefill_tokens"] == 11 + 4 * 3 + 5
 
 
-def _decode_logits(model, prompts, fused: bool, monkeypatch):
+def _decode_logits(model, prompts, fused: bool, monkeypatch, max_batch: int = 8, every_step: bool = False):
     """Logits of the second decode step of each prompt (a batch of mixed lengths), with the block stack in one
     kernel call or op by op; and how many fused calls ran."""
     import rftkit.model as model_mod
@@ -185,9 +185,9 @@ def _decode_logits(model, prompts, fused: bool, monkeypatch):
         seen.append(out[0].clone())
         return out
     monkeypatch.setattr(model, "forward", spy)
-    Engine(model, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=3))
+    Engine(model, max_seq_len=128, max_batch=max_batch).generate(prompts, SamplingParams(temperature=0, max_tokens=3))
     monkeypatch.undo()
-    return seen[-1], calls
+    return (seen if every_step else seen[-1]), calls
 
 
 @pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "sliding_window": 4}])
@@ -241,6 +241,30 @@ def test_unmerged_lora_rides_the_one_call_stack_and_what_it_cannot_take_goes_op_
     assert not calls
     outs = Engine(big, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=6))
     assert [o[0].token_ids for o in outs] == [reference_greedy(big, p, 6) for p in prompts]
+
+
+def test_a_large_batch_with_lora_decodes_in_one_call_as_op_by_op(monkeypatch):
+    """Up to decode_max_rows() rows (64 where MKL does not win from 2 rows): 40 rows of mixed lengths through
+    the one-call stack with a rank-16 LoRA equal the op-by-op blocks."""
+    from rftkit import kernels
+    from rftkit.lora import LoRAConfig, apply_lora
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    model = tiny_model(seed=4)
+    apply_lora(model, LoRAConfig(r=16, targets=["all-linear"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 90, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (40,), generator=g)]
+    fused, calls = _decode_logits(model, prompts, True, monkeypatch, max_batch=64, every_step=True)
+    plain, _ = _decode_logits(model, prompts, False, monkeypatch, max_batch=64, every_step=True)
+    widest = max(f.shape[0] for f in fused if f.shape[1] == 1)           # rows of the largest decode step
+    assert widest > 16 and bool(calls) and all(calls) == (kernels.decode_max_rows() >= widest)
+    assert len(fused) == len(plain)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
