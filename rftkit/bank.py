@@ -10,7 +10,8 @@
 Punica's BGMV semantics (a slot index per batch row, slot 0 = no adapter). A batch whose rows all use one slot
 adds `x @ A^T @ B^T * scale` with two small matmuls. A mixed batch on CPU makes one kernel call per module
 for every row's adapter (rftkit.kernels.lora_bgmv: the slots' weights read in place, no gather, no per-slot
-ops), so 16 distinct adapters cost about what one does; elsewhere (CUDA, autograd) its rows are grouped by
+ops), and a decode step of plain fp32 blocks runs them inside the one-call decode stack (rftkit.model,
+kernels.decode_layers); so 16 distinct adapters cost about what one does; elsewhere (CUDA, autograd) its rows are grouped by
 slot and each group adds its delta with two small matmuls. Each slot holds, per module, its own (A [R, in], B [out, R], scale) or
 nothing, so adapters of different ranks and target sets share one bank, and `bind_live` can point a slot at
 a trainer's LoRA parameters (the same tensors, no copy).
@@ -159,6 +160,15 @@ class AdapterBank:
         live = [self.slot_of[n] for n, r in self.registered.items() if r["path"] is None and n in self.slot_of]
         return [t for layer in self.layers.values() for k in live if layer.slots.tensors[k] is not None
                 for t in layer.slots.tensors[k][:2]]
+
+    def max_loaded_rank(self) -> int:
+        """The largest rank among the adapters now in slots (0 when none)."""
+        return max((self.registered[n]["rank"] for n in self.owner if n is not None and n in self.registered),
+                   default=0)
+
+    def kernel_ok(self) -> bool:
+        """Every slot of every layer is one the CPU kernel can read in place (fp32, contiguous, on the CPU)."""
+        return all(layer.slots.kernel_ok for layer in self.layers.values())
 
     def info(self) -> list[dict]:
         return [{"name": n, "path": r["path"], "rank": r["rank"], "slot": self.slot_of.get(n),

@@ -446,6 +446,7 @@ typedef struct {
   float ls[7];                   /* its scale */
   int32_t lr[7];                 /* its rank, <= 64 */
   int32_t window, pad;
+  int64_t bA[7], bB[7], bT[7], bR[7], bS[7];   /* the adapter bank's slot table of each (SlotTable); 0 = none */
 } dlayer;
 
 /* the 8 horizontal sums of v[0..7], as one vector */
@@ -481,7 +482,9 @@ static void lora_rows(const float* x, int M, int K, const float* A, const float*
       for (int m = 0; m < M; m++) y[(long)m * N + n] += dot(B + (long)n * r, t + m * 64, r);
   }
 }
-#define LORA(j, xin, K, yout, N) if (P->la[j]) lora_rows(xin, M, K, (const float*)P->la[j], (const float*)P->lb[j], P->ls[j], P->lr[j], yout, N, nt);
+#define LORA(j, xin, K, yout, N) if (P->la[j]) lora_rows(xin, M, K, (const float*)P->la[j], (const float*)P->lb[j], P->ls[j], P->lr[j], yout, N, nt); \
+  if (rows && P->bA[j]) lora_bgmv(xin, yout, rows, (const int64_t*)P->bA[j], (const int64_t*)P->bB[j], (const int32_t*)P->bT[j], \
+                                  (const int32_t*)P->bR[j], (const float*)P->bS[j], btmp, M, K, N, rmax, nt);
 
 /* nl decoder blocks for M decode rows (one new token each) over a paged cache, in place on x [M, D]:
      x += o(attn(rope(q), cache + (rope(k), v))) of rms_norm(x);  x += down(silu(gate) * up) of rms_norm(x)
@@ -505,7 +508,8 @@ static void silu_mul(float* g, const float* u, long n, int nt) {
 
 void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int Hkv, int hd, int F,
                    const float* cs, const float* sn, const int64_t* table, int nbmax, const int64_t* qpos,
-                   const int64_t* wrow, int bs, float eps, float scale, float* ws, int nt) {
+                   const int64_t* wrow, int bs, float eps, float scale, float* ws, const int32_t* rows, int rmax,
+                   float* btmp, int nt) {
   const long NQ = (long)H * hd, NK = (long)Hkv * hd;
   float *h = ws, *q0 = h + M * D, *k0 = q0 + M * NQ, *v0 = k0 + M * NK, *q1 = v0 + M * NK,
         *att = q1 + M * NQ, *g = att + M * NQ, *u = g + (long)M * F, *t = u + (long)M * F;
@@ -585,7 +589,7 @@ def _load():
     lib.sample_rows.argtypes = [P, P, P, P, P, I, I, I]
     lib.softmax_rows.argtypes = [P, P, Fl, P, P, P, P, I, I, I]
     lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, P, I, I, I, I, I]
-    lib.decode_layers.argtypes = [P, P, I, I, I, I, I, I, I, P, P, P, I, P, P, I, Fl, Fl, P, I]
+    lib.decode_layers.argtypes = [P, P, I, I, I, I, I, I, I, P, P, P, I, P, P, I, Fl, Fl, P, P, I, P, I]
     _lib = lib
     return lib
 
@@ -714,19 +718,24 @@ class DecodeLayer(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("ln1", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "ln2",
                                               "wg", "wu", "wd", "bg", "bu", "bd", "kc", "vc")] \
         + [("la", ctypes.c_int64 * 7), ("lb", ctypes.c_int64 * 7), ("ls", ctypes.c_float * 7),
-           ("lr", ctypes.c_int32 * 7), ("window", ctypes.c_int32), ("pad", ctypes.c_int32)]
+           ("lr", ctypes.c_int32 * 7), ("window", ctypes.c_int32), ("pad", ctypes.c_int32)] \
+        + [(n, ctypes.c_int64 * 7) for n in ("bA", "bB", "bT", "bR", "bS")]
     LORA_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     LORA_MAX_RANK = 64
 
 
 def decode_layers(x: torch.Tensor, layers, n_heads: int, n_kv: int, head_dim: int, ffn_dim: int,
                   cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor, qpos: torch.Tensor,
-                  write: torch.Tensor, block_size: int, eps: float) -> bool:
+                  write: torch.Tensor, block_size: int, eps: float, bank_rows: torch.Tensor | None = None,
+                  bank_rank: int = 0) -> bool:
     """Run len(layers) plain decoder blocks (RMSNorm, q/k/v, RoPE, paged attention, o, RMSNorm, SwiGLU; each
     linear with its unmerged LoRA or none) on x [M, D] in place, one new token per row, writing each block's
-    new key and value to cache row write[m]: the model's per-op decode path in one call. `layers` is a DecodeLayer array the caller built (and keeps)
-    from fp32 CPU contiguous weights. cos, sin [M, head_dim]; table [M, nb], qpos, write [M] int64.
-    False where the kernel does not apply (the caller runs its blocks)."""
+    new key and value to cache row write[m]: the model's per-op decode path in one call. `layers` is a
+    DecodeLayer array the caller built (and keeps) from fp32 CPU contiguous weights. cos, sin [M, head_dim];
+    table [M, nb], qpos, write [M] int64. bank_rows (int32 [M], a slot per row) adds the adapter bank's
+    per-row adapters (lora_bgmv over each module's slot table in bA..bS, ranks <= bank_rank) after each
+    linear and its own LoRA, as BankLinear does. False where the kernel does not apply (the caller runs its
+    blocks)."""
     M, D = x.shape
     if not 0 < M <= decode_max_rows() or D % 8 or (n_heads * head_dim) % 8 or ffn_dim % 8 or head_dim % 8 \
             or head_dim > ATTN_MAX_HEAD_DIM or n_heads // n_kv > ATTN_MAX_GROUP or not x.is_contiguous() \
@@ -737,10 +746,17 @@ def decode_layers(x: torch.Tensor, layers, n_heads: int, n_kv: int, head_dim: in
         return False
     cos, sin, table, qpos, write = (t.contiguous() for t in (cos, sin, table, qpos, write))
     nq, nk = n_heads * head_dim, n_kv * head_dim
+    if bank_rows is not None and (bank_rows.dtype != torch.int32 or bank_rows.shape != (M,)):
+        return False
     ws = torch.empty(M * (2 * D + 3 * nq + 2 * nk + 2 * ffn_dim))
+    rmax = max(int(bank_rank), 1)
+    rows = bank_rows.contiguous() if bank_rows is not None else None
+    btmp = torch.empty(M * rmax) if rows is not None else None
     lib.decode_layers(x.data_ptr(), ctypes.addressof(layers), len(layers), M, D, n_heads, n_kv, head_dim, ffn_dim,
                       cos.data_ptr(), sin.data_ptr(), table.data_ptr(), table.shape[1], qpos.data_ptr(),
-                      write.data_ptr(), block_size, eps, head_dim ** -0.5, ws.data_ptr(), torch.get_num_threads())
+                      write.data_ptr(), block_size, eps, head_dim ** -0.5, ws.data_ptr(),
+                      0 if rows is None else rows.data_ptr(), rmax,
+                      0 if btmp is None else btmp.data_ptr(), torch.get_num_threads())
     return True
 
 

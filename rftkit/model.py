@@ -489,12 +489,17 @@ def _decode_fused(model: Transformer, x: torch.Tensor, cos, sin, cache) -> bool:
     plan = _decode_plan(model, cache)
     if plan is None:
         return False
-    kind, layers = plan
+    kind, layers, bank = plan
     c, B = model.cfg, x.shape[0]
     x2, cos2, sin2 = x.view(B, -1), cos.reshape(B, -1), sin.reshape(B, -1)
     if kind is None:
+        rows, rank = None, 0
+        if bank is not None and bank.groups:              # this batch uses adapters of the bank
+            if not bank.kernel_ok() or bank.rows is None or bank.rows.shape[0] != B:
+                return False
+            rows, rank = bank.rows, bank.max_loaded_rank()
         return kernels.decode_layers(x2, layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, cos2, sin2,
-                                     cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps)
+                                     cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps, rows, rank)
     return quantize.decode_layers(x2, layers, kind[0], kind[1], c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim,
                                   cos2, sin2, cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps)
 
@@ -533,10 +538,18 @@ def _decode_plan(model: Transformer, cache):
         return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
 
     def part(m):
-        """(base layer, unmerged LoRA (A, B, scale) or None) of a plain, quantized or LoRA-wrapped linear, every
-        tensor and setting it depends on recorded; None for any other module."""
+        """(base layer, unmerged LoRA (A, B, scale) or None, the adapter bank's slot table or None) of a plain,
+        quantized or LoRA-wrapped linear, itself maybe wrapped by the bank, every tensor and setting it depends
+        on recorded; None for any other module."""
+        from rftkit.bank import BankLinear
         from rftkit.lora import LoRALinear
-        lora = None
+        lora = slots = None
+        if type(m) is BankLinear:
+            slots = take(m.__dict__, "slots")
+            for t in (slots.A, slots.B, slots.T, slots.R, slots.s):
+                ptrs.append((t, t.data_ptr()))
+            banks.add(m._bank[0])
+            m = take(m._modules, "inner")
         if type(m) is LoRALinear:
             for key in ("enabled", "merged", "scaling", "training"):
                 take(m.__dict__, key)
@@ -557,7 +570,9 @@ def _decode_plan(model: Transformer, cache):
         else:
             return None
         take(m._parameters, "bias")
-        return m, lora
+        return m, lora, slots
+
+    banks: set = set()
 
     def build():
         blocks = take(model.model._modules, "layers")
@@ -591,8 +606,10 @@ def _decode_plan(model: Transformer, cache):
             first = parts["q_proj"][0]
             k = (first.bits, first.group_size) if isinstance(first, quantize.QuantLinear) else None
             if any(((q.bits, q.group_size) if isinstance(q, quantize.QuantLinear) else None) != k
-                   for q, _ in parts.values()):
+                   for q, _, _ in parts.values()):
                 return None
+            if k is not None and any(t is not None for _, _, t in parts.values()):
+                return None                     # the quantized stack takes no bank adapters: op by op
             if kind == "unset":
                 kind = k
                 layers = (kernels.DecodeLayer * n)() if k is None else (quantize._Block * n)()
@@ -604,7 +621,10 @@ def _decode_plan(model: Transformer, cache):
             L.window = blk.self_attn.window or 0
             if kind is None:
                 for j, name in enumerate(kernels.DecodeLayer.LORA_ORDER):
-                    m, lora = parts[name]
+                    m, lora, slots = parts[name]
+                    if slots is not None:
+                        L.bA[j], L.bB[j], L.bT[j], L.bR[j], L.bS[j] = (t.data_ptr() for t in (
+                            slots.A, slots.B, slots.T, slots.R, slots.s))
                     w, b = m._parameters["weight"], m._parameters.get("bias")
                     f = _FIELD[name]
                     setattr(L, "w" + f, w.data_ptr())
@@ -614,12 +634,14 @@ def _decode_plan(model: Transformer, cache):
                             lora[0].shape[0]
             else:
                 for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                    quantize.fill_layer(L.qkv[j], *parts[name])
-                quantize.fill_layer(L.o, *parts["o_proj"])
-                quantize.fill_layer(L.gu[0], *parts["gate_proj"])
-                quantize.fill_layer(L.gu[1], *parts["up_proj"])
-                quantize.fill_layer(L.down, *parts["down_proj"])
-        return kind, layers
+                    quantize.fill_layer(L.qkv[j], *parts[name][:2])
+                quantize.fill_layer(L.o, *parts["o_proj"][:2])
+                quantize.fill_layer(L.gu[0], *parts["gate_proj"][:2])
+                quantize.fill_layer(L.gu[1], *parts["up_proj"][:2])
+                quantize.fill_layer(L.down, *parts["down_proj"][:2])
+        if len(banks) > 1:
+            return None
+        return kind, layers, (next(iter(banks)) if banks else None)
 
     plan = build()
     # the plan keeps the tensors it read alive (ptrs), so their ids and addresses stay theirs; the cache only

@@ -160,3 +160,48 @@ def test_adapter_that_fails_to_load_fails_only_its_request(tmp_path):
     assert "adapter 'gone' could not be loaded" in failed[0].error
     assert [t for o in outs if o.request_id == good for t in o.token_ids] == reference_greedy(model, [4, 5], 4)
     assert sum(engine.adapters.pins) == 0 and engine.kv_blocks_used == 0
+
+
+def test_a_decode_step_with_bank_adapters_runs_in_one_call_as_op_by_op(tmp_path, monkeypatch):
+    """Rows on four adapters of different ranks and targets, and on none, decode through the one-call stack
+    (kernels.decode_layers with the bank's slot tables) with the logits of the blocks run op by op."""
+    import rftkit.model as model_mod
+    from rftkit import kernels
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    base = tiny_model()
+    adapters = make_adapters(base, tmp_path)
+
+    def run(fused: bool):
+        model = copy.deepcopy(base)
+        calls, seen = [], []
+        real, orig = kernels.decode_layers, model.forward
+
+        def counted(*a, **k):
+            calls.append(real(*a, **k))
+            return calls[-1]
+
+        def spy(*a, **k):
+            out = orig(*a, **k)
+            seen.append(out[0].clone())
+            return out
+        monkeypatch.setattr(kernels, "decode_layers", counted)
+        monkeypatch.setattr(model, "forward", spy)
+        if not fused:
+            monkeypatch.setattr(model_mod, "_decode_fused", lambda *a: False)
+        engine = Engine(model, max_seq_len=64, adapter_slots=4)
+        for name, (path, _, _) in adapters.items():
+            engine.adapters.register(name, path)
+        prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [1, 2], [3, 4, 5], [7]]
+        for p, n in zip(prompts, ["a0", "a1", None, "a3", "a2", "a1"]):
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=4), adapter=n)
+        while engine.has_unfinished():
+            engine.step()
+        monkeypatch.undo()
+        return seen, calls
+    fused, calls = run(True)
+    plain, none = run(False)
+    assert calls and all(calls) and not none
+    assert len(fused) == len(plain)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
