@@ -16,8 +16,9 @@ Decode speed: with a handful of rows a step is a chain of matrix-vector products
 so plain `nn.Linear` layers go through `rftkit.kernels.linear` (a GEMV kernel for few rows on CPU, torch's
 F.linear otherwise, and always under autograd or on CUDA). With the engine's paged cache in decode mode and
 every block a plain dense one (nn.Linear layers, fp32, CPU, no autograd), the whole block stack of a step
-runs in one call (`kernels.decode_layers`, the same kernels without ~25 torch ops per block); LoRA, the
-adapter bank, quantized and MoE layers take the per-op path.
+runs in one call (`kernels.decode_layers`, the same kernels without ~25 torch ops per block), unmerged LoRA and
+the adapter bank's per-row adapters inside it; quantized blocks have their own one-call stack (without the
+bank); MoE layers take the per-op path.
 """
 from __future__ import annotations
 
@@ -481,9 +482,10 @@ def _decode_fused(model: Transformer, x: torch.Tensor, cos, sin, cache) -> bool:
     """Run every block of a decode step (one new token per row, x [B, 1, D]) in place in one kernel call when the
     cache reads paged blocks in place (the engine's, in decode mode: `decode`, `table`, `qpos`, `write`,
     `block_size`, per-layer `k`/`v` pools) and every block is a plain dense one in fp32 on the CPU outside
-    autograd, its linears all nn.Linear (rftkit.kernels.decode_layers) or all quantized alike
-    (rftkit.quantize.decode_layers), each with its unmerged LoRA (rank <= 64) or none. False: the caller runs
-    the blocks one by one (the adapter bank, MoE layers, q/k norms, training, CUDA, mixed layer kinds)."""
+    autograd, its linears all nn.Linear (rftkit.kernels.decode_layers, with the adapter bank's per-row
+    adapters when the bank wraps them) or all quantized alike (rftkit.quantize.decode_layers, no bank), each
+    with its unmerged LoRA (rank <= 64) or none. False: the caller runs the blocks one by one (MoE layers, q/k
+    norms, training, CUDA, mixed layer kinds, more rows than kernels.decode_max_rows())."""
     if not getattr(cache, "decode", False) or torch.is_grad_enabled() or x.shape[0] > kernels.decode_max_rows():
         return False
     plan = _decode_plan(model, cache)
