@@ -1,0 +1,450 @@
+/* rftkit's CPU kernels for the decode path and the training log-probs (fp32, AVX2 + FMA, OpenMP), loaded by
+   rftkit/kernels.py, which prepends its C_HELPERS (includes, hsum, dot) and documents each entry point. */
+#include <string.h>
+
+/* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M, R compile-time, M * R <= 12.
+   Each k step loads the M x vectors once and each of the R weight vectors once for M * R FMAs. Every output is
+   one 8-lane FMA chain over K and a horizontal sum, whatever M and R are: a row's result does not depend on
+   which rows share its call (seeded requests stay batch-invariant). */
+static inline void gemv_tile(const float* x, const float* W, const float* bias, float* y,
+                             long n0, long n1, int N, int K, const int M, const int R) {
+  long n = n0;
+  for (; n + R <= n1; n += R) {
+    __m256 acc[12];
+    for (int i = 0; i < M * R; i++) acc[i] = _mm256_setzero_ps();
+    const float* w = W + n * K;
+    for (int k = 0; k < K; k += 8) {
+      __m256 xv[3];
+      for (int m = 0; m < M; m++) xv[m] = _mm256_loadu_ps(x + (long)m * K + k);
+      for (int r = 0; r < R; r++) {
+        __m256 wv = _mm256_loadu_ps(w + (long)r * K + k);
+        for (int m = 0; m < M; m++) acc[m * R + r] = _mm256_fmadd_ps(xv[m], wv, acc[m * R + r]);
+      }
+    }
+    for (int m = 0; m < M; m++)
+      for (int r = 0; r < R; r++) y[(long)m * N + n + r] = hsum(acc[m * R + r]) + (bias ? bias[n + r] : 0.f);
+  }
+  for (; n < n1; n++)
+    for (int m = 0; m < M; m++) y[(long)m * N + n] = dot(x + (long)m * K, W + n * K, K) + (bias ? bias[n] : 0.f);
+}
+
+/* rows [n0, n1) of weight w into y, M picked at run time: x rows three at a time against four weight rows
+   (7 loads per 12 FMAs, where eight rows against one took 9 per 8 and ran load-bound), the last one or two,
+   or four as two pairs, against four; the weight run is in L1/L2 after the first pass (16 rows of K = 1536 is
+   96 KB) */
+static void gemv_rows(const float* x, const float* w, const float* bias, float* y, long n0, long n1, int N, int K,
+                      int M) {
+  for (int m0 = 0; m0 < M;) {
+    const float* xb = x + (long)m0 * K;
+    float* yb = y + (long)m0 * N;
+    int left = M - m0;
+    if (left == 1) { gemv_tile(xb, w, bias, yb, n0, n1, N, K, 1, 4); m0 += 1; }
+    else if (left == 2 || left == 4) { gemv_tile(xb, w, bias, yb, n0, n1, N, K, 2, 4); m0 += 2; }
+    else { gemv_tile(xb, w, bias, yb, n0, n1, N, K, 3, 4); m0 += 3; }
+  }
+}
+
+/* Several GEMVs of the same x (q, k, v; gate, up) in one parallel region: weight j is W[j] [N[j], K] with
+   bias b[j] (or 0) into y[j] [M, N[j]]; K % 8 == 0, M >= 1 (8 at a time), nw <= 4. The concatenated rows are dealt in
+   runs of 16, guided: long contiguous stretches first, short ones last, so the threads finish together even
+   when the OS holds one of them up. */
+#define RUN 16
+void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N, int nw,
+               int M, int K, int nt) {
+  long total = 0, start[5];
+  for (int j = 0; j < nw; j++) { start[j] = total; total += N[j]; }
+  start[nw] = total;
+  long runs = (total + RUN - 1) / RUN;
+  #pragma omp parallel for schedule(guided, 1) num_threads(nt)
+  for (long c = 0; c < runs; c++) {
+    long r0 = c * RUN, r1 = r0 + RUN < total ? r0 + RUN : total;
+    for (int j = 0; j < nw; j++) {
+      long a = r0 > start[j] ? r0 : start[j], e = r1 < start[j + 1] ? r1 : start[j + 1];
+      if (a < e)
+        gemv_rows(x, (const float*)W[j], (const float*)b[j], (float*)y[j], a - start[j], e - start[j], N[j], K, M);
+    }
+  }
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T + bias (bias may be 0) */
+void gemv(const float* x, const float* W, const float* bias, float* y, int M, int N, int K, int nt) {
+  int64_t w = (int64_t)W, bb = (int64_t)bias, yy = (int64_t)y;
+  int32_t n = N;
+  gemv_many(x, &w, &bb, &yy, &n, 1, M, K, nt);
+}
+
+/* exp(x) for 8 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2 (Cephes' polynomial, ~1 ulp); -inf -> 0 */
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* One query per row over a paged cache, read in place. q [B, H, hd]; kc, vc [slots, Hkv, hd] (token-major
+   pool: cache row of position t of batch row b = table[b, t / bs] * bs + t % bs); qpos [B]: the query's
+   position, keys t in [max(0, qpos - window + 1), qpos] (window 0 = all); out [B, H, hd]. Online softmax
+   over chunks of 64 keys; one task per (row, kv head), its G = H / Hkv query heads share each key and value
+   load. hd % 8 == 0, hd <= 256, G <= 16. */
+#define CH 64
+void paged_attn(const float* q, const float* kc, const float* vc, const int64_t* table, const int64_t* qpos,
+                float* out, int B, int H, int Hkv, int hd, int nbmax, int bs, int window, float scale, int nt) {
+  const int G = H / Hkv, D8 = hd / 8;
+  const long row = (long)Hkv * hd;                       /* floats between consecutive tokens of the pool */
+  #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int task = 0; task < B * Hkv; task++) {
+    int b = task / Hkv, h = task % Hkv;
+    long p = qpos[b];
+    float* o = out + ((long)b * H + (long)h * G) * hd;
+    if (p < 0) { for (int i = 0; i < G * hd; i++) o[i] = 0.f; continue; }
+    long t0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const float* qh = q + ((long)b * H + (long)h * G) * hd;
+    const int64_t* tb = table + (long)b * nbmax;
+    float mx[16], l[16], sc[16][CH] __attribute__((aligned(32)));
+    float acc[16][256] __attribute__((aligned(32)));
+    const float* kp[CH]; const float* vp[CH];
+    for (int g = 0; g < G; g++) { mx[g] = -INFINITY; l[g] = 0.f; for (int d = 0; d < hd; d++) acc[g][d] = 0.f; }
+    long blk = t0 / bs, off = t0 % bs;
+    for (long c0 = t0; c0 <= p; c0 += CH) {
+      int n = p - c0 + 1 < CH ? (int)(p - c0 + 1) : CH;
+      for (int j = 0; j < n; j++) {                       /* the chunk's key/value rows, walking the blocks */
+        long r = (tb[blk] * bs + off) * row + (long)h * hd;
+        kp[j] = kc + r; vp[j] = vc + r;
+        if (++off == bs) { off = 0; blk++; }
+      }
+      for (int j = 0; j < n; j++)
+        for (int g = 0; g < G; g++) sc[g][j] = dot(qh + (long)g * hd, kp[j], hd) * scale;
+      for (int g = 0; g < G; g++) {
+        float cm = mx[g];
+        for (int j = 0; j < n; j++) cm = sc[g][j] > cm ? sc[g][j] : cm;
+        float f = mx[g] == -INFINITY ? 0.f : expf(mx[g] - cm);
+        mx[g] = cm;
+        __m256 cv = _mm256_set1_ps(cm), sum = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+          __m256 e = exp256(_mm256_sub_ps(_mm256_load_ps(&sc[g][j]), cv));
+          _mm256_store_ps(&sc[g][j], e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        float ls = hsum(sum);
+        for (; j < n; j++) { sc[g][j] = expf(sc[g][j] - cm); ls += sc[g][j]; }
+        l[g] = l[g] * f + ls;
+        if (f != 1.f) { __m256 fv = _mm256_set1_ps(f); for (int d = 0; d < D8; d++) _mm256_store_ps(&acc[g][d * 8], _mm256_mul_ps(_mm256_load_ps(&acc[g][d * 8]), fv)); }
+      }
+      for (int d = 0; d < D8; d++) {                      /* acc[g] += p[g, j] * v_j, 4 heads per pass */
+        for (int g0 = 0; g0 < G; g0 += 4) {
+          int gn = G - g0 < 4 ? G - g0 : 4;
+          __m256 a0 = _mm256_load_ps(&acc[g0][d * 8]);
+          __m256 a1 = gn > 1 ? _mm256_load_ps(&acc[g0 + 1][d * 8]) : a0;
+          __m256 a2 = gn > 2 ? _mm256_load_ps(&acc[g0 + 2][d * 8]) : a0;
+          __m256 a3 = gn > 3 ? _mm256_load_ps(&acc[g0 + 3][d * 8]) : a0;
+          for (int j = 0; j < n; j++) {
+            __m256 v = _mm256_loadu_ps(vp[j] + d * 8);
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g0][j]), v, a0);
+            if (gn > 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g0 + 1][j]), v, a1);
+            if (gn > 2) a2 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g0 + 2][j]), v, a2);
+            if (gn > 3) a3 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g0 + 3][j]), v, a3);
+          }
+          _mm256_store_ps(&acc[g0][d * 8], a0);
+          if (gn > 1) _mm256_store_ps(&acc[g0 + 1][d * 8], a1);
+          if (gn > 2) _mm256_store_ps(&acc[g0 + 2][d * 8], a2);
+          if (gn > 3) _mm256_store_ps(&acc[g0 + 3][d * 8], a3);
+        }
+      }
+    }
+    for (int g = 0; g < G; g++) {
+      __m256 inv = _mm256_set1_ps(1.f / l[g]);
+      for (int d = 0; d < D8; d++) _mm256_storeu_ps(o + (long)g * hd + d * 8, _mm256_mul_ps(_mm256_load_ps(&acc[g][d * 8]), inv));
+    }
+  }
+}
+
+/* Punica BGMV over slots: y[m] += s[k] * B_k (A_k x[m]) with k = rows[m], for rows whose slot has weights
+   (A[k] != 0). x [M, K] (K % 8 == 0), y [M, N]; A_k [R_k, K]; B_k [N, R_k], or its transpose [R_k, N] where Tr[k] (then the
+   expand is R_k axpys along N, vectorised; the [N, R_k] layout of live tensors costs a dot per output);
+   tmp [M, Rmax] scratch. */
+void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, const int64_t* Bw,
+               const int32_t* Tr, const int32_t* R, const float* s, float* tmp, int M, int K, int N, int Rmax,
+               int nt) {
+  #pragma omp parallel num_threads(nt)
+  {
+    #pragma omp for schedule(static)
+    for (int m = 0; m < M; m++) {                         /* shrink: tmp[m] = s * A_k x[m], 4 rows of A a pass */
+      int k = rows[m];
+      float* t = tmp + (long)m * Rmax;
+      if (!A[k]) continue;
+      gemv_tile(x + (long)m * K, (const float*)A[k], 0, t, 0, R[k], R[k], K, 1, 4);
+      for (int r = 0; r < R[k]; r++) t[r] *= s[k];
+    }
+    /* expand: tasks of (row, run of 256 outputs) */
+    const int NC = 256, nc = (N + NC - 1) / NC;
+    #pragma omp for schedule(static)
+    for (long i = 0; i < (long)M * nc; i++) {
+      int m = i / nc, k = rows[m];
+      if (!A[k]) continue;
+      int n0 = (i % nc) * NC, n1 = n0 + NC < N ? n0 + NC : N, Rk = R[k];
+      const float* t = tmp + (long)m * Rmax;
+      float* yr = y + (long)m * N;
+      const float* b = (const float*)Bw[k];
+      if (Tr[k]) {                                        /* b [R, N] */
+        int n = n0;
+        for (; n + 32 <= n1; n += 32) {                   /* 4 vectors per broadcast of tmp[r] */
+          __m256 a0 = _mm256_loadu_ps(yr + n), a1 = _mm256_loadu_ps(yr + n + 8);
+          __m256 a2 = _mm256_loadu_ps(yr + n + 16), a3 = _mm256_loadu_ps(yr + n + 24);
+          for (int r = 0; r < Rk; r++) {
+            const float* br = b + (long)r * N + n;
+            __m256 tv = _mm256_set1_ps(t[r]);
+            a0 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br), a0);
+            a1 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 8), a1);
+            a2 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 16), a2);
+            a3 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 24), a3);
+          }
+          _mm256_storeu_ps(yr + n, a0); _mm256_storeu_ps(yr + n + 8, a1);
+          _mm256_storeu_ps(yr + n + 16, a2); _mm256_storeu_ps(yr + n + 24, a3);
+        }
+        for (; n + 8 <= n1; n += 8) {
+          __m256 a = _mm256_loadu_ps(yr + n);
+          for (int r = 0; r < Rk; r++) a = _mm256_fmadd_ps(_mm256_set1_ps(t[r]), _mm256_loadu_ps(b + (long)r * N + n), a);
+          _mm256_storeu_ps(yr + n, a);
+        }
+        for (; n < n1; n++) { float a = 0.f; for (int r = 0; r < Rk; r++) a += t[r] * b[(long)r * N + n]; yr[n] += a; }
+      } else {                                            /* b [N, R] */
+        for (int n = n0; n < n1; n++) yr[n] += dot(b + (long)n * Rk, t, Rk);
+      }
+    }
+  }
+}
+/* Sample one token per row of logits [B, V]: z = logits * inv_t[b]; u[b] < 0: greedy (first argmax);
+   else the inverse CDF at u[b] of softmax(z) (the first token whose running sum of exp(z - max) reaches
+   u * total). tok [B] (int64) and logp [B] = log_softmax(z)[tok]. One task per row. */
+void sample_rows(const float* logits, const float* inv_t, const float* u, int64_t* tok, float* logp,
+                 int B, int V, int nt) {
+  #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int b = 0; b < B; b++) {
+    const float* z = logits + (long)b * V;
+    float it = inv_t[b];
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int v = 0;
+    for (; v + 8 <= V; v += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(z + v));
+    float mx = -INFINITY, tmp[8];
+    _mm256_storeu_ps(tmp, mv);
+    for (int i = 0; i < 8; i++) mx = tmp[i] > mx ? tmp[i] : mx;
+    for (; v < V; v++) mx = z[v] > mx ? z[v] : mx;
+    __m256 itv = _mm256_set1_ps(it), sh = _mm256_set1_ps(mx * it), sum = _mm256_setzero_ps();
+    for (v = 0; v + 8 <= V; v += 8)
+      sum = _mm256_add_ps(sum, exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + v), itv, sh)));
+    float total = hsum(sum);
+    for (; v < V; v++) total += expf(z[v] * it - mx * it);
+    long t = 0;
+    if (u[b] < 0) {
+      while (t < V - 1 && z[t] != mx) t++;
+    } else {
+      float target = u[b] * total, run = 0.f;
+      for (v = 0; v + 8 <= V; v += 8) {
+        float c = hsum(exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + v), itv, sh)));
+        if (run + c >= target) break;
+        run += c;
+      }
+      /* v == V when rounding left the blocks' sum short of target: then the last token (never V) */
+      for (t = v < V ? v : V - 1; t < V - 1; t++) {
+        run += expf(z[t] * it - mx * it);
+        if (run >= target) break;
+      }
+    }
+    tok[b] = t;
+    logp[b] = z[t] * it - mx * it - logf(total);
+  }
+}
+/* Softmax statistics of logits z [B, V] at 1/T = inv_t, in place (the training log-probs, rftkit.train_utils):
+   y = (z - max) * inv_t floored at -86 (below it exp gives denormals, which run ~10x slower, for weights under
+   1e-37), and z becomes e = exp(y). Per row: logp[b] = (z[t] - max) * inv_t - log s (s = sum e, the target
+   unfloored), lse[b] = max * inv_t + log s, s_out[b] = s, and ent[b] = log s - sum(e y) / s when ent. */
+void softmax_rows(float* z, const int64_t* t, float inv_t, float* logp, float* lse, float* ent, float* s_out,
+                  int B, int V, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int b = 0; b < B; b++) {
+    float* r = z + (long)b * V;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int v = 0;
+    for (; v + 8 <= V; v += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(r + v));
+    float mx = -INFINITY, tmp[8];
+    _mm256_storeu_ps(tmp, mv);
+    for (int i = 0; i < 8; i++) mx = tmp[i] > mx ? tmp[i] : mx;
+    for (; v < V; v++) mx = r[v] > mx ? r[v] : mx;
+    float yt = (r[t[b]] - mx) * inv_t;
+    __m256 itv = _mm256_set1_ps(inv_t), sh = _mm256_set1_ps(mx * inv_t), lo = _mm256_set1_ps(-86.f);
+    __m256 sum = _mm256_setzero_ps(), sey = _mm256_setzero_ps();
+    for (v = 0; v + 8 <= V; v += 8) {
+      __m256 y = _mm256_max_ps(_mm256_fmsub_ps(_mm256_loadu_ps(r + v), itv, sh), lo);
+      __m256 e = exp256(y);
+      _mm256_storeu_ps(r + v, e);
+      sum = _mm256_add_ps(sum, e);
+      sey = _mm256_fmadd_ps(e, y, sey);
+    }
+    float total = hsum(sum), ey = hsum(sey);
+    for (; v < V; v++) {
+      float y = r[v] * inv_t - mx * inv_t;
+      y = y < -86.f ? -86.f : y;
+      float e = expf(y);
+      r[v] = e; total += e; ey += e * y;
+    }
+    float ls = logf(total);
+    logp[b] = yt - ls;
+    lse[b] = mx * inv_t + ls;
+    s_out[b] = total;
+    if (ent) ent[b] = ls - ey / total;
+  }
+}
+/* y[m] = w * x[m] / sqrt(mean(x[m]^2) + eps); x, y [M, D] */
+void rms_norm(const float* x, const float* w, float* y, int M, int D, float eps) {
+  for (int m = 0; m < M; m++) {
+    const float* xr = x + (long)m * D;
+    float* yr = y + (long)m * D;
+    float r = 1.f / sqrtf(dot(xr, xr, D) / D + eps);
+    for (int d = 0; d < D; d++) yr[d] = w[d] * (xr[d] * r);
+  }
+}
+
+/* Rotary embedding, rotate-half convention: x [BT, n, hd], cos, sin [BT, hd] -> y = x cos + rot(x) sin,
+   rot(x) = (-x[hd/2:], x[:hd/2]) */
+void rope(const float* x, const float* cs, const float* sn, float* y, int BT, int n, int hd) {
+  const int half = hd / 2;
+  for (long bt = 0; bt < BT; bt++) {
+    const float* c = cs + bt * hd; const float* s = sn + bt * hd;
+    for (int h = 0; h < n; h++) {
+      const float* xi = x + (bt * n + h) * hd;
+      float* yi = y + (bt * n + h) * hd;
+      for (int d = 0; d < half; d++) {
+        yi[d] = xi[d] * c[d] - xi[d + half] * s[d];
+        yi[d + half] = xi[d + half] * c[d + half] + xi[d] * s[d + half];
+      }
+    }
+  }
+}
+
+/* The attention of a decode step after q/k/v: RoPE on q0 (into q1) and k0, the new keys and values into cache
+   rows wrow of the pools kc, vc, then paged attention into att [M, H, hd] (decode_layers and rftkit.quantize's
+   decode_layers_q) */
+static void decode_attend(const float* q0, const float* k0, const float* v0, float* q1, float* att, float* kc,
+                          float* vc, int M, int H, int Hkv, int hd, const float* cs, const float* sn,
+                          const int64_t* table, int nbmax, const int64_t* qpos, const int64_t* wrow, int bs,
+                          int window, float scale, int nt) {
+  const long NK = (long)Hkv * hd;
+  rope(q0, cs, sn, q1, M, H, hd);
+  for (int m = 0; m < M; m++) {
+    rope(k0 + m * NK, cs + (long)m * hd, sn + (long)m * hd, kc + wrow[m] * NK, 1, Hkv, hd);
+    memcpy(vc + wrow[m] * NK, v0 + m * NK, NK * sizeof(float));
+  }
+  paged_attn(q1, kc, vc, table, qpos, att, M, H, Hkv, hd, nbmax, bs, window, scale, nt);
+}
+
+/* One decoder block's weights for decode_layers: addresses, 0 for an absent bias (struct mirrored by
+   DecodeLayer in Python). kc, vc: the block's paged cache, [slots, Hkv, hd]. */
+typedef struct {
+  int64_t ln1, wq, wk, wv, bq, bk, bv, wo, bo, ln2, wg, wu, wd, bg, bu, bd, kc, vc;
+  int64_t la[7], lb[7];          /* unmerged LoRA of q, k, v, o, gate, up, down: A [r, K], B [N, r]; 0 = none */
+  float ls[7];                   /* its scale */
+  int32_t lr[7];                 /* its rank, <= 64 */
+  int32_t window, pad;
+  int64_t bA[7], bB[7], bT[7], bR[7], bS[7];   /* the adapter bank's slot table of each (SlotTable); 0 = none */
+} dlayer;
+
+/* the 8 horizontal sums of v[0..7], as one vector */
+static inline __m256 hsum8(const __m256* v) {
+  __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+/* y [M, N] += s * (x A^T) B^T for live LoRA tensors A [r, K], B [N, r] (PEFT's layouts; r <= 64, M <= 64). The
+   expand's dots are only r long: with r % 8 == 0 eight outputs share one horizontal reduction (hsum8). */
+static void lora_rows(const float* x, int M, int K, const float* A, const float* B, float s, int r, float* y, int N,
+                      int nt) {
+  float t[64 * 64];
+  #pragma omp parallel num_threads(nt)
+  {
+    #pragma omp for schedule(static)
+    for (int i = 0; i < M * r; i++) t[(i / r) * 64 + i % r] = dot(x + (long)(i / r) * K, A + (long)(i % r) * K, K) * s;
+    int N8 = r % 8 == 0 ? N / 8 * 8 : 0;
+    #pragma omp for schedule(static)
+    for (int n = 0; n < N8; n += 8)
+      for (int m = 0; m < M; m++) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int j = 0; j < r; j += 8) {
+          __m256 tv = _mm256_loadu_ps(t + m * 64 + j);
+          for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(B + (long)(n + i) * r + j), tv, acc[i]);
+        }
+        float* yo = y + (long)m * N + n;
+        _mm256_storeu_ps(yo, _mm256_add_ps(_mm256_loadu_ps(yo), hsum8(acc)));
+      }
+    #pragma omp for schedule(static)
+    for (int n = N8; n < N; n++)
+      for (int m = 0; m < M; m++) y[(long)m * N + n] += dot(B + (long)n * r, t + m * 64, r);
+  }
+}
+#define LORA(j, xin, K, yout, N) if (P->la[j]) lora_rows(xin, M, K, (const float*)P->la[j], (const float*)P->lb[j], P->ls[j], P->lr[j], yout, N, nt); \
+  if (rows && P->bA[j]) lora_bgmv(xin, yout, rows, (const int64_t*)P->bA[j], (const int64_t*)P->bB[j], (const int32_t*)P->bT[j], \
+                                  (const int32_t*)P->bR[j], (const float*)P->bS[j], btmp, M, K, N, rmax, nt);
+
+/* nl decoder blocks for M decode rows (one new token each) over a paged cache, in place on x [M, D]:
+     x += o(attn(rope(q), cache + (rope(k), v))) of rms_norm(x);  x += down(silu(gate) * up) of rms_norm(x)
+   with the same kernels as the per-op path (gemv_many, rope, paged_attn, rms_norm): one call for the whole
+   stack instead of ~25 torch ops and kernel calls per block. cs, sn [M, hd]; table [M, nbmax]; qpos [M];
+   wrow [M]: the cache row of each row's new key and value; ws: scratch of M * (2D + 3 H hd + 2 Hkv hd + 2F)
+   floats. D, H hd and F are multiples of 8, M within the GEMV kernel's rows. */
+/* g = silu(g) * u over n floats, 8 lanes at a time on every thread (one row's scalar expf loop was ~4 ms of a
+   16-row decode step) */
+static void silu_mul(float* g, const float* u, long n, int nt) {
+  long n8 = n / 8 * 8;
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (long i = 0; i < n8; i += 8) {
+    __m256 gv = _mm256_loadu_ps(g + i);
+    __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                          _mm256_loadu_ps(u + i)));
+  }
+  for (long i = n8; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
+void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int Hkv, int hd, int F,
+                   const float* cs, const float* sn, const int64_t* table, int nbmax, const int64_t* qpos,
+                   const int64_t* wrow, int bs, float eps, float scale, float* ws, const int32_t* rows, int rmax,
+                   float* btmp, int nt) {
+  const long NQ = (long)H * hd, NK = (long)Hkv * hd;
+  float *h = ws, *q0 = h + M * D, *k0 = q0 + M * NQ, *v0 = k0 + M * NK, *q1 = v0 + M * NK,
+        *att = q1 + M * NQ, *g = att + M * NQ, *u = g + (long)M * F, *t = u + (long)M * F;
+  for (int l = 0; l < nl; l++) {
+    const dlayer* P = L + l;
+    float *kc = (float*)P->kc, *vc = (float*)P->vc;
+    rms_norm(x, (const float*)P->ln1, h, M, D, eps);
+    int64_t W3[3] = {P->wq, P->wk, P->wv}, b3[3] = {P->bq, P->bk, P->bv},
+            y3[3] = {(int64_t)q0, (int64_t)k0, (int64_t)v0};
+    int32_t N3[3] = {(int32_t)NQ, (int32_t)NK, (int32_t)NK};
+    gemv_many(h, W3, b3, y3, N3, 3, M, D, nt);
+    LORA(0, h, D, q0, (int)NQ) LORA(1, h, D, k0, (int)NK) LORA(2, h, D, v0, (int)NK)
+    decode_attend(q0, k0, v0, q1, att, kc, vc, M, H, Hkv, hd, cs, sn, table, nbmax, qpos, wrow, bs, P->window,
+                  scale, nt);
+    gemv(att, (const float*)P->wo, (const float*)P->bo, t, M, D, (int)NQ, nt);
+    LORA(3, att, (int)NQ, t, D)
+    for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
+    rms_norm(x, (const float*)P->ln2, h, M, D, eps);
+    int64_t W2[2] = {P->wg, P->wu}, b2[2] = {P->bg, P->bu}, y2[2] = {(int64_t)g, (int64_t)u};
+    int32_t N2[2] = {F, F};
+    gemv_many(h, W2, b2, y2, N2, 2, M, D, nt);
+    LORA(4, h, D, g, F) LORA(5, h, D, u, F)
+    silu_mul(g, u, (long)M * F, nt);
+    gemv(g, (const float*)P->wd, (const float*)P->bd, t, M, D, F, nt);
+    LORA(6, g, F, t, D)
+    for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
+  }
+}
