@@ -224,6 +224,17 @@ void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, 
     }
   }
 }
+/* the largest of z[0..V) */
+static inline float row_max(const float* z, int V) {
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  int v = 0;
+  for (; v + 8 <= V; v += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(z + v));
+  float mx = -INFINITY, tmp[8];
+  _mm256_storeu_ps(tmp, mv);
+  for (int i = 0; i < 8; i++) mx = tmp[i] > mx ? tmp[i] : mx;
+  for (; v < V; v++) mx = z[v] > mx ? z[v] : mx;
+  return mx;
+}
 /* Sample one token per row of logits [B, V]: z = logits * inv_t[b]; u[b] < 0: greedy (first argmax);
    else the inverse CDF at u[b] of softmax(z) (the first token whose running sum of exp(z - max) reaches
    u * total). tok [B] (int64) and logp [B] = log_softmax(z)[tok]. One task per row. */
@@ -233,13 +244,8 @@ void sample_rows(const float* logits, const float* inv_t, const float* u, int64_
   for (int b = 0; b < B; b++) {
     const float* z = logits + (long)b * V;
     float it = inv_t[b];
-    __m256 mv = _mm256_set1_ps(-INFINITY);
-    int v = 0;
-    for (; v + 8 <= V; v += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(z + v));
-    float mx = -INFINITY, tmp[8];
-    _mm256_storeu_ps(tmp, mv);
-    for (int i = 0; i < 8; i++) mx = tmp[i] > mx ? tmp[i] : mx;
-    for (; v < V; v++) mx = z[v] > mx ? z[v] : mx;
+    float mx = row_max(z, V);
+    int v;
     __m256 itv = _mm256_set1_ps(it), sh = _mm256_set1_ps(mx * it), sum = _mm256_setzero_ps();
     for (v = 0; v + 8 <= V; v += 8)
       sum = _mm256_add_ps(sum, exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + v), itv, sh)));
@@ -274,13 +280,8 @@ void softmax_rows(float* z, const int64_t* t, float inv_t, float* logp, float* l
   #pragma omp parallel for schedule(static) num_threads(nt)
   for (int b = 0; b < B; b++) {
     float* r = z + (long)b * V;
-    __m256 mv = _mm256_set1_ps(-INFINITY);
-    int v = 0;
-    for (; v + 8 <= V; v += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(r + v));
-    float mx = -INFINITY, tmp[8];
-    _mm256_storeu_ps(tmp, mv);
-    for (int i = 0; i < 8; i++) mx = tmp[i] > mx ? tmp[i] : mx;
-    for (; v < V; v++) mx = r[v] > mx ? r[v] : mx;
+    float mx = row_max(r, V);
+    int v;
     float yt = (r[t[b]] - mx) * inv_t;
     __m256 itv = _mm256_set1_ps(inv_t), sh = _mm256_set1_ps(mx * inv_t), lo = _mm256_set1_ps(-86.f);
     __m256 sum = _mm256_setzero_ps(), sey = _mm256_setzero_ps();
