@@ -171,55 +171,85 @@ void paged_attn(const float* q, const float* kc, const float* vc, const int64_t*
 
 /* Punica BGMV over slots: y[m] += s[k] * B_k (A_k x[m]) with k = rows[m], for rows whose slot has weights
    (A[k] != 0). x [M, K] (K % 8 == 0), y [M, N]; A_k [R_k, K]; B_k [N, R_k], or its transpose [R_k, N] where Tr[k] (then the
-   expand is R_k axpys along N, vectorised; the [N, R_k] layout of live tensors costs a dot per output);
-   tmp [M, Rmax] scratch. */
+   expand is R_k axpys along N, vectorised; the [N, R_k] layout of live tensors costs a dot per output).
+   The rows are grouped by slot first (a stable counting sort), so each slot's A and B come from memory once
+   per call and from cache for the slot's other rows: with 16 adapters of r = 16 on every linear layer of a
+   135M model, the adapters are ~310 MB, and reading them once per row instead of once per slot made a
+   64-row decode step read them 4 times. S: the slots (rows[m] < S); xs [M, K], tmp [M, Rmax] float and
+   idx [M + 3 S + 1] int32 scratch. */
 void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, const int64_t* Bw,
-               const int32_t* Tr, const int32_t* R, const float* s, float* tmp, int M, int K, int N, int Rmax,
-               int nt) {
+               const int32_t* Tr, const int32_t* R, const float* s, float* xs, float* tmp, int32_t* idx, int M,
+               int K, int N, int Rmax, int S, int nt) {
+  int32_t *order = idx, *first = idx + M, *cur = first + S + 1, *gk = cur + S;  /* first [S+1], cur [S], gk [S] */
+  for (int k = 0; k <= S; k++) first[k] = 0;
+  for (int m = 0; m < M; m++)
+    if (rows[m] >= 0 && rows[m] < S && A[rows[m]]) first[rows[m] + 1]++;
+  int G = 0;
+  for (int k = 0; k < S; k++) {
+    if (first[k + 1]) gk[G++] = k;
+    first[k + 1] += first[k];
+    cur[k] = first[k];
+  }
+  const int n = first[S];                                 /* rows with an adapter, sorted by slot */
+  for (int m = 0; m < M; m++)
+    if (rows[m] >= 0 && rows[m] < S && A[rows[m]]) order[cur[rows[m]]++] = m;
+  if (!n) return;
   #pragma omp parallel num_threads(nt)
   {
     #pragma omp for schedule(static)
-    for (int m = 0; m < M; m++) {                         /* shrink: tmp[m] = s * A_k x[m], 4 rows of A a pass */
-      int k = rows[m];
-      float* t = tmp + (long)m * Rmax;
-      if (!A[k]) continue;
-      gemv_tile(x + (long)m * K, (const float*)A[k], 0, t, 0, R[k], R[k], K, 1, 4);
-      for (int r = 0; r < R[k]; r++) t[r] *= s[k];
+    for (int j = 0; j < n; j++) memcpy(xs + (long)j * K, x + (long)order[j] * K, K * sizeof(float));
+    /* shrink: tmp[j] = s * A_k xs[j] for blocks of up to 3 rows of one slot (row blocks x A rows a pass) */
+    #pragma omp for schedule(static)
+    for (int j0 = 0; j0 < n; j0++) {                      /* a block starts every 3rd row of its slot */
+      int k = rows[order[j0]];
+      if ((j0 - first[k]) % 3) continue;
+      int nb = first[k + 1] - j0 < 3 ? first[k + 1] - j0 : 3;
+      const float* a = (const float*)A[k];
+      const float* xb = xs + (long)j0 * K;
+      float* t = tmp + (long)j0 * Rmax;
+      switch (nb) {
+        case 1: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 1, 4); break;
+        case 2: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 2, 4); break;
+        default: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 3, 4); break;
+      }
+      for (int q = 0; q < nb; q++)
+        for (int r = 0; r < R[k]; r++) t[(long)q * Rmax + r] *= s[k];
     }
-    /* expand: tasks of (row, run of 256 outputs) */
+    /* expand: tasks of (slot, run of 256 outputs), the slot's rows inside, so a run of B stays in L1 */
     const int NC = 256, nc = (N + NC - 1) / NC;
     #pragma omp for schedule(static)
-    for (long i = 0; i < (long)M * nc; i++) {
-      int m = i / nc, k = rows[m];
-      if (!A[k]) continue;
-      int n0 = (i % nc) * NC, n1 = n0 + NC < N ? n0 + NC : N, Rk = R[k];
-      const float* t = tmp + (long)m * Rmax;
-      float* yr = y + (long)m * N;
+    for (long i = 0; i < (long)G * nc; i++) {
+      int k = gk[i / nc], Rk = R[k];
+      int n0 = (i % nc) * NC, n1 = n0 + NC < N ? n0 + NC : N;
       const float* b = (const float*)Bw[k];
-      if (Tr[k]) {                                        /* b [R, N] */
-        int n = n0;
-        for (; n + 32 <= n1; n += 32) {                   /* 4 vectors per broadcast of tmp[r] */
-          __m256 a0 = _mm256_loadu_ps(yr + n), a1 = _mm256_loadu_ps(yr + n + 8);
-          __m256 a2 = _mm256_loadu_ps(yr + n + 16), a3 = _mm256_loadu_ps(yr + n + 24);
-          for (int r = 0; r < Rk; r++) {
-            const float* br = b + (long)r * N + n;
-            __m256 tv = _mm256_set1_ps(t[r]);
-            a0 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br), a0);
-            a1 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 8), a1);
-            a2 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 16), a2);
-            a3 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 24), a3);
+      for (int j = first[k]; j < first[k + 1]; j++) {
+        const float* t = tmp + (long)j * Rmax;
+        float* yr = y + (long)order[j] * N;
+        if (Tr[k]) {                                      /* b [R, N] */
+          int c = n0;
+          for (; c + 32 <= n1; c += 32) {                 /* 4 vectors per broadcast of tmp[r] */
+            __m256 a0 = _mm256_loadu_ps(yr + c), a1 = _mm256_loadu_ps(yr + c + 8);
+            __m256 a2 = _mm256_loadu_ps(yr + c + 16), a3 = _mm256_loadu_ps(yr + c + 24);
+            for (int r = 0; r < Rk; r++) {
+              const float* br = b + (long)r * N + c;
+              __m256 tv = _mm256_set1_ps(t[r]);
+              a0 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br), a0);
+              a1 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 8), a1);
+              a2 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 16), a2);
+              a3 = _mm256_fmadd_ps(tv, _mm256_loadu_ps(br + 24), a3);
+            }
+            _mm256_storeu_ps(yr + c, a0); _mm256_storeu_ps(yr + c + 8, a1);
+            _mm256_storeu_ps(yr + c + 16, a2); _mm256_storeu_ps(yr + c + 24, a3);
           }
-          _mm256_storeu_ps(yr + n, a0); _mm256_storeu_ps(yr + n + 8, a1);
-          _mm256_storeu_ps(yr + n + 16, a2); _mm256_storeu_ps(yr + n + 24, a3);
+          for (; c + 8 <= n1; c += 8) {
+            __m256 a = _mm256_loadu_ps(yr + c);
+            for (int r = 0; r < Rk; r++) a = _mm256_fmadd_ps(_mm256_set1_ps(t[r]), _mm256_loadu_ps(b + (long)r * N + c), a);
+            _mm256_storeu_ps(yr + c, a);
+          }
+          for (; c < n1; c++) { float a = 0.f; for (int r = 0; r < Rk; r++) a += t[r] * b[(long)r * N + c]; yr[c] += a; }
+        } else {                                          /* b [N, R] */
+          for (int c = n0; c < n1; c++) yr[c] += dot(b + (long)c * Rk, t, Rk);
         }
-        for (; n + 8 <= n1; n += 8) {
-          __m256 a = _mm256_loadu_ps(yr + n);
-          for (int r = 0; r < Rk; r++) a = _mm256_fmadd_ps(_mm256_set1_ps(t[r]), _mm256_loadu_ps(b + (long)r * N + n), a);
-          _mm256_storeu_ps(yr + n, a);
-        }
-        for (; n < n1; n++) { float a = 0.f; for (int r = 0; r < Rk; r++) a += t[r] * b[(long)r * N + n]; yr[n] += a; }
-      } else {                                            /* b [N, R] */
-        for (int n = n0; n < n1; n++) yr[n] += dot(b + (long)n * Rk, t, Rk);
       }
     }
   }
@@ -395,7 +425,7 @@ static void lora_rows(const float* x, int M, int K, const float* A, const float*
 }
 #define LORA(j, xin, K, yout, N) if (P->la[j]) lora_rows(xin, M, K, (const float*)P->la[j], (const float*)P->lb[j], P->ls[j], P->lr[j], yout, N, nt); \
   if (rows && P->bA[j]) lora_bgmv(xin, yout, rows, (const int64_t*)P->bA[j], (const int64_t*)P->bB[j], (const int32_t*)P->bT[j], \
-                                  (const int32_t*)P->bR[j], (const float*)P->bS[j], btmp, M, K, N, rmax, nt);
+                                  (const int32_t*)P->bR[j], (const float*)P->bS[j], bxs, btmp, bidx, M, K, N, rmax, nslots, nt);
 
 /* nl decoder blocks for M decode rows (one new token each) over a paged cache, in place on x [M, D]:
      x += o(attn(rope(q), cache + (rope(k), v))) of rms_norm(x);  x += down(silu(gate) * up) of rms_norm(x)
@@ -420,7 +450,7 @@ static void silu_mul(float* g, const float* u, long n, int nt) {
 void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int Hkv, int hd, int F,
                    const float* cs, const float* sn, const int64_t* table, int nbmax, const int64_t* qpos,
                    const int64_t* wrow, int bs, float eps, float scale, float* ws, const int32_t* rows, int rmax,
-                   float* btmp, int nt) {
+                   int nslots, float* bxs, float* btmp, int32_t* bidx, int nt) {
   const long NQ = (long)H * hd, NK = (long)Hkv * hd;
   float *h = ws, *q0 = h + M * D, *k0 = q0 + M * NQ, *v0 = k0 + M * NK, *q1 = v0 + M * NK,
         *att = q1 + M * NQ, *g = att + M * NQ, *u = g + (long)M * F, *t = u + (long)M * F;

@@ -139,8 +139,8 @@ def _load():
     lib.rope.argtypes = [P, P, P, P, I, I, I]
     lib.sample_rows.argtypes = [P, P, P, P, P, I, I, I]
     lib.softmax_rows.argtypes = [P, P, Fl, P, P, P, P, I, I, I]
-    lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, P, I, I, I, I, I]
-    lib.decode_layers.argtypes = [P, P, I, I, I, I, I, I, I, P, P, P, I, P, P, I, Fl, Fl, P, P, I, P, I]
+    lib.lora_bgmv.argtypes = [P, P, P, P, P, P, P, P, P, P, P, I, I, I, I, I, I]
+    lib.decode_layers.argtypes = [P, P, I, I, I, I, I, I, I, P, P, P, I, P, P, I, Fl, Fl, P, P, I, I, P, P, P, I]
     _lib = lib
     return lib
 
@@ -278,13 +278,14 @@ class DecodeLayer(ctypes.Structure):
 def decode_layers(x: torch.Tensor, layers, n_heads: int, n_kv: int, head_dim: int, ffn_dim: int,
                   cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor, qpos: torch.Tensor,
                   write: torch.Tensor, block_size: int, eps: float, bank_rows: torch.Tensor | None = None,
-                  bank_rank: int = 0) -> bool:
+                  bank_rank: int = 0, bank_slots: int = 0) -> bool:
     """Run len(layers) plain decoder blocks (RMSNorm, q/k/v, RoPE, paged attention, o, RMSNorm, SwiGLU; each
     linear with its unmerged LoRA or none) on x [M, D] in place, one new token per row, writing each block's
     new key and value to cache row write[m]: the model's per-op decode path in one call. `layers` is a
     DecodeLayer array the caller built (and keeps) from fp32 CPU contiguous weights. cos, sin [M, head_dim];
     table [M, nb], qpos, write [M] int64. bank_rows (int32 [M], a slot per row) adds the adapter bank's
-    per-row adapters (lora_bgmv over each module's slot table in bA..bS, ranks <= bank_rank) after each
+    per-row adapters (lora_bgmv over each module's slot table in bA..bS: bank_slots entries, slot 0 included,
+    ranks <= bank_rank) after each
     linear and its own LoRA, as BankLinear does. False where the kernel does not apply (the caller runs its
     blocks)."""
     M, D = x.shape
@@ -302,12 +303,15 @@ def decode_layers(x: torch.Tensor, layers, n_heads: int, n_kv: int, head_dim: in
     ws = torch.empty(M * (2 * D + 3 * nq + 2 * nk + 2 * ffn_dim))
     rmax = max(int(bank_rank), 1)
     rows = bank_rows.contiguous() if bank_rows is not None else None
-    btmp = torch.empty(M * rmax) if rows is not None else None
+    bxs = btmp = bidx = None
+    if rows is not None:                          # lora_bgmv's scratch: rows sorted by slot, their x, A x
+        bxs, btmp = torch.empty(M * max(D, nq, ffn_dim)), torch.empty(M * rmax)
+        bidx = torch.empty(M + 3 * bank_slots + 1, dtype=torch.int32)
     lib.decode_layers(x.data_ptr(), ctypes.addressof(layers), len(layers), M, D, n_heads, n_kv, head_dim, ffn_dim,
                       cos.data_ptr(), sin.data_ptr(), table.data_ptr(), table.shape[1], qpos.data_ptr(),
                       write.data_ptr(), block_size, eps, head_dim ** -0.5, ws.data_ptr(),
-                      0 if rows is None else rows.data_ptr(), rmax,
-                      0 if btmp is None else btmp.data_ptr(), torch.get_num_threads())
+                      0 if rows is None else rows.data_ptr(), rmax, bank_slots,
+                      *(0 if t is None else t.data_ptr() for t in (bxs, btmp, bidx)), torch.get_num_threads())
     return True
 
 
@@ -429,11 +433,11 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, table: SlotT
         return None
     x = x.contiguous()
     M, K = x.shape
-    R = max(table.max_rank, 1)
-    tmp = torch.empty(M, R)
+    R, S = max(table.max_rank, 1), table.A.shape[0]
+    xs, tmp, idx = torch.empty(M, K), torch.empty(M, R), torch.empty(M + 3 * S + 1, dtype=torch.int32)
     lib.lora_bgmv(x.data_ptr(), y.data_ptr(), rows.data_ptr(), table.A.data_ptr(), table.B.data_ptr(),
-                  table.T.data_ptr(), table.R.data_ptr(), table.s.data_ptr(), tmp.data_ptr(), M, K, y.shape[1], R,
-                  torch.get_num_threads())
+                  table.T.data_ptr(), table.R.data_ptr(), table.s.data_ptr(), xs.data_ptr(), tmp.data_ptr(),
+                  idx.data_ptr(), M, K, y.shape[1], R, S, torch.get_num_threads())
     return y
 
 

@@ -501,7 +501,8 @@ def _decode_fused(model: Transformer, x: torch.Tensor, cos, sin, cache) -> bool:
                 return False
             rows, rank = bank.rows, bank.max_loaded_rank()
         return kernels.decode_layers(x2, layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, cos2, sin2,
-                                     cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps, rows, rank)
+                                     cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps, rows, rank,
+                                     bank.n_slots + 1 if rows is not None else 0)
     return quantize.decode_layers(x2, layers, kind[0], kind[1], c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim,
                                   cos2, sin2, cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps)
 

@@ -111,7 +111,7 @@ def test_lora_bgmv_kernel_equals_per_slot_matmuls(live):
 
 
 def test_lora_bgmv_many_rows_per_slot():
-    """Rows grouped by slot in blocks of 4: 1-3 row tails, a slot with > 64 rows (a prefill), interleaved slots."""
+    """Rows grouped by slot in blocks of 3: 1-2 row tails, a slot with > 64 rows (a prefill), interleaved slots."""
     K, N = 32, 40
     table = _slot_table(0, {1: 3, 2: 16, 3: 8}, K, N)
     g = _gen(3)
