@@ -162,6 +162,14 @@ def test_requests_sharing_a_prefix_added_together_compute_it_once():
     assert engine.stats["prefill_tokens"] == 11 + 4 * 3 + 5
 
 
+def _randomise_lora(model, std: float) -> None:
+    """Draw the trainable (LoRA) parameters from N(0, std): B starts at zero, and the adapter must matter."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+
+
 def _decode_logits(model, prompts, fused: bool, monkeypatch, max_batch: int = 8, every_step: bool = False):
     """Logits of the second decode step of each prompt (a batch of mixed lengths), with the block stack in one
     kernel call or op by op; and how many fused calls ran."""
@@ -219,10 +227,7 @@ def test_unmerged_lora_rides_the_one_call_stack_and_what_it_cannot_take_goes_op_
         pytest.skip(kernels.status())
     model = tiny_model(seed=3, qkv_bias=True)
     apply_lora(model, LoRAConfig(r=r, targets=["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)            # B starts at zero: make the adapter matter
+    _randomise_lora(model, 0.5)
     prompts = [[3, 4, 5], list(range(10, 31)), [7, 8]]
     fused, calls = _decode_logits(model, prompts, True, monkeypatch)
     plain, _ = _decode_logits(model, prompts, False, monkeypatch)
@@ -233,10 +238,7 @@ def test_unmerged_lora_rides_the_one_call_stack_and_what_it_cannot_take_goes_op_
     # a rank above the kernel's 64 is left to the per-op path, which still adds it
     big = tiny_model(seed=3)
     apply_lora(big, LoRAConfig(r=65, targets=["v_proj"]))
-    with torch.no_grad():
-        for p in big.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    _randomise_lora(big, 0.05)
     _, calls = _decode_logits(big, prompts, True, monkeypatch)
     assert not calls
     outs = Engine(big, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=6))
@@ -252,10 +254,7 @@ def test_a_large_batch_with_lora_decodes_in_one_call_as_op_by_op(monkeypatch):
         pytest.skip(kernels.status())
     model = tiny_model(seed=4)
     apply_lora(model, LoRAConfig(r=16, targets=["all-linear"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
+    _randomise_lora(model, 0.3)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 90, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (40,), generator=g)]
     fused, calls = _decode_logits(model, prompts, True, monkeypatch, max_batch=64, every_step=True)
@@ -276,10 +275,7 @@ def test_a_quantized_model_with_lora_decodes_its_stack_in_one_call_as_op_by_op(b
     model = tiny_model(seed=4, qkv_bias=True)
     quantize.quantize(model, bits=bits, group_size=32)
     apply_lora(model, LoRAConfig(r=4, targets=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
+    _randomise_lora(model, 0.3)
     prompts = [[3, 4, 5], list(range(10, 31)), [7]]
     fused, calls = _decode_logits(model, prompts, True, monkeypatch)
     plain, none = _decode_logits(model, prompts, False, monkeypatch)
