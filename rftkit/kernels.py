@@ -284,10 +284,9 @@ def decode_layers(x: torch.Tensor, layers, n_heads: int, n_kv: int, head_dim: in
     new key and value to cache row write[m]: the model's per-op decode path in one call. `layers` is a
     DecodeLayer array the caller built (and keeps) from fp32 CPU contiguous weights. cos, sin [M, head_dim];
     table [M, nb], qpos, write [M] int64. bank_rows (int32 [M], a slot per row) adds the adapter bank's
-    per-row adapters (lora_bgmv over each module's slot table in bA..bS: bank_slots entries, slot 0 included,
-    ranks <= bank_rank) after each
-    linear and its own LoRA, as BankLinear does. False where the kernel does not apply (the caller runs its
-    blocks)."""
+    per-row adapters after each linear and its own LoRA, as BankLinear does (lora_bgmv over each module's
+    slot table in bA..bS: bank_slots entries, slot 0 included, ranks <= bank_rank). False where the kernel
+    does not apply (the caller runs its blocks)."""
     M, D = x.shape
     if not 0 < M <= decode_max_rows() or D % 8 or (n_heads * head_dim) % 8 or ffn_dim % 8 or head_dim % 8 \
             or head_dim > ATTN_MAX_HEAD_DIM or n_heads // n_kv > ATTN_MAX_GROUP or not x.is_contiguous() \

@@ -85,7 +85,7 @@ class _HeadLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, t, weight, inv_t: float, recompute: bool, want_entropy: bool, buf):
         from rftkit import kernels
-        z = _chunk_logits(h, weight, buf if buf is not None and h.dtype == torch.float32 else None)
+        z = _chunk_logits(h, weight, buf)                  # buf: only for fp32 CPU rows (hidden_logprobs)
         stats = kernels.softmax_rows(z, t, inv_t, want_entropy)
         if stats is not None:                                                        # z now holds e
             logp, lse, ent, s = stats

@@ -171,8 +171,8 @@ def _randomise_lora(model, std: float) -> None:
 
 
 def _decode_logits(model, prompts, fused: bool, monkeypatch, max_batch: int = 8, every_step: bool = False):
-    """Logits of the second decode step of each prompt (a batch of mixed lengths), with the block stack in one
-    kernel call or op by op; and how many fused calls ran."""
+    """Logits of the second decode step of each prompt (a batch of mixed lengths; every step's with every_step),
+    with the block stack in one kernel call or op by op; and the rows of each fused call (0: it declined)."""
     import rftkit.model as model_mod
     from rftkit import kernels
     calls = []
@@ -180,7 +180,7 @@ def _decode_logits(model, prompts, fused: bool, monkeypatch, max_batch: int = 8,
 
     def counted(*a, **k):
         ok = real(*a, **k)
-        calls.append(ok)
+        calls.append(a[0].shape[0] if ok else 0)         # the rows of each fused call; 0 = it declined
         return ok
     monkeypatch.setattr(kernels, "decode_layers", counted)
     if not fused:
@@ -260,7 +260,11 @@ def test_a_large_batch_with_lora_decodes_in_one_call_as_op_by_op(monkeypatch):
     fused, calls = _decode_logits(model, prompts, True, monkeypatch, max_batch=64, every_step=True)
     plain, _ = _decode_logits(model, prompts, False, monkeypatch, max_batch=64, every_step=True)
     widest = max(f.shape[0] for f in fused if f.shape[1] == 1)           # rows of the largest decode step
-    assert widest > 16 and bool(calls) and all(calls) == (kernels.decode_max_rows() >= widest)
+    assert widest > 16 and calls and all(calls)
+    if kernels.decode_max_rows() >= widest:
+        assert max(calls) == widest                                      # the widest step ran in one call
+    else:                                                                # Intel AVX-512: wider steps op by op
+        assert max(calls) <= kernels.decode_max_rows()
     assert len(fused) == len(plain)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
