@@ -2,7 +2,7 @@
    rftkit/kernels.py, which prepends its C_HELPERS (includes, hsum, dot) and documents each entry point. */
 #include <string.h>
 
-/* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M, R compile-time, M * R <= 12.
+/* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M <= 3, R <= 4 compile-time.
    Each k step loads the M x vectors once and each of the R weight vectors once for M * R FMAs. Every output is
    one 8-lane FMA chain over K and a horizontal sum, whatever M and R are: a row's result does not depend on
    which rows share its call (seeded requests stay batch-invariant). */
