@@ -44,6 +44,79 @@ static void gemv_rows(const float* x, const float* w, const float* bias, float* 
   }
 }
 
+/* The same at 16 lanes on CPUs with AVX-512 (set_wide(1), K % 16 == 0): 32 registers hold six x rows against
+   four weight rows (10 loads per 24 FMAs). Again every output is one FMA chain over K (16 lanes) and one
+   reduction whatever M and R are, so a row's result does not depend on its batch. */
+static int wide = 0;
+void set_wide(int on) { wide = on; }
+/* the sums of a, b, c, d (16 lanes each) as one 4-vector, by the same tree for each of them (zero vectors in
+   place of the ones a tile does not have leave the others' sums bit for bit): 9 shuffles for 4 outputs, where
+   one _mm512_reduce_add_ps each took 4 */
+__attribute__((target("avx512f"), always_inline)) static inline __m128 red4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));  /* a02 a13 b02 b13 */
+  __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD)); /* a b c d */
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), s));
+}
+__attribute__((target("avx512f"), always_inline)) static inline void gemv_tile16(const float* x, const float* W,
+    const float* bias, float* y, long n0, long n1, int N, int K, const int M, const int R, const int P) {
+  long n = n0;
+  for (; n + R <= n1; n += R) {
+    __m512 acc[24];
+    _Pragma("GCC unroll 24") for (int i = 0; i < M * R; i++) acc[i] = _mm512_setzero_ps();
+    const float* w = W + n * K;
+    for (int k = 0; k < K; k += 16) {
+      __m512 xv[6];
+      _Pragma("GCC unroll 6") for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_ps(x + (long)m * K + k);
+      _Pragma("GCC unroll 6") for (int r = 0; r < R; r++) {
+        if (P) _mm_prefetch((const char*)(w + (long)(r + 2 * R) * K + k), _MM_HINT_T0);
+        __m512 wv = _mm512_loadu_ps(w + (long)r * K + k);
+        _Pragma("GCC unroll 6") for (int m = 0; m < M; m++) acc[m * R + r] = _mm512_fmadd_ps(xv[m], wv, acc[m * R + r]);
+      }
+    }
+    _Pragma("GCC unroll 6") for (int m = 0; m < M; m++) {
+      __m128 sum;
+      if (R == 4) sum = red4(acc[m * 4], acc[m * 4 + 1], acc[m * 4 + 2], acc[m * 4 + 3]);
+      else { __m512 z = _mm512_setzero_ps(); sum = red4(acc[m], z, z, z); }
+      if (R == 4) _mm_storeu_ps(y + (long)m * N + n, bias ? _mm_add_ps(sum, _mm_loadu_ps(bias + n)) : sum);
+      else y[(long)m * N + n] = _mm_cvtss_f32(sum) + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+/* one to six x rows (M at compile time) over weight rows [n0, n1): four at a time, the rest one at a time */
+__attribute__((target("avx512f"), always_inline)) static inline void gemv_m16(const float* x, const float* w, const float* bias,
+    float* y, long n0, long n1, int N, int K, const int M, const int P) {
+  long n4 = n0 + (n1 - n0) / 4 * 4;
+  gemv_tile16(x, w, bias, y, n0, n4, N, K, M, 4, P);
+  gemv_tile16(x, w, bias, y, n4, n1, N, K, M, 1, 0);
+}
+/* x rows [m0, m0 + take) for take <= 6, take and P at compile time once inlined */
+__attribute__((target("avx512f"), always_inline)) static inline void gemv_take16(const float* x, const float* w,
+    const float* bias, float* y, long n0, long n1, int N, int K, int take, const int P) {
+  switch (take) {
+    case 1: gemv_m16(x, w, bias, y, n0, n1, N, K, 1, P); break;
+    case 2: gemv_m16(x, w, bias, y, n0, n1, N, K, 2, P); break;
+    case 3: gemv_m16(x, w, bias, y, n0, n1, N, K, 3, P); break;
+    case 4: gemv_m16(x, w, bias, y, n0, n1, N, K, 4, P); break;
+    case 5: gemv_m16(x, w, bias, y, n0, n1, N, K, 5, P); break;
+    default: gemv_m16(x, w, bias, y, n0, n1, N, K, 6, P);
+  }
+}
+/* the first six x rows also prefetch the weight rows two tiles ahead: they meet this run's weights first, from
+   memory, with too few FMAs per load to hide its latency (at 4-16 rows 1.2-1.6x without it); the later rows
+   find them in L1 */
+__attribute__((target("avx512f"))) static void gemv_rows16(const float* x, const float* w, const float* bias,
+    float* y, long n0, long n1, int N, int K, int M) {
+  for (int m0 = 0; m0 < M;) {
+    int take = M - m0 < 6 ? M - m0 : 6;
+    if (m0 == 0) gemv_take16(x, w, bias, y, n0, n1, N, K, take, 1);
+    else gemv_take16(x + (long)m0 * K, w, bias, y + (long)m0 * N, n0, n1, N, K, take, 0);
+    m0 += take;
+  }
+}
+
 /* Several GEMVs of the same x (q, k, v; gate, up) in one parallel region: weight j is W[j] [N[j], K] with
    bias b[j] (or 0) into y[j] [M, N[j]]; K % 8 == 0, M >= 1 (8 at a time), nw <= 4. The concatenated rows are dealt in
    runs of 16, guided: long contiguous stretches first, short ones last, so the threads finish together even
@@ -60,7 +133,9 @@ void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t
     long r0 = c * RUN, r1 = r0 + RUN < total ? r0 + RUN : total;
     for (int j = 0; j < nw; j++) {
       long a = r0 > start[j] ? r0 : start[j], e = r1 < start[j + 1] ? r1 : start[j + 1];
-      if (a < e)
+      if (a < e && wide && K % 16 == 0)
+        gemv_rows16(x, (const float*)W[j], (const float*)b[j], (float*)y[j], a - start[j], e - start[j], N[j], K, M);
+      else if (a < e)
         gemv_rows(x, (const float*)W[j], (const float*)b[j], (float*)y[j], a - start[j], e - start[j], N[j], K, M);
     }
   }

@@ -1,7 +1,7 @@
 """Hand-written CPU kernels for the decode path and the training log-probs (fp32, AVX2 + FMA, OpenMP), each with its
 torch reference.
 
-    y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 8 rows
+    y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 64 rows
     q, k, v = linear_many(x, [Wq, Wk, Wv], [None] * 3)   # several weights of one input, one call
     out = paged_attention(q, K, V, table, qpos, block_size, window)
     lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
@@ -47,22 +47,42 @@ GEMV_MAX_ROWS_LONG_K = 64      # out of cache. The first AVX2 machine, eight x r
                                # 0.35 vs 0.60 ms), 179-191 GFLOP/s at 64 rows; so long K goes to 64 rows too.
 
 
-# On a CPU with AVX-512 MKL's GEMM runs 16 lanes wide and beats this 8-lane kernel from 2 rows up (measured on
-# a 2-core Xeon with AVX-512 and AMX, weights out of cache: 1.1-1.4x at 2-32 rows of K = 576, N = 192-1536;
-# one row ties), except at the vocabulary projection, where MKL has a slow stretch of 4-12 rows (N = 49152:
-# the kernel 7.7-10.2 ms against MKL's 9.4-20.4 ms; at 16+ rows MKL wins, 1.7x at 48). There the kernel
-# takes one row, and 2-12 rows of very wide outputs. MKL's wide paths are Intel's: on a 2-core AMD EPYC with
-# AVX-512 the kernel beat MKL at every row count (1-32 rows, 30 layers of SmolLM2 shapes: 14 vs 28 ms at one
-# row, 29 vs 43 ms at 16; the 49,152-wide head 8.9 vs 14.0 ms at 16 rows), so only Intel CPUs count as wide.
-_wide_blas: bool | None = None
+# On Intel CPUs with AVX-512 the GEMV kernel runs 16 lanes wide (gemv_rows16: six x rows against four weight
+# rows, 10 loads per 24 FMAs). MKL's 16-lane GEMM beat the 8-lane kernel there from 2 rows up (a 2-core Xeon
+# with AVX-512 and AMX, weights out of cache: 1.1-1.4x at 2-32 rows of K = 576); the 16-lane kernel, on a 2-core
+# Sapphire Rapids: 1.4-1.6x MKL at 4 rows, 1.0-1.8x at 16, 1.0-1.3x at 32, 0.9-1.1x at 64 (221-257 GFLOP/s),
+# ties at one row (bench/gemv.py). AMD CPUs with AVX-512 keep the 8 lanes they were measured with (a 2-core
+# EPYC: the 8-lane kernel 1.4-1.5x MKL at 64 rows); the 16-lane kernel is unmeasured there.
+_lanes16: bool | None = None
 
 
 def _gemv_rows_ok(M: int, K: int, N: int) -> bool:
-    if not 0 < M <= (GEMV_MAX_ROWS if K <= 1024 else GEMV_MAX_ROWS_LONG_K):
-        return False
-    if _wide_blas is None:
-        _load()
-    return not _wide_blas or M == 1 or (N >= 16384 and M <= 12)
+    return 0 < M <= (GEMV_MAX_ROWS if K <= 1024 else GEMV_MAX_ROWS_LONG_K)
+
+
+def set_lanes16(on: bool) -> None:
+    """The GEMV kernel's 16-lane AVX-512 path on or off (A/B benchmarks, tests); on by default on Intel CPUs
+    with AVX-512. K % 16 != 0 always runs 8 lanes."""
+    global _lanes16
+    lib = _load()
+    if lib is None:
+        return
+    if on and " avx512f" not in _cpuinfo():
+        raise ValueError("set_lanes16(True): this CPU has no AVX-512")
+    _lanes16 = bool(on)
+    lib.set_wide(int(_lanes16))
+
+
+def lanes() -> int:
+    """How wide the GEMV kernel runs on this CPU: 16 (AVX-512 path on) or 8."""
+    _load()
+    return 16 if _lanes16 else 8
+
+
+def _cpuinfo() -> str:
+    return open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+
+
 ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM = 16, 256
 
 C_HELPERS = r"""
@@ -100,7 +120,7 @@ def build_library(src: str, stem: str, what: str) -> tuple[ctypes.CDLL | None, s
     """Compile C source `src` once into the cache (`kernels/{stem}-{hash}.so`, -O3 -mavx2 -mfma -fopenmp) and
     load it: (library, None), or (None, why not) on a CPU without AVX2+FMA or a machine without a compiler.
     Shared by these kernels and rftkit.quantize's."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = _cpuinfo()
     if " avx2" not in flags or " fma" not in flags:
         return None, "CPU without AVX2+FMA"
     from rftkit.loading import cache_dir
@@ -123,16 +143,18 @@ def build_library(src: str, stem: str, what: str) -> tuple[ctypes.CDLL | None, s
 
 def _load():
     """Build (once, into the cache) and load the kernels; None when this machine cannot."""
-    global _lib, _error, _wide_blas
+    global _lib, _error, _lanes16
     if _lib is not None or _error is not None:
         return _lib
-    cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    _wide_blas = " avx512f" in cpuinfo and "GenuineIntel" in cpuinfo
+    cpuinfo = _cpuinfo()
     lib, _error = build_library(_SRC, "decode", "decode kernels")
     if lib is None:
         return None
     P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.gemv.argtypes = [P, P, P, P, I, I, I, I]
+    lib.set_wide.argtypes = [I]
+    _lanes16 = " avx512f" in cpuinfo and "GenuineIntel" in cpuinfo
+    lib.set_wide(int(_lanes16))
     lib.gemv_many.argtypes = [P, P, P, P, P, I, I, I, I]
     lib.paged_attn.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, I, Fl, I]
     lib.rms_norm.argtypes = [P, P, P, I, I, Fl]
@@ -158,7 +180,7 @@ def available() -> bool:
 def status() -> str:
     if not _enabled:
         return "torch reference (kernels disabled)"
-    return "avx2 C kernels" if _load() is not None else f"torch reference ({_error})"
+    return f"C kernels ({lanes()} lanes)" if _load() is not None else f"torch reference ({_error})"
 
 
 def _usable(*tensors: torch.Tensor):
@@ -252,16 +274,11 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch
 # a stack of decoder blocks
 
 DECODE_MAX_ROWS = GEMV_MAX_ROWS_LONG_K      # down_proj's K (the FFN width) is long: the GEMV kernel's limit
-DECODE_MAX_ROWS_WIDE_BLAS = 16               # where MKL beats the kernel from 2 rows (Intel, _wide_blas), the one-call
-                                             # stack keeps the limit it was measured at (16, Xeon) and larger batches
-                                             # run op by op through MKL
 
 
 def decode_max_rows() -> int:
-    """The most rows decode_layers takes on this CPU."""
-    if _wide_blas is None:
-        _load()
-    return DECODE_MAX_ROWS_WIDE_BLAS if _wide_blas else DECODE_MAX_ROWS
+    """The most rows decode_layers takes."""
+    return DECODE_MAX_ROWS
 
 
 class DecodeLayer(ctypes.Structure):

@@ -8,13 +8,6 @@ from rftkit import kernels
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.status()}")
 
 
-@pytest.fixture(autouse=True)
-def _kernel_at_every_row_count(monkeypatch):
-    """On AVX-512 CPUs linear() leaves 2+ rows to MKL; here the kernel must see every row count it takes."""
-    kernels._load()
-    monkeypatch.setattr(kernels, "_wide_blas", False)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -29,6 +22,34 @@ def test_gemv_equals_f_linear(M, N, K):
         want = F.linear(x[:, None], W, bias)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+_LANES = (8, 16) if " avx512f" in kernels._cpuinfo() else (8,)
+
+
+@pytest.mark.parametrize("lanes", _LANES)
+def test_gemv_rows_do_not_depend_on_their_batch(lanes):
+    """Each output is one FMA chain whatever tile the row lands in: row i of an M-row call is bit-equal to the
+    one-row call, at every M the tiles split differently (8 and, on AVX-512 CPUs, 16 lanes)."""
+    default16 = kernels.lanes() == 16
+    try:
+        kernels.set_lanes16(lanes == 16)
+        g = _gen(lanes)
+        for K in (40, 96):                              # 40 is not a multiple of 16: 8 lanes always
+            W, b = torch.randn(37, K, generator=g), torch.randn(37, generator=g)
+            x = torch.randn(64, K, generator=g)
+            alone = torch.cat([kernels.linear(x[i:i + 1], W, b) for i in range(64)])
+            torch.testing.assert_close(alone, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
+            for M in (2, 3, 4, 5, 6, 7, 13, 64):
+                assert torch.equal(kernels.linear(x[:M], W, b), alone[:M]), (lanes, K, M)
+    finally:
+        kernels.set_lanes16(default16)
+
+
+def test_set_lanes16_refuses_a_cpu_without_avx512(monkeypatch):
+    monkeypatch.setattr(kernels, "_cpuinfo", lambda: "flags : fpu avx2 fma")
+    with pytest.raises(ValueError, match="no AVX-512"):
+        kernels.set_lanes16(True)
 
 
 def test_linear_falls_back_where_the_kernel_does_not_apply():

@@ -1,0 +1,82 @@
+"""The GEMV kernel (8 lanes; 16 lanes where the CPU has AVX-512) against MKL's F.linear, at SmolLM2-135M's shapes.
+
+    python bench/gemv.py                  # rows 1, 2, 4, 8, 16, 32, 64
+    python bench/gemv.py --rows 1 64
+
+Weights are cycled through 8 copies (2 for the 49,152-row head) so each call reads them from memory, not from
+the cache of the previous call. Prints milliseconds per call (median), GFLOP/s and the ratio MKL / kernel
+(above 1: the kernel is faster), and checks each kernel's result against F.linear.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SHAPES = [(576, 576, "q/o"), (192, 576, "k/v"), (1536, 576, "gate/up"), (576, 1536, "down"), (49152, 576, "head")]
+
+
+def median_s(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    from rftkit import kernels
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    args = ap.parse_args()
+    if not kernels.available():
+        sys.exit(f"bench/gemv.py: no kernels here ({kernels.status()})")
+    lib = kernels._load()
+    wide = " avx512f" in kernels._cpuinfo()
+    default16 = kernels.lanes() == 16
+    torch.set_num_threads(2)
+    print(f"threads {torch.get_num_threads()}, {kernels.status()}, load "
+          + "/".join(f"{x:.2f}" for x in os.getloadavg()))
+    print("ms per call: kernel 8 lanes / kernel 16 lanes / MKL (ratio MKL over the default kernel, GFLOP/s)")
+    try:
+        for M in args.rows:
+            cells = []
+            for N, K, name in SHAPES:
+                Ws = [torch.randn(N, K) for _ in range(8 if N < 40000 else 2)]
+                x, y = torch.randn(M, K), torch.empty(M, N)
+                turn = [0]
+
+                def weight():
+                    turn[0] += 1
+                    return Ws[turn[0] % len(Ws)]
+
+                def ours():
+                    lib.gemv(x.data_ptr(), weight().data_ptr(), 0, y.data_ptr(), M, N, K, torch.get_num_threads())
+
+                reps = 30 if N < 40000 else 6
+                times = {}
+                for lanes in ((8, 16) if wide else (8,)):
+                    kernels.set_lanes16(lanes == 16)
+                    times[lanes] = median_s(ours, reps)
+                    err = float((y - F.linear(x, Ws[turn[0] % len(Ws)])).abs().max())
+                    assert err < 1e-3 * K ** 0.5, f"{lanes}-lane kernel off by {err} at {M}x{K} @ {N}"
+                t_mkl = median_s(lambda: F.linear(x, weight()), reps)
+                t_def = times[16 if default16 else 8]
+                lanes_s = "/".join(f"{times[k] * 1e3:.3f}" for k in sorted(times))
+                cells.append(f"{name} {lanes_s}/{t_mkl * 1e3:.3f} ({t_mkl / t_def:.2f}x, "
+                             f"{2 * M * N * K / t_def / 1e9:.0f} GF)")
+            print(f"rows {M:3d}  " + "  ".join(cells), flush=True)
+    finally:
+        kernels.set_lanes16(default16)
+
+
+if __name__ == "__main__":
+    main()
