@@ -5,8 +5,9 @@
 
 `step()` = schedule -> forward -> sample -> update. A step decodes one token for every running sequence in
 one batched forward, then prefills up to `prefill_chunk` prompt tokens of waiting requests in a second one (a
-long prompt is split over steps, so running requests never stall behind it). Requests join and leave
-between steps.
+long prompt is split over steps, so running requests never stall behind it; rows of very different lengths
+go to separate forwards instead of padding the short ones to the longest). Requests join and leave between
+steps.
 
 KV cache: paged. A pool of `block_size`-token blocks per layer, sized once within `kv_budget_bytes` (so the
 budget cannot be exceeded); a sequence holds a table of blocks; attention gathers its blocks into a
@@ -190,6 +191,23 @@ class PagedCache:
         if window not in self.masks:
             self.masks[window] = attention_mask(self.positions, self.kpos, window)
         return attention(q, K[self.read].transpose(1, 2), V[self.read].transpose(1, 2), self.masks[window])
+
+
+def _padding_groups(lengths: list[int], waste: float = 0.25, slack: int = 64) -> list[list[int]]:
+    """Indices of `lengths` split into forwards whose padding (each row padded to the group's longest) stays
+    within `waste` of their real tokens or `slack` tokens, whichever is more (another forward reads every
+    weight again): a prefill mixing 37-token prompts with 5-token prompt tails no longer pads every tail to 37
+    (17 rows of 37, 629 token positions, computed for ~150 real tokens). Longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, cur, real = [], [], 0
+    for i in order:
+        total = real + lengths[i]
+        if cur and lengths[cur[0]] * (len(cur) + 1) - total > max(waste * total, slack):
+            groups.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += lengths[i]
+    return groups + [cur] if cur else groups
 
 
 class Engine:
@@ -393,7 +411,8 @@ class Engine:
             self.adapters.set_rows(None)
 
     def _prefill(self, outputs):
-        """Compute up to `prefill_chunk` context tokens, over as many waiting requests as fit, in one forward."""
+        """Compute up to `prefill_chunk` context tokens, over as many waiting requests as fit, in one forward (or
+        a few, grouped by length: _padding_groups)."""
         budget, batch = self.prefill_chunk, []                       # (group, start, end)
         computing: set[tuple] = set()                                # first-block keys computed in this forward
         while budget > 0:
@@ -420,27 +439,32 @@ class Engine:
             self.prefilling = None
         if not batch:
             return
-        T = max(e - s for _, s, e in batch)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)
-        pos = torch.full((len(batch), T), -1, dtype=torch.long)
-        for i, (g, s, e) in enumerate(batch):
-            ids[i, :e - s] = torch.tensor(g[0].context[s:e])
-            pos[i, :e - s] = torch.arange(s, e)
-        hidden, _ = self._forward([g[0] for g, _, _ in batch], ids.to(self.device), pos.to(self.device),
-                                  return_hidden=True)
+        last_hidden = {}                                             # batch index -> hidden state of its last token
+        for part in _padding_groups([e - s for _, s, e in batch]):
+            T = max(batch[i][2] - batch[i][1] for i in part)
+            ids = torch.zeros(len(part), T, dtype=torch.long)
+            pos = torch.full((len(part), T), -1, dtype=torch.long)
+            for row, i in enumerate(part):
+                g, s, e = batch[i]
+                ids[row, :e - s] = torch.tensor(g[0].context[s:e])
+                pos[row, :e - s] = torch.arange(s, e)
+            hidden, _ = self._forward([batch[i][0][0] for i in part], ids.to(self.device), pos.to(self.device),
+                                      return_hidden=True)
+            for row, i in enumerate(part):
+                last_hidden[i] = hidden[row, batch[i][2] - batch[i][1] - 1]
         self.stats["prefill_tokens"] += sum(e - s for _, s, e in batch)
-        done = [(i, g, e - s) for i, (g, s, e) in enumerate(batch) if e == len(g[0].context)]
-        for _, g, _ in done:
+        done = [(i, g) for i, (g, s, e) in enumerate(batch) if e == len(g[0].context)]
+        for _, g in done:
             self._publish(g[0])
-        fresh = [(i, g, n) for i, g, n in done if not g[0].tokens]       # recomputed sequences need no sample
+        fresh = [(i, g) for i, g in done if not g[0].tokens]             # recomputed sequences need no sample
         if not fresh:
             return
-        for _, g, _ in fresh:
+        for _, g in fresh:
             self._share_prefill(g)
-        last = torch.stack([hidden[i, n - 1] for i, _, n in fresh])                   # [b, D]
+        last = torch.stack([last_hidden[i] for i, _ in fresh])                      # [b, D]
         logits = self.model.lm_head(last)
-        seqs = [s for _, g, _ in fresh for s in g if s in self.running]
-        rows = torch.tensor([j for j, (_, g, _) in enumerate(fresh) for s in g if s in self.running])
+        seqs = [s for _, g in fresh for s in g if s in self.running]
+        rows = torch.tensor([j for j, (_, g) in enumerate(fresh) for s in g if s in self.running])
         self._sample(seqs, logits[rows], outputs)
 
     def _first_block_key(self, seq: Sequence) -> tuple | None:

@@ -162,6 +162,31 @@ def test_requests_sharing_a_prefix_added_together_compute_it_once():
     assert engine.stats["prefill_tokens"] == 11 + 4 * 3 + 5
 
 
+def test_a_prefill_of_mixed_lengths_is_not_padded_to_the_longest(monkeypatch):
+    from rftkit.engine import _padding_groups
+    model = tiny_model()
+    prompts = [list(range(1, 31)), list(range(2, 32))] + [[i, i + 1, i + 2] for i in range(3, 13)]
+    shapes = []
+    orig = model.forward
+
+    def spy(ids, *a, **k):
+        shapes.append(tuple(ids.shape))
+        return orig(ids, *a, **k)
+    monkeypatch.setattr(model, "forward", spy)
+    outs = Engine(model, max_seq_len=64, prefill_chunk=512).generate(prompts, SamplingParams(temperature=0, max_tokens=3))
+    monkeypatch.undo()
+    for p, (c,) in zip(prompts, outs):
+        assert c.token_ids == reference_greedy(model, p, 3)
+    prefill = [b * t for b, t in shapes if t > 1]                 # one step prefills all 12, in two forwards
+    assert len(prefill) == 2 and sum(prefill) == 4 * 30 + 8 * 3, shapes       # not 12 x 30 = 360
+    for lengths in ([37, 37] + [5] * 15, [5, 37, 5, 37], [100, 80, 64, 51, 40, 30, 20, 10, 5], [7]):
+        groups = _padding_groups(lengths)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            real = sum(lengths[i] for i in g)
+            assert max(lengths[i] for i in g) * len(g) - real <= max(0.25 * real, 64)
+
+
 def _randomise_lora(model, std: float) -> None:
     """Draw the trainable (LoRA) parameters from N(0, std): B starts at zero, and the adapter must matter."""
     with torch.no_grad():
