@@ -89,6 +89,10 @@ def test_upcycled_smollm2_gives_the_dense_logits(tmp_path):
     assert moe.cfg.moe["n_experts"] == 4 and len(moe_modules(moe)) == dense.cfg.n_layers
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is 12 + 34? Answer with the number."}])])
     with torch.no_grad():
-        diff = float((moe(ids)[0] - dense(ids)[0]).abs().max())
-    assert diff < 1e-4, diff
+        want = dense(ids)[0]
+        diff = float((moe(ids)[0] - want).abs().max())
+    # fp32 rounding only: the experts are copies and their gate weights sum to one up to rounding; measured on
+    # logits up to 38, 6.6e-5 (8-lane GEMV) and 1.3e-4 (16-lane, AVX-512) at 45 tokens, where a wrongly
+    # weighted or wrongly routed expert moves them by whole units
+    assert diff < 1e-5 * float(want.abs().max()), diff
     assert (out / "tokenizer.json").is_file()
