@@ -90,11 +90,13 @@ __attribute__((target("avx512f"), always_inline)) static inline void gemv_tile16
     }
   }
 }
-/* one to six x rows (M at compile time): four weight rows at a time, the rest one at a time */
+/* one to six x rows (M at compile time): four weight rows at a time, the rest one at a time; the prefetch goes
+   to L1 (near: rows of this run, about to be read) or L2 (the next run, which would crowd this one out of L1) */
 __attribute__((target("avx512f"), always_inline)) static inline void gemv_m16(const float* x, const float* w,
-    const float* bias, float* y, long n0, long n1, int N, int K, const int M, const float* pf, int klo, int khi) {
+    const float* bias, float* y, long n0, long n1, int N, int K, const int M, const float* pf, int klo, int khi,
+    int near) {
   long n4 = n0 + (n1 - n0) / 4 * 4;
-  if (pf && klo == 0 && khi == K) gemv_tile16(x, w, bias, y, n0, n4, N, K, M, 4, pf, klo, khi, _MM_HINT_T0);
+  if (near) gemv_tile16(x, w, bias, y, n0, n4, N, K, M, 4, pf, klo, khi, _MM_HINT_T0);
   else gemv_tile16(x, w, bias, y, n0, n4, N, K, M, 4, pf, klo, khi, _MM_HINT_T1);
   gemv_tile16(x, w, bias, y, n4, n1, N, K, M, 1, 0, 0, 0, _MM_HINT_T0);
 }
@@ -115,12 +117,12 @@ __attribute__((target("avx512f"))) static void gemv_rows16(const float* x, const
     const float* xb = x + (long)m0 * K;
     float* yb = y + (long)m0 * N;
     switch (take) {
-      case 1: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 1, pf, klo, khi); break;
-      case 2: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 2, pf, klo, khi); break;
-      case 3: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 3, pf, klo, khi); break;
-      case 4: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 4, pf, klo, khi); break;
-      case 5: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 5, pf, klo, khi); break;
-      default: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 6, pf, klo, khi);
+      case 1: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 1, pf, klo, khi, passes == 1); break;
+      case 2: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 2, pf, klo, khi, passes == 1); break;
+      case 3: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 3, pf, klo, khi, passes == 1); break;
+      case 4: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 4, pf, klo, khi, passes == 1); break;
+      case 5: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 5, pf, klo, khi, passes == 1); break;
+      default: gemv_m16(xb, w, bias, yb, n0, n1, N, K, 6, pf, klo, khi, passes == 1);
     }
     m0 += take;
   }
@@ -189,9 +191,7 @@ static inline __m256 hsum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 #define CH 64
-#ifndef PD
-#define PD 16
-#endif
+#define PD 16                                               /* keys ahead a key prefetches */
 void paged_attn(const float* q, const float* kc, const float* vc, const int64_t* table, const int64_t* qpos,
                 float* out, int B, int H, int Hkv, int hd, int nbmax, int bs, int window, float scale, int nt) {
   const int G = H / Hkv, D8 = hd / 8;

@@ -50,8 +50,8 @@ GEMV_MAX_ROWS_LONG_K = 64      # out of cache. The first AVX2 machine, eight x r
 # On Intel CPUs with AVX-512 the GEMV kernel runs 16 lanes wide (gemv_rows16: six x rows against four weight
 # rows, 10 loads per 24 FMAs). MKL's 16-lane GEMM beat the 8-lane kernel there from 2 rows up (a 2-core Xeon
 # with AVX-512 and AMX, weights out of cache: 1.1-1.4x at 2-32 rows of K = 576); the 16-lane kernel, on a 2-core
-# Sapphire Rapids: 1.4-1.6x MKL at 4 rows, 1.0-1.8x at 16, 1.0-1.3x at 32, 0.9-1.1x at 64 (221-257 GFLOP/s),
-# ties at one row (bench/gemv.py). AMD CPUs with AVX-512 keep the 8 lanes they were measured with (a 2-core
+# Sapphire Rapids with the weights read from memory: 1.18-1.57x MKL at 16 rows, 1.13-1.41x at 64, a tie at one
+# row (bench/gemv.py). AMD CPUs with AVX-512 keep the 8 lanes they were measured with (a 2-core
 # EPYC: the 8-lane kernel 1.4-1.5x MKL at 64 rows); the 16-lane kernel is unmeasured there.
 _lanes16: bool | None = None
 
