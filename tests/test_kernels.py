@@ -131,20 +131,31 @@ def test_lora_bgmv_kernel_equals_per_slot_matmuls(live):
     torch.testing.assert_close(kernels.lora_bgmv(x, y.clone(), rows, table), want2, rtol=1e-5, atol=1e-4)
 
 
-def test_lora_bgmv_many_rows_per_slot():
-    """Rows grouped by slot in blocks of 3: 1-2 row tails, a slot with > 64 rows (a prefill), interleaved slots."""
-    K, N = 32, 40
-    table = _slot_table(0, {1: 3, 2: 16, 3: 8}, K, N)
-    g = _gen(3)
-    for rows in (torch.randint(0, 4, (150,), generator=g), torch.tensor([2] * 70 + [1] * 5 + [3, 0, 2])):
-        rows = rows.to(torch.int32)
-        x, y = torch.randn(len(rows), K, generator=g), torch.randn(len(rows), N, generator=g)
-        want = y.clone()
-        for m, k in enumerate(rows.tolist()):
-            if table.tensors[k] is not None:
-                A, B, s = table.tensors[k]
-                want[m] += s * (B @ (A @ x[m]))
-        torch.testing.assert_close(kernels.lora_bgmv(x, y.clone(), rows, table), want, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("lanes", _LANES)
+def test_lora_bgmv_many_rows_per_slot(lanes):
+    """Rows grouped by slot in blocks of 3 (8 lanes) or 6 (16 lanes) and expanded four at a time: short tails, a
+    slot with > 64 rows (a prefill), interleaved slots; and a row's result does not depend on its batch."""
+    default16 = kernels.lanes() == 16
+    try:
+        kernels.set_lanes16(lanes == 16)
+        K, N = 32, 40
+        table = _slot_table(0, {1: 3, 2: 16, 3: 8}, K, N)
+        g = _gen(3)
+        for rows in (torch.randint(0, 4, (150,), generator=g), torch.tensor([2] * 70 + [1] * 5 + [3, 0, 2])):
+            rows = rows.to(torch.int32)
+            x, y = torch.randn(len(rows), K, generator=g), torch.randn(len(rows), N, generator=g)
+            want = y.clone()
+            for m, k in enumerate(rows.tolist()):
+                if table.tensors[k] is not None:
+                    A, B, s = table.tensors[k]
+                    want[m] += s * (B @ (A @ x[m]))
+            got = kernels.lora_bgmv(x, y.clone(), rows, table)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            alone = torch.cat([kernels.lora_bgmv(x[m:m + 1], y[m:m + 1].clone(), rows[m:m + 1], table)
+                               for m in range(len(rows))])
+            assert torch.equal(got, alone), lanes
+    finally:
+        kernels.set_lanes16(default16)
 
 
 def test_lora_bgmv_reads_live_tensors_updated_in_place():
