@@ -388,8 +388,8 @@ void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, 
       const float* xb = xs + (long)j0 * K;
       float* t = tmp + (long)j0 * Rmax;
       if (blk == 6) {
-        const float* pf = j0 + nb < n ? (const float*)A[rows[order[j0 + nb]]] : 0;   /* the next block's A */
-        shrink16(xb, a, t, R[k], Rmax, K, nb, pf == a || (pf && R[rows[order[j0 + nb]]] < R[k]) ? 0 : pf);
+        int k1 = j0 + nb < n ? rows[order[j0 + nb]] : k;      /* the next block's slot: prefetch its A */
+        shrink16(xb, a, t, R[k], Rmax, K, nb, k1 != k && R[k1] >= R[k] ? (const float*)A[k1] : 0);
       } else switch (nb) {
         case 1: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 1, 4); break;
         case 2: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 2, 4); break;
@@ -400,7 +400,8 @@ void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, 
     }
     /* expand: tasks of (slot, run of up to 256 outputs), the slot's rows inside, so a run of B stays in L1; shorter
        runs when there are few slots, so every thread has work (one slot and N = 192 was one task) */
-    int NC = (N + (4 * nt + G - 1) / G - 1) / ((4 * nt + G - 1) / G);
+    const int runs = (4 * nt + G - 1) / G;                /* runs a slot for about four tasks a thread */
+    int NC = (N + runs - 1) / runs;
     NC = NC < 32 ? 32 : NC > 256 ? 256 : (NC + 31) / 32 * 32;
     const int nc = (N + NC - 1) / NC;
     #pragma omp for schedule(static)

@@ -1,4 +1,6 @@
 """The decode kernels against torch references: F.linear, gathered masked softmax attention, per-slot LoRA."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,13 +29,22 @@ def test_gemv_equals_f_linear(M, N, K):
 _LANES = (8, 16) if " avx512f" in kernels._cpuinfo() else (8,)
 
 
+@contextlib.contextmanager
+def _at_lanes(lanes: int):
+    """The GEMV kernel at 8 or 16 lanes for the block, then back to this CPU's default."""
+    default16 = kernels.lanes() == 16
+    try:
+        kernels.set_lanes16(lanes == 16)
+        yield
+    finally:
+        kernels.set_lanes16(default16)
+
+
 @pytest.mark.parametrize("lanes", _LANES)
 def test_gemv_rows_do_not_depend_on_their_batch(lanes):
     """Each output is one FMA chain whatever tile the row lands in: row i of an M-row call is bit-equal to the
     one-row call, at every M the tiles split differently (8 and, on AVX-512 CPUs, 16 lanes)."""
-    default16 = kernels.lanes() == 16
-    try:
-        kernels.set_lanes16(lanes == 16)
+    with _at_lanes(lanes):
         g = _gen(lanes)
         for K in (40, 96):                              # 40 is not a multiple of 16: 8 lanes always
             W, b = torch.randn(37, K, generator=g), torch.randn(37, generator=g)
@@ -42,8 +53,6 @@ def test_gemv_rows_do_not_depend_on_their_batch(lanes):
             torch.testing.assert_close(alone, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
             for M in (2, 3, 4, 5, 6, 7, 13, 64):
                 assert torch.equal(kernels.linear(x[:M], W, b), alone[:M]), (lanes, K, M)
-    finally:
-        kernels.set_lanes16(default16)
 
 
 def test_set_lanes16_refuses_a_cpu_without_avx512(monkeypatch):
@@ -135,9 +144,7 @@ def test_lora_bgmv_kernel_equals_per_slot_matmuls(live):
 def test_lora_bgmv_many_rows_per_slot(lanes):
     """Rows grouped by slot in blocks of 3 (8 lanes) or 6 (16 lanes) and expanded four at a time: short tails, a
     slot with > 64 rows (a prefill), interleaved slots; and a row's result does not depend on its batch."""
-    default16 = kernels.lanes() == 16
-    try:
-        kernels.set_lanes16(lanes == 16)
+    with _at_lanes(lanes):
         K, N = 32, 40
         table = _slot_table(0, {1: 3, 2: 16, 3: 8}, K, N)
         g = _gen(3)
@@ -154,8 +161,6 @@ def test_lora_bgmv_many_rows_per_slot(lanes):
             alone = torch.cat([kernels.lora_bgmv(x[m:m + 1], y[m:m + 1].clone(), rows[m:m + 1], table)
                                for m in range(len(rows))])
             assert torch.equal(got, alone), lanes
-    finally:
-        kernels.set_lanes16(default16)
 
 
 def test_lora_bgmv_reads_live_tensors_updated_in_place():
