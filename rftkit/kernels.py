@@ -374,10 +374,23 @@ def paged_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, table: 
 # ----------------------------------------------------------------------------------------------------------
 # per-row LoRA (BGMV)
 
+BC = 32    # columns per block of a bank slot's B^T (kernels.c's BC)
+
+
+def blocked_t(B: torch.Tensor) -> torch.Tensor:
+    """B [N, R] as lora_bgmv's expand reads it: B^T cut into blocks of BC columns, each block's R rows
+    contiguous ([ceil(N / BC), R, BC], the last block zero-padded), so a task's run of columns is one
+    contiguous read instead of R short strided ones."""
+    N, R = B.shape
+    Bt = torch.zeros(R, -(-N // BC) * BC, dtype=B.dtype)
+    Bt[:, :N] = B.t()
+    return Bt.reshape(R, -1, BC).transpose(0, 1).contiguous()
+
+
 class SlotTable:
     """Per-module pointer table of the bank's slots for `lora_bgmv`: A [R, K] and B [N, R] of each slot (slot 0
     = none) with its scale. Keeps the tensors alive; `set` / `clear` when a slot changes. A slot loaded from
-    files also keeps B transposed ([R, N], the kernel's fast layout); a live slot (`live=True`: a trainer
+    files also keeps B transposed in blocks (`blocked_t`, the kernel's fast layout); a live slot (`live=True`: a trainer
     updates A and B in place) is read as it is, so the kernel always sees the current weights."""
 
     def __init__(self, n_slots: int):
@@ -385,7 +398,7 @@ class SlotTable:
         self._bt: list[torch.Tensor | None] = [None] * (n_slots + 1)
         self.A = torch.zeros(n_slots + 1, dtype=torch.int64)
         self.B = torch.zeros(n_slots + 1, dtype=torch.int64)
-        self.T = torch.zeros(n_slots + 1, dtype=torch.int32)       # 1: B pointer is the [R, N] transpose
+        self.T = torch.zeros(n_slots + 1, dtype=torch.int32)       # 1: B pointer is blocked_t(B)
         self.R = torch.zeros(n_slots + 1, dtype=torch.int32)
         self.s = torch.zeros(n_slots + 1, dtype=torch.float32)
         self._bad: set[int] = set()                # slots whose tensors the kernel cannot read
@@ -401,7 +414,7 @@ class SlotTable:
 
     def set(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, live: bool = False) -> None:
         self.tensors[slot] = (A, B, scale)
-        self._bt[slot] = None if live or B.device.type != "cpu" else B.t().contiguous()
+        self._bt[slot] = None if live or B.device.type != "cpu" else blocked_t(B)
         self._update(slot)
 
     def clear(self, slot: int) -> None:
