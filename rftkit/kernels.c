@@ -133,8 +133,20 @@ __attribute__((target("avx512f"))) static void gemv_rows16(const float* x, const
    runs of 16, guided: long contiguous stretches first, short ones last, so the threads finish together even
    when the OS holds one of them up. */
 #define RUN 16
+#define MCHUNK 64 /* more rows go in chunks of 64 (each chunk's x stays in L2 over the weight runs): at 592 rows of
+                     K = 1536, 250 GFLOP/s in one pass, 355 in chunks (2-core EPYC, 16 lanes) */
+static void gemv_chunk(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N,
+                       int nw, int M, int K, int nt);
 void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N, int nw,
                int M, int K, int nt) {
+  for (int m0 = 0; m0 < M; m0 += MCHUNK) {
+    int64_t yc[4];
+    for (int j = 0; j < nw; j++) yc[j] = y[j] + (int64_t)m0 * N[j] * (int64_t)sizeof(float);
+    gemv_chunk(x + (long)m0 * K, W, b, yc, N, nw, M - m0 < MCHUNK ? M - m0 : MCHUNK, K, nt);
+  }
+}
+static void gemv_chunk(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N,
+                       int nw, int M, int K, int nt) {
   long total = 0, start[5];
   for (int j = 0; j < nw; j++) { start[j] = total; total += N[j]; }
   start[nw] = total;

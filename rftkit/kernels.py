@@ -1,7 +1,7 @@
 """Hand-written CPU kernels for the decode path and the training log-probs (fp32, AVX2 + FMA, OpenMP; the GEMV also
-16 lanes wide on Intel CPUs with AVX-512), each with its torch reference.
+16 lanes wide on Intel CPUs with AVX-512 and AMD Zen 5), each with its torch reference.
 
-    y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 64 rows
+    y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 64 rows (any on AMD Zen 5)
     q, k, v = linear_many(x, [Wq, Wk, Wv], [None] * 3)   # several weights of one input, one call
     out = paged_attention(q, K, V, table, qpos, block_size, window)
     lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -51,26 +52,47 @@ GEMV_MAX_ROWS_LONG_K = 64      # out of cache. The first AVX2 machine, eight x r
 # rows, 10 loads per 24 FMAs). MKL's 16-lane GEMM beat the 8-lane kernel there from 2 rows up (a 2-core Xeon
 # with AVX-512 and AMX, weights out of cache: 1.1-1.4x at 2-32 rows of K = 576); the 16-lane kernel, on a 2-core
 # Sapphire Rapids with the weights read from memory: 1.18-1.57x MKL at 16 rows, 1.13-1.41x at 64, a tie at one
-# row (bench/gemv.py). AMD CPUs with AVX-512 keep the 8 lanes they were measured with (a 2-core
-# EPYC: the 8-lane kernel 1.4-1.5x MKL at 64 rows); the 16-lane kernel is unmeasured there.
+# row (bench/gemv.py). AMD Zen 5 (cpu family 26 and up: full-width AVX-512) runs 16 lanes too: on a 2-core
+# EPYC 1.9-2.0x the 8-lane kernel at 64 rows and 1.1-1.2x at one (bench/gemv.py, 2026-12-04). There MKL has no
+# AVX-512 path and the kernel takes every row count (ALL_ROWS: 1.6-2.2x MKL at 64-2048 rows of every layer's
+# shape, chunks of 64 rows in C); elsewhere it stops at GEMV_MAX_ROWS and larger products go to MKL. Earlier
+# AMD CPUs with AVX-512 (Zen 4 double-pumps 512-bit ops) keep 8 lanes: unmeasured there.
 _lanes16: bool | None = None
+_all_rows = False              # the GEMV kernel takes any number of rows (16 lanes on AMD), not just few
 
 
 def _gemv_rows_ok(M: int, K: int, N: int) -> bool:
-    return 0 < M <= (GEMV_MAX_ROWS if K <= 1024 else GEMV_MAX_ROWS_LONG_K)
+    _load()                                        # sets _all_rows
+    return 0 < M and (_all_rows or M <= (GEMV_MAX_ROWS if K <= 1024 else GEMV_MAX_ROWS_LONG_K))
+
+
+def _default_lanes16(cpuinfo: str) -> bool:
+    """16 lanes on Intel CPUs with AVX-512 and on AMD Zen 5 or later (cpu family >= 26) with it."""
+    if " avx512f" not in cpuinfo:
+        return False
+    if "GenuineIntel" in cpuinfo:
+        return True
+    family = re.search(r"^cpu family\s*:\s*(\d+)", cpuinfo, re.M)
+    return "AuthenticAMD" in cpuinfo and family is not None and int(family.group(1)) >= 26
 
 
 def set_lanes16(on: bool) -> None:
     """The GEMV kernel's 16-lane AVX-512 path on or off (A/B benchmarks, tests); on by default on Intel CPUs
-    with AVX-512. K % 16 != 0 always runs 8 lanes."""
-    global _lanes16
+    with AVX-512 and AMD Zen 5 (`_default_lanes16`). On AMD it also lifts the kernel's row limit. K % 16 != 0
+    always runs 8 lanes."""
     lib = _load()
     if lib is None:
         return
     if on and " avx512f" not in _cpuinfo():
         raise ValueError("set_lanes16(True): this CPU has no AVX-512")
-    _lanes16 = bool(on)
-    lib.set_wide(int(_lanes16))
+    _set_lanes(lib, bool(on), _cpuinfo())
+
+
+def _set_lanes(lib, on: bool, cpuinfo: str) -> None:
+    global _lanes16, _all_rows
+    _lanes16 = on
+    _all_rows = on and "AuthenticAMD" in cpuinfo
+    lib.set_wide(int(on))
 
 
 def lanes() -> int:
@@ -143,7 +165,7 @@ def build_library(src: str, stem: str, what: str) -> tuple[ctypes.CDLL | None, s
 
 def _load():
     """Build (once, into the cache) and load the kernels; None when this machine cannot."""
-    global _lib, _error, _lanes16
+    global _lib, _error
     if _lib is not None or _error is not None:
         return _lib
     cpuinfo = _cpuinfo()
@@ -153,8 +175,7 @@ def _load():
     P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.gemv.argtypes = [P, P, P, P, I, I, I, I]
     lib.set_wide.argtypes = [I]
-    _lanes16 = " avx512f" in cpuinfo and "GenuineIntel" in cpuinfo
-    lib.set_wide(int(_lanes16))
+    _set_lanes(lib, _default_lanes16(cpuinfo), cpuinfo)
     lib.gemv_many.argtypes = [P, P, P, P, P, I, I, I, I]
     lib.paged_attn.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, I, Fl, I]
     lib.rms_norm.argtypes = [P, P, P, I, I, Fl]

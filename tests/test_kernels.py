@@ -55,6 +55,34 @@ def test_gemv_rows_do_not_depend_on_their_batch(lanes):
                 assert torch.equal(kernels.linear(x[:M], W, b), alone[:M]), (lanes, K, M)
 
 
+@pytest.mark.parametrize("lanes", _LANES)
+def test_gemv_takes_many_rows_in_chunks(lanes, monkeypatch):
+    """Where the kernel takes every row count (AMD Zen 5), more than 64 rows run in chunks of 64: each row's
+    result equals F.linear and is bit-equal to the same row in a one-row call."""
+    with _at_lanes(lanes):
+        monkeypatch.setattr(kernels, "_all_rows", True)
+        g = _gen(100 + lanes)
+        W, b = torch.randn(45, 96, generator=g), torch.randn(45, generator=g)
+        x = torch.randn(150, 96, generator=g)
+        got = kernels.linear(x, W, b)
+        torch.testing.assert_close(got, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
+        for i in (0, 63, 64, 127, 128, 149):
+            assert torch.equal(got[i], kernels.linear(x[i:i + 1], W, b)[0]), (lanes, i)
+        ys = kernels.linear_many(x, [W, W[:7]], [None, b[:7]])
+        torch.testing.assert_close(ys[0], F.linear(x, W), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ys[1], F.linear(x, W[:7], b[:7]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpuinfo,want", [
+    ("vendor_id : GenuineIntel\ncpu family : 6\nflags : avx2 avx512f", True),
+    ("vendor_id : AuthenticAMD\ncpu family : 26\nflags : avx2 avx512f", True),     # Zen 5
+    ("vendor_id : AuthenticAMD\ncpu family : 25\nflags : avx2 avx512f", False),    # Zen 4: unmeasured
+    ("vendor_id : GenuineIntel\ncpu family : 6\nflags : avx2 fma", False),
+])
+def test_default_lanes(cpuinfo, want):
+    assert kernels._default_lanes16(cpuinfo) is want
+
+
 def test_set_lanes16_refuses_a_cpu_without_avx512(monkeypatch):
     monkeypatch.setattr(kernels, "_cpuinfo", lambda: "flags : fpu avx2 fma")
     with pytest.raises(ValueError, match="no AVX-512"):
@@ -72,6 +100,7 @@ def test_linear_falls_back_where_the_kernel_does_not_apply():
     x16 = torch.randn(kernels.GEMV_MAX_ROWS + 1, 16, generator=g)    # more rows than the GEMV kernel takes
     W16 = torch.randn(5, 16, generator=g)
     torch.testing.assert_close(kernels.linear(x16, W16), F.linear(x16, W16))
+    assert not kernels._gemv_rows_ok(kernels.GEMV_MAX_ROWS + 1, 16, 5) or kernels._all_rows
 
 
 def _paged_case(seed, B, H, Hkv, hd, bs, lengths):
@@ -272,7 +301,7 @@ def test_without_a_compiler_everything_runs_on_the_reference_path(tmp_path):
 
 
 @pytest.mark.parametrize("M", [1, 3, 8, 13, 32])
-def test_linear_many_equals_one_f_linear_each(M):
+def test_linear_many_equals_one_f_linear_each(M, monkeypatch):
     g = _gen(M)
     K = 32
     ws = [torch.randn(n, K, generator=g) for n in (12, 5, 37)]      # row counts not multiples of 4
@@ -282,7 +311,8 @@ def test_linear_many_equals_one_f_linear_each(M):
     for y, w, b in zip(got, ws, bs):
         torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     # rows go three at a time, the last one, two or four in pairs (13 = 3 + 3 + 3 + 2 + 2, 8 = 3 + 3 + 2); past
-    # GEMV_MAX_ROWS (or GEMV_MAX_ROWS_LONG_K at K > 1024) the caller runs them one by one
+    # GEMV_MAX_ROWS (or GEMV_MAX_ROWS_LONG_K at K > 1024) the caller runs them one by one (except on AMD Zen 5)
+    monkeypatch.setattr(kernels, "_all_rows", False)
     assert kernels.linear_many(torch.randn(kernels.GEMV_MAX_ROWS + 1, K), ws, bs) is None
     long_k = [torch.randn(12, 1032, generator=g)]
     assert kernels.linear_many(torch.randn(kernels.GEMV_MAX_ROWS_LONG_K + 1, 1032), long_k, [None]) is None
