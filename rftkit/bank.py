@@ -33,6 +33,7 @@ from torch import nn
 
 from rftkit import kernels
 from rftkit.adapters import AdapterConfig, read_adapter
+from rftkit.loading import aligned
 from rftkit.model import linear
 
 
@@ -222,7 +223,7 @@ class AdapterBank:
             for module, (A, B) in weights.items():
                 layer = self.layers[module]
                 dtype = layer.inner.weight.dtype if layer.inner.weight.is_floating_point() else torch.float32
-                layer.slots.set(slot, A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous(),
+                layer.slots.set(slot, aligned(A.to(device, dtype).contiguous()), B.to(device, dtype).contiguous(),
                                 cfg.scaling(module))
             self._occupy(name, slot)
             self.stats["loads"] += 1

