@@ -136,16 +136,6 @@ __attribute__((target("avx512f"))) static void gemv_rows16(const float* x, const
 #define MCHUNK 64 /* more rows go in chunks of 64 (each chunk's x stays in L2 over the weight runs): at 592 rows of
                      K = 1536, 250 GFLOP/s in one pass, 355 in chunks (2-core EPYC, 16 lanes) */
 static void gemv_chunk(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N,
-                       int nw, int M, int K, int nt);
-void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N, int nw,
-               int M, int K, int nt) {
-  for (int m0 = 0; m0 < M; m0 += MCHUNK) {
-    int64_t yc[4];
-    for (int j = 0; j < nw; j++) yc[j] = y[j] + (int64_t)m0 * N[j] * (int64_t)sizeof(float);
-    gemv_chunk(x + (long)m0 * K, W, b, yc, N, nw, M - m0 < MCHUNK ? M - m0 : MCHUNK, K, nt);
-  }
-}
-static void gemv_chunk(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N,
                        int nw, int M, int K, int nt) {
   long total = 0, start[5];
   for (int j = 0; j < nw; j++) { start[j] = total; total += N[j]; }
@@ -164,6 +154,14 @@ static void gemv_chunk(const float* x, const int64_t* W, const int64_t* b, const
   }
 }
 
+void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t* y, const int32_t* N, int nw,
+               int M, int K, int nt) {
+  for (int m0 = 0; m0 < M; m0 += MCHUNK) {
+    int64_t yc[4];
+    for (int j = 0; j < nw; j++) yc[j] = y[j] + (int64_t)m0 * N[j] * (int64_t)sizeof(float);
+    gemv_chunk(x + (long)m0 * K, W, b, yc, N, nw, M - m0 < MCHUNK ? M - m0 : MCHUNK, K, nt);
+  }
+}
 /* y[M, N] = x[M, K] @ W[N, K]^T + bias (bias may be 0) */
 void gemv(const float* x, const float* W, const float* bias, float* y, int M, int N, int K, int nt) {
   int64_t w = (int64_t)W, bb = (int64_t)bias, yy = (int64_t)y;
@@ -307,8 +305,8 @@ __attribute__((target("avx512f"))) static void shrink16(const float* x, const fl
     default: gemv_m16(x, a, 0, t, 0, R, ldt, K, 6, pf, 0, K, 0);
   }
 }
-/* y[q][c] += sum_r t[q][r] b[r][c] over c in [n0, n1) for Q <= 4 rows q of one slot, b = B^T in blocks of BC: each load of
-   B feeds the Q rows' FMAs (one row at a time was one load per FMA, load-bound). Per output the same FMA chain
+/* y[q][c] += sum_r t[q][r] b[r][c] over c in [n0, n1) for Q <= 4 rows q of one slot, b = B^T in blocks of BC:
+   each load of B feeds the Q rows' FMAs (one row at a time was one load per FMA, load-bound). Per output the same FMA chain
    over r as one row alone, so rows do not change each other's sums. */
 #define BC 32     /* a bank slot's B^T is stored in blocks of BC columns, [ceil(N / BC)][R][BC]: a task's run of
                      columns is one contiguous stream instead of R strided ones */

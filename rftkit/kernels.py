@@ -54,7 +54,7 @@ GEMV_MAX_ROWS_LONG_K = 64      # out of cache. The first AVX2 machine, eight x r
 # Sapphire Rapids with the weights read from memory: 1.18-1.57x MKL at 16 rows, 1.13-1.41x at 64, a tie at one
 # row (bench/gemv.py). AMD Zen 5 (cpu family 26 and up: full-width AVX-512) runs 16 lanes too: on a 2-core
 # EPYC 1.9-2.0x the 8-lane kernel at 64 rows and 1.1-1.2x at one (bench/gemv.py, 2026-12-04). There MKL has no
-# AVX-512 path and the kernel takes every row count (ALL_ROWS: 1.6-2.2x MKL at 64-2048 rows of every layer's
+# AVX-512 path and the kernel takes every row count (`_all_rows`: 1.6-2.2x MKL at 64-2048 rows of every layer's
 # shape, chunks of 64 rows in C); elsewhere it stops at GEMV_MAX_ROWS and larger products go to MKL. Earlier
 # AMD CPUs with AVX-512 (Zen 4 double-pumps 512-bit ops) keep 8 lanes: unmeasured there.
 _lanes16: bool | None = None
@@ -411,8 +411,8 @@ def blocked_t(B: torch.Tensor) -> torch.Tensor:
 class SlotTable:
     """Per-module pointer table of the bank's slots for `lora_bgmv`: A [R, K] and B [N, R] of each slot (slot 0
     = none) with its scale. Keeps the tensors alive; `set` / `clear` when a slot changes. A slot loaded from
-    files also keeps B transposed in blocks (`blocked_t`, the kernel's fast layout); a live slot (`live=True`: a trainer
-    updates A and B in place) is read as it is, so the kernel always sees the current weights."""
+    files also keeps B transposed in blocks (`blocked_t`, the kernel's fast layout); a live slot (`live=True`: a
+    trainer updates A and B in place) is read as it is, so the kernel always sees the current weights."""
 
     def __init__(self, n_slots: int):
         self.tensors: list[tuple | None] = [None] * (n_slots + 1)
