@@ -235,12 +235,23 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
     path = Path(path)
     tmp = path.with_name(path.name + ".unpadded")
     save_file(state, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as src, open(path, "wb") as dst:
+    _pad_header(tmp, path)
+    tmp.unlink()
+
+
+def _data_aligned(path: Path) -> bool:
+    """Whether a safetensors file's data starts on an ALIGN-byte boundary."""
+    with open(path, "rb") as f:
+        return (8 + int.from_bytes(f.read(8), "little")) % ALIGN == 0
+
+
+def _pad_header(src_path: Path, dst_path: Path) -> None:
+    """Copy a safetensors file with its header padded with spaces so the data starts on an ALIGN-byte boundary."""
+    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
         n = int.from_bytes(src.read(8), "little")
         pad = -(8 + n) % ALIGN
         dst.write((n + pad).to_bytes(8, "little") + src.read(n) + b" " * pad)
         shutil.copyfileobj(src, dst, 16 << 20)
-    tmp.unlink()
 
 
 def save_model_folder(model: Transformer, folder: Path, tokenizer_dir: Path | None = None, write: bool = True) -> None:
@@ -499,9 +510,15 @@ def _find_embedded_gguf() -> Path:
 
 
 def ensure_embedded() -> Path:
-    """The converted embedded model folder (config.json, model.safetensors, tokenizer), converted on first use."""
+    """The converted embedded model folder (config.json, model.safetensors, tokenizer), converted on first use.
+    A folder converted before our files were aligned gets its header padded once, in place (`_pad_header`)."""
     final = cache_dir() / "models" / EMBEDDED
     if (final / "config.json").is_file():
+        weights = final / "model.safetensors"
+        if weights.is_file() and not _data_aligned(weights):     # converted before our files were aligned
+            tmp = weights.with_name(f"{weights.name}.{os.getpid()}.tmp")
+            _pad_header(weights, tmp)
+            os.replace(tmp, weights)                             # atomic: a concurrent load maps one or the other
         return final
     gguf_path = _find_embedded_gguf()
     print(f"rftkit: converting {gguf_path.name} once into {final}", file=sys.stderr)

