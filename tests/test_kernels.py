@@ -73,25 +73,27 @@ def test_gemv_takes_many_rows_in_chunks(lanes, monkeypatch):
         torch.testing.assert_close(ys[1], F.linear(x, W[:7], b[:7]), rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_linear_under_autograd_takes_the_kernel_and_its_gradient(monkeypatch):
+@pytest.mark.parametrize("lanes", _LANES)
+def test_frozen_linear_under_autograd_takes_the_kernel_and_its_gradient(lanes, monkeypatch):
     """A frozen weight (a LoRA base in training) where the kernel takes every row count: the kernel's forward,
-    and the input's gradient equal F.linear's."""
-    monkeypatch.setattr(kernels, "_all_rows", True)
+    and the input's gradient (gemm_nn at 16 lanes, with row and column tails) equal F.linear's."""
     g = _gen(7)
-    W, b = torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
-    x = torch.randn(3, 70, 96, generator=g, requires_grad=True)
-    dy = torch.randn(3, 70, 40, generator=g)
-    for bias in (None, b):
-        y = kernels.linear(x, W, bias)
-        assert y.grad_fn is not None and "FrozenLinear" in type(y.grad_fn).__name__
-        (gx,) = torch.autograd.grad(y, x, dy)
-        x_ref = x.detach().clone().requires_grad_()
-        y_ref = F.linear(x_ref, W, bias)
-        (gx_ref,) = torch.autograd.grad(y_ref, x_ref, dy)
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
-    W.requires_grad_(True)                                   # a trained weight keeps torch's path
-    assert "FrozenLinear" not in type(kernels.linear(x, W).grad_fn).__name__
+    W, b = torch.randn(40, 112, generator=g), torch.randn(40, generator=g)     # 112 = 3 x 32 + 16 columns
+    x = torch.randn(3, 71, 112, generator=g, requires_grad=True)               # 213 rows = 35 x 6 + 3
+    dy = torch.randn(3, 71, 40, generator=g)
+    with _at_lanes(lanes):
+        monkeypatch.setattr(kernels, "_all_rows", True)
+        for bias in (None, b):
+            y = kernels.linear(x, W, bias)
+            assert y.grad_fn is not None and "FrozenLinear" in type(y.grad_fn).__name__
+            (gx,) = torch.autograd.grad(y, x, dy)
+            x_ref = x.detach().clone().requires_grad_()
+            y_ref = F.linear(x_ref, W, bias)
+            (gx_ref,) = torch.autograd.grad(y_ref, x_ref, dy)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+        W.requires_grad_(True)                               # a trained weight keeps torch's path
+        assert "FrozenLinear" not in type(kernels.linear(x, W).grad_fn).__name__
 
 
 @pytest.mark.parametrize("cpuinfo,want", [
