@@ -252,13 +252,34 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (weight,) = ctx.saved_tensors
-        N, K = weight.shape
-        if not (_lanes16 and K % 16 == 0 and dy.dtype == torch.float32):
-            return dy @ weight, None, None
-        g = dy.reshape(-1, N).contiguous()
-        dx = torch.empty(*dy.shape[:-1], K)
-        _load().gemm_nn(g.data_ptr(), weight.data_ptr(), dx.data_ptr(), g.shape[0], N, K, torch.get_num_threads())
-        return dx, None, None
+        return matmul_nn(dy, weight), None, None
+
+
+def matmul_nn(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g [.., N] @ weight [N, K] (an input gradient through a linear): gemm_nn at 16 lanes on CPU fp32 outside
+    autograd, else torch."""
+    N, K = weight.shape
+    _load()                                        # sets _lanes16
+    lib = _usable(g, weight) if _lanes16 and K % 16 == 0 and weight.is_contiguous() else None
+    if lib is None:
+        return g @ weight
+    g2 = g.reshape(-1, N).contiguous()
+    out = torch.empty(*g.shape[:-1], K)
+    lib.gemm_nn(g2.data_ptr(), weight.data_ptr(), out.data_ptr(), g2.shape[0], N, K, torch.get_num_threads())
+    return out
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """torch.mm(x, weight.t(), out=out) for x [M, K]; the GEMV kernel where it takes every row count (AMD Zen 5)."""
+    M, K = x.shape
+    _load()                                        # sets _all_rows
+    lib = _usable(x, weight, out) if _all_rows and K % 8 == 0 and weight.is_contiguous() \
+        and out.is_contiguous() else None
+    if lib is None:
+        return torch.mm(x, weight.t(), out=out)
+    x = x.contiguous()
+    lib.gemv(x.data_ptr(), weight.data_ptr(), 0, out.data_ptr(), M, weight.shape[0], K, torch.get_num_threads())
+    return out
 
 
 def _gemv(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -41,8 +41,9 @@ EXP_FLOOR = -87.0
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """h W^T in fp32: into `out` (a workspace slice) when given, else a fresh tensor."""
+    from rftkit import kernels
     if out is not None:
-        return torch.mm(h, weight.t(), out=out)
+        return kernels.linear_into(h.detach(), weight.detach(), out)
     return F.linear(h, weight).float()
 
 
@@ -115,6 +116,7 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_entropy):
+        from rftkit import kernels
         h, t, weight, lse = ctx.saved_tensors
         g = g.float()
         if ctx.p is None:                              # recompute, or a second backward (retain_graph)
@@ -129,7 +131,7 @@ class _HeadLogProbs(torch.autograd.Function):
         if ctx.inv_t != 1.0:
             dz.mul_(ctx.inv_t)
         dz = dz.to(h.dtype)
-        gh = dz.matmul(weight) if ctx.needs_input_grad[0] else None
+        gh = kernels.matmul_nn(dz, weight) if ctx.needs_input_grad[0] else None
         gw = dz.t().matmul(h) if ctx.needs_input_grad[2] else None
         return gh, None, gw, None, None, None, None
 

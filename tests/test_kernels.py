@@ -96,6 +96,21 @@ def test_frozen_linear_under_autograd_takes_the_kernel_and_its_gradient(lanes, m
         assert "FrozenLinear" not in type(kernels.linear(x, W).grad_fn).__name__
 
 
+@pytest.mark.parametrize("lanes", _LANES)
+def test_matmul_nn_and_linear_into_equal_torch(lanes, monkeypatch):
+    """g @ W without transposing W (the reduction over 2100 rows crosses gemm_nn's slices of 2048; 7 rows and
+    48 columns leave tails), and x W^T into a given buffer, equal torch's."""
+    g_ = _gen(11)
+    W = torch.randn(2100, 48, generator=g_)
+    g, x = torch.randn(7, 2100, generator=g_), torch.randn(9, 48, generator=g_)
+    with _at_lanes(lanes):
+        monkeypatch.setattr(kernels, "_all_rows", True)
+        torch.testing.assert_close(kernels.matmul_nn(g, W), g @ W, rtol=1e-5, atol=1e-4)
+        out = torch.empty(9, 2100)
+        assert kernels.linear_into(x, W, out) is out
+        torch.testing.assert_close(out, x @ W.t(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("cpuinfo,want", [
     ("vendor_id : GenuineIntel\ncpu family : 6\nflags : avx2 avx512f", True),
     ("vendor_id : AuthenticAMD\ncpu family : 26\nflags : avx2 avx512f", True),     # Zen 5
