@@ -3,6 +3,7 @@
 
     y = linear(x, weight, bias)                    # [.., K] -> [.., N]; a GEMV kernel for <= 64 rows (any on AMD Zen 5)
     q, k, v = linear_many(x, [Wq, Wk, Wv], [None] * 3)   # several weights of one input, one call
+    dx = matmul_nn(dy, weight)                     # dy @ W, a frozen linear's input gradient (16 lanes)
     out = paged_attention(q, K, V, table, qpos, block_size, window)
     lora_bgmv(x, y, rows, slots)                   # y += s * B_slot A_slot x, a slot per row (Punica BGMV)
     tokens, logp = sample_rows(logits, temperature, u)   # inverse-CDF sampling in one pass per row
@@ -221,7 +222,7 @@ def _usable(*tensors: torch.Tensor):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); x [.., K], weight [N, K]. Few rows on CPU (_gemv_rows_ok): the GEMV kernel.
     Under autograd with a frozen weight (a LoRA base in training) where the kernel takes every row count
-    (`_all_rows`): the kernel forward, torch's matmul for the input's gradient (_FrozenLinear)."""
+    (`_all_rows`): the kernel forward and `matmul_nn` for the input's gradient (_FrozenLinear)."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     if not _gemv_rows_ok(M, K, weight.shape[0]) or K % 8 or not weight.is_contiguous():
