@@ -84,9 +84,10 @@ def set_lanes16(on: bool) -> None:
     lib = _load()
     if lib is None:
         return
-    if on and " avx512f" not in _cpuinfo():
+    info = _cpuinfo()
+    if on and " avx512f" not in info:
         raise ValueError("set_lanes16(True): this CPU has no AVX-512")
-    _set_lanes(lib, bool(on), _cpuinfo())
+    _set_lanes(lib, bool(on), info)
 
 
 def _set_lanes(lib, on: bool, cpuinfo: str) -> None:

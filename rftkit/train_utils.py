@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rftkit import kernels
+
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """logits [B, T, V], targets [B, T] -> log p(target) [B, T], a chunk of rows at a time so that the
@@ -41,7 +43,6 @@ EXP_FLOOR = -87.0
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """h W^T in fp32: into `out` (a workspace slice) when given, else a fresh tensor."""
-    from rftkit import kernels
     if out is not None:
         return kernels.linear_into(h.detach(), weight.detach(), out)
     return F.linear(h, weight).float()
@@ -85,7 +86,6 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, t, weight, inv_t: float, recompute: bool, want_entropy: bool, buf):
-        from rftkit import kernels
         z = _chunk_logits(h, weight, buf)                  # buf: only for fp32 CPU rows (hidden_logprobs)
         stats = kernels.softmax_rows(z, t, inv_t, want_entropy)
         if stats is not None:                                                        # z now holds e
@@ -116,7 +116,6 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_entropy):
-        from rftkit import kernels
         h, t, weight, lse = ctx.saved_tensors
         g = g.float()
         if ctx.p is None:                              # recompute, or a second backward (retain_graph)
