@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 
 def field_help(cls) -> dict[str, str]:
-    """Map field name -> the trailing `# comment` on its line in the class source."""
+    """Map field name -> the trailing `# comment` on its line in the class source, joined with the comment-only
+    lines that continue it."""
     helps: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -43,10 +44,17 @@ def field_help(cls) -> dict[str, str]:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
+        name = None
         for line in source.splitlines():
             m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+            more = re.match(r"\s+#\s*(.+)$", line)
             if m:
-                helps[m.group(1)] = m.group(2).strip()
+                name = m.group(1)
+                helps[name] = m.group(2).strip()
+            elif more and name is not None:
+                helps[name] += " " + more.group(1).strip()
+            else:
+                name = None
     return helps
 
 
@@ -77,6 +85,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         text = helps.get(f.name, "")
         text = f"{text} (default: {default!r})" if text else f"default: {default!r}"
+        text = text.replace("%", "%%")                     # argparse formats help with %
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -101,8 +110,19 @@ def config_from_args(cls, ns: argparse.Namespace):
     return cls(**given)
 
 
+def version() -> str:
+    """The installed package's version (the source tree's when run from a checkout that is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("rftkit")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, type | None]:
     parser = argparse.ArgumentParser(prog="rft", description="rftkit: reinforcement fine-tuning of open LLMs.")
+    parser.add_argument("--version", action="version", version=f"rftkit {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     cls = None
     for name, (module, cls_name, _, desc) in COMMANDS.items():

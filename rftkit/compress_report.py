@@ -30,6 +30,7 @@ import torch
 
 from rftkit.compress import (CompressConfig, calibration_batches, compress, count_params, folder_bytes,
                              load_compressed, perplexity, save_compressed, text_tokens, validate)
+from rftkit.train_utils import drawing
 
 STRUCTURAL = ("structured", "distill")
 COLUMNS = ("params", "nonzero", "perplexity", "perplexity_adapter", "accuracy", "accuracy_adapter")
@@ -263,7 +264,8 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_pareto(rows: list[dict], path: Path) -> Path:
+@drawing
+def plot_pareto(rows: list[dict], path: Path) -> Path | None:
     """Size on disk (MB) against accuracy with the adapter (else accuracy, else -perplexity), frontier drawn."""
     import matplotlib
     matplotlib.use("Agg")

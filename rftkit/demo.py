@@ -30,35 +30,33 @@ class DemoConfig:
     lora_r: int = 16                     # LoRA rank
     seed: int = 0                        # rollouts and LoRA init
     model: str | None = None             # None = the embedded smollm2-135m-instruct
+    resume: bool = False                 # continue the run in output from its last checkpoint
+    overwrite: bool = False              # replace the run already in output
 
 
 def run_demo(cfg: DemoConfig) -> int:
     from rftkit.evaluate import evaluate
     from rftkit.grpo import train
     from rftkit.loading import load
+    from rftkit.run_folder import prepare_output
     from rftkit.tasks import arithmetic
     from rftkit.train_utils import MetricsLog, plot_curves
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft demo")
     t_start = time.perf_counter()
     model, tok = load(cfg.model)
     task = arithmetic(digits=2, ops="+")
-    print(f"rft demo: SmolLM2-135M-Instruct on 2-digit additions; {task.size('test')} held-out problems, "
-          f"evaluating {cfg.eval_n} before and after {cfg.time_budget:.0f} s of GRPO")
+    print(f"rft demo: {cfg.model or 'SmolLM2-135M-Instruct'} on 2-digit additions; {task.size('test')} held-out "
+          f"problems, evaluating {cfg.eval_n} before and after {cfg.time_budget:.0f} s of GRPO")
     before = evaluate(model, tok, task, "test", cfg.eval_n, max_tokens=32)
     print(f"before: accuracy {before['accuracy']:.1%} ({before['seconds']:.0f} s)")
     gcfg = GRPOConfig(model=cfg.model, task="arithmetic", output=str(out), steps=0, time_budget=cfg.time_budget,
                       prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
                       max_tokens=cfg.train_max_tokens, lr=cfg.lr, lora_r=cfg.lora_r, lora_alpha=2.0 * cfg.lora_r,
-                      seed=cfg.seed, checkpoint_every=10**9)
+                      seed=cfg.seed, checkpoint_every=10**9, resume=cfg.resume)
     result = train(gcfg, model, tok, task)
     after = evaluate(model, tok, task, "test", cfg.eval_n, max_tokens=32)
     total = time.perf_counter() - t_start
-    rows = MetricsLog(out / "metrics.jsonl").read()
-    plot_curves(rows, "time", ["reward"], out / "reward.png",
-                title="rft demo: mean training reward (sampled, T=1) vs training seconds",
-                hlines={f"held-out greedy accuracy before ({before['accuracy']:.1%})": before["accuracy"],
-                        f"held-out greedy accuracy after ({after['accuracy']:.1%})": after["accuracy"]})
+    # results first (the adapter is already saved by train): the plot below only draws what is written here
     report = {"before": before["accuracy"], "after": after["accuracy"], "eval_n": cfg.eval_n,
               "train_steps": result["steps"], "train_seconds": result["seconds"], "total_seconds": total,
               "config": vars(cfg)}
@@ -73,5 +71,11 @@ def run_demo(cfg: DemoConfig) -> int:
     print(f"| base     | {before['accuracy']:>35.1%} |")
     print(f"| RFT      | {after['accuracy']:>35.1%} |")
     print(f"\n{result['steps']} GRPO steps in {result['seconds']:.0f} s; whole demo {total / 60:.1f} min. "
-          f"Adapter: {out / 'adapter'} (PEFT format); curve: {out / 'reward.png'}")
+          f"Adapter: {out / 'adapter'} (PEFT format); report: {out / 'report.json'}")
+    curve = plot_curves(MetricsLog(out / "metrics.jsonl").read(), "time", ["reward"], out / "reward.png",
+                        title="rft demo: mean training reward (sampled, T=1) vs training seconds",
+                        hlines={f"held-out greedy accuracy before ({before['accuracy']:.1%})": before["accuracy"],
+                                f"held-out greedy accuracy after ({after['accuracy']:.1%})": after["accuracy"]})
+    if curve is not None:
+        print(f"curve: {curve}")
     return 0

@@ -36,6 +36,7 @@ from rftkit import distributed as dist
 from rftkit.grpo_forward import group_logprobs
 from rftkit.grpo_loss import LossSpec, Totals, group_advantages, policy_loss
 from rftkit.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, lora_parameters, save_lora
+from rftkit.run_folder import prepare_output
 from rftkit.train_utils import (MetricsLog, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at,
                                 plot_curves, save_checkpoint)
 
@@ -45,7 +46,7 @@ class GRPOConfig:
     model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
     task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
     task_reward: str = ""                # replaces the task's own reward (e.g. "code" for a JSONL of tests)
-    reward: list[str] = field(default_factory=list)   # extra rewards (built-in names or file.py:fn), added
+    reward: list[str] = field(default_factory=list)   # extra rewards (built-in names or file.py:fn), added to the task's
     reward_weights: list[float] = field(default_factory=list)  # weights of the extra rewards (default 1)
     output: str = "rft-run"              # run folder: metrics, checkpoints, adapter, plots
     steps: int = 100                     # training steps at most (0 = no limit)
@@ -55,7 +56,8 @@ class GRPOConfig:
     max_tokens: int = 32                 # new tokens per completion
     temperature: float = 1.0             # rollout sampling temperature
     top_p: float = 1.0                   # rollout nucleus mass
-    lr: float = 5e-4                     # AdamW learning rate of the adapter
+    lr: float = 2e-4                     # AdamW learning rate of the adapter (chosen on the validation split:
+                                         # docs/experiments.md)
     warmup_steps: int = 3                # linear warm-up
     weight_decay: float = 0.0            # AdamW weight decay
     grad_clip: float = 1.0               # max gradient norm (0 = off)
@@ -76,6 +78,7 @@ class GRPOConfig:
     seed: int = 0                        # seeds rollouts (per step) and LoRA init
     checkpoint_every: int = 10           # steps between checkpoints
     resume: bool = False                 # continue from the latest checkpoint in output
+    overwrite: bool = False              # replace the run already in output (its metrics, checkpoints, adapter)
     on_reward_error: Literal["raise", "count"] = "raise"   # a raising reward stops the run, or is counted
     log_samples: int = 2                 # completions shown per step in the metrics log
     dist_timeout: float = 1800.0         # under torchrun: seconds a process waits for the others before failing
@@ -256,10 +259,9 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     for i, spec in enumerate(cfg.reward):
         rewards[spec] = load_reward(spec)
         weights[spec] = cfg.reward_weights[i] if cfg.reward_weights else 1.0
+    out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft train")
     if model is None:
         model, tok = load(cfg.model)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if not lora_modules(model):
         apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets))

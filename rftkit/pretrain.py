@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from rftkit.model import ModelConfig, Transformer
-from rftkit.train_utils import MetricsLog, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at, save_checkpoint
+from rftkit.train_utils import MetricsLog, drawing, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at, save_checkpoint
 
 
 @dataclass
@@ -349,7 +349,8 @@ def _mean_last(xs: list[float], fraction: float) -> float | None:
     return sum(tail) / len(tail)
 
 
-def plot_runs(folders: list[Path], path: Path, title: str = "") -> Path:
+@drawing
+def plot_runs(folders: list[Path], path: Path, title: str = "") -> Path | None:
     """Training loss (smoothed) and held-out loss against tokens for each run folder (output/<arch>)."""
     import matplotlib
     matplotlib.use("Agg")

@@ -30,8 +30,10 @@ import torch
 
 from rftkit import distributed as dist
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
+from rftkit.run_folder import prepare_output
 from rftkit.train_utils import (MetricsLog, hidden_logprobs, keep_freed_memory, latest_checkpoint, load_checkpoint,
-                                lr_at, plot_curves, save_checkpoint, set_rng_state, set_seed)
+                                lr_at, plot_curves, require_tensorboard, save_checkpoint, set_rng_state,
+                                set_seed)
 
 EMBEDDED = "smollm2-135m-instruct"
 
@@ -67,8 +69,9 @@ class SFTConfig:
     checkpoint_every: int = 100          # steps between checkpoints
     keep_checkpoints: int = 2            # checkpoints kept
     resume: bool = False                 # continue from the latest checkpoint in output
+    overwrite: bool = False              # replace the run already in output (its metrics, checkpoints, adapter)
     device: str = "auto"                 # cpu, cuda, or auto
-    tensorboard: bool = False            # also log to output/tensorboard (when installed)
+    tensorboard: bool = False            # also log to output/tensorboard (needs: pip install tensorboard)
     dist_timeout: float = 1800.0         # under torchrun: seconds a process waits for the others before failing
     fsdp: bool = False                   # under torchrun: shard weights, gradients and optimizer state (FSDP2)
 
@@ -291,11 +294,12 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and world > 1:
         device = f"cuda:{dist.local_rank()}"
+    out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft sft")
+    if cfg.tensorboard and main:
+        require_tensorboard()
     loaded_here = model is None
     if loaded_here:
         model, tok = load(cfg.model, device=device)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
 
     rows = read_jsonl(cfg.data)
     examples, counts = encode_dataset(tok, rows, cfg.data, cfg.max_length, cfg.overlong)

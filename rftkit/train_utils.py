@@ -10,12 +10,14 @@ position as a global sample offset). Tensors go to safetensors, everything else 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
 import random
 import shutil
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -354,9 +356,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return {**meta["state"], "step": meta["step"], "rng": meta.get("rng")}
 
 
+def require_tensorboard() -> None:
+    """Fail before a run starts, naming the install, when TensorBoard logging is asked for without the package."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
 class MetricsLog:
     """One JSON object per line in `path`, appended (a resumed run continues the same file); numeric fields
-    also go to TensorBoard when `tensorboard` is set and the package is installed."""
+    also go to TensorBoard when `tensorboard` is set (the package is then required)."""
 
     def __init__(self, path: Path, tensorboard: bool = False, step_key: str = "step"):
         self.path = Path(path)
@@ -364,12 +374,9 @@ class MetricsLog:
         self.step_key = step_key
         self.tb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:       # optional: the JSONL log is the record
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -386,8 +393,24 @@ class MetricsLog:
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
 
 
+def drawing(plot):
+    """Mark a plot function: a plot is a picture of results already written, so a failure to draw it (no
+    matplotlib backend, a full disk, odd data) is a warning and returns None, never an error that would end a
+    finished run."""
+    @functools.wraps(plot)
+    def draw(*args, **kwargs):
+        try:
+            return plot(*args, **kwargs)
+        except Exception as e:
+            path = kwargs.get("path", next((a for a in args if isinstance(a, (str, Path))), "a plot"))
+            warnings.warn(f"could not draw {path}: {type(e).__name__}: {e} (the run's results are saved)")
+            return None
+    return draw
+
+
+@drawing
 def plot_curves(rows: list[dict], x: str, ys: list[str], path: Path, title: str = "",
-                hlines: dict[str, float] | None = None) -> Path:
+                hlines: dict[str, float] | None = None) -> Path | None:
     """Curves of `ys` against `x` from metric rows, plus labelled horizontal reference lines."""
     import matplotlib
     matplotlib.use("Agg")

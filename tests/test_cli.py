@@ -18,6 +18,8 @@ class _Cfg:
     targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj"])  # modules
     loss: Literal["grpo", "dapo"] = "dapo"  # loss type
     adapter: str | None = None            # adapter folder
+    budget: float = 0.0                   # seconds at most: the run ends at the budget
+                                          # or at 50% of the steps, whichever comes first
 
 
 def _parse(argv):
@@ -33,6 +35,29 @@ def test_flags_map_to_fields_with_types_and_defaults():
                   "--targets", "q_proj,v_proj", "--loss", "grpo", "--adapter", "a/b"])
     assert cfg == _Cfg("x y", 3, 0.5, False, ["q_proj", "v_proj"], "grpo", "a/b")
     assert field_help(_Cfg)["max_tokens"] == "new tokens at most"
+
+
+def test_help_shows_multi_line_comments_whole(capsys):
+    assert field_help(_Cfg)["budget"] == ("seconds at most: the run ends at the budget or at 50% of the steps, "
+                                         "whichever comes first")
+    assert field_help(_Cfg)["adapter"] == "adapter folder"          # a continuation never leaks to the next field
+    with pytest.raises(SystemExit):
+        _parse(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "or at 50% of the steps, whichever comes first (default: 0.0)" in out
+    for command in ("train", "sft"):        # the real configs: every multi-line comment shows in full
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "(chosen on the validation split: docs/experiments.md)" in out or command == "sft"
+        assert "whichever comes first (lr schedule: steps)" in out or command == "train"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("rftkit ")
 
 
 def test_bad_flag_values_exit_with_usage(capsys):
