@@ -40,7 +40,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from rftkit.loading import load
     from rftkit.run_folder import prepare_output
     from rftkit.tasks import arithmetic
-    from rftkit.train_utils import MetricsLog, plot_curves
+    from rftkit.train_utils import MetricsLog, StopRequest, plot_curves
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft demo")
     t_start = time.perf_counter()
     model, tok = load(cfg.model)
@@ -54,6 +54,8 @@ def run_demo(cfg: DemoConfig) -> int:
                       max_tokens=cfg.train_max_tokens, lr=cfg.lr, lora_r=cfg.lora_r, lora_alpha=2.0 * cfg.lora_r,
                       seed=cfg.seed, checkpoint_every=10**9, resume=cfg.resume)
     result = train(gcfg, model, tok, task)
+    if result.get("stopped"):       # SIGTERM: the checkpoint is saved; `rft demo --resume` continues
+        return StopRequest.EXIT_STATUS
     after = evaluate(model, tok, task, "test", cfg.eval_n, max_tokens=32)
     total = time.perf_counter() - t_start
     # results first (the adapter is already saved by train): the plot below only draws what is written here

@@ -37,8 +37,8 @@ from rftkit.grpo_forward import group_logprobs
 from rftkit.grpo_loss import LossSpec, Totals, group_advantages, policy_loss
 from rftkit.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, lora_parameters, save_lora
 from rftkit.run_folder import prepare_output
-from rftkit.train_utils import (MetricsLog, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at,
-                                plot_curves, save_checkpoint)
+from rftkit.train_utils import (MetricsLog, StopRequest, keep_freed_memory, load_checkpoint, lr_at,
+                                newest_readable_checkpoint, plot_curves, save_checkpoint)
 
 
 @dataclass
@@ -46,7 +46,8 @@ class GRPOConfig:
     model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
     task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
     task_reward: str = ""                # replaces the task's own reward (e.g. "code" for a JSONL of tests)
-    reward: list[str] = field(default_factory=list)   # extra rewards (built-in names or file.py:fn), added to the task's
+    reward: list[str] = field(default_factory=list)   # extra rewards (built-in names or file.py:fn), added to
+                                         # the task's
     reward_weights: list[float] = field(default_factory=list)  # weights of the extra rewards (default 1)
     output: str = "rft-run"              # run folder: metrics, checkpoints, adapter, plots
     steps: int = 100                     # training steps at most (0 = no limit)
@@ -269,16 +270,18 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     log = MetricsLog(out / "metrics.jsonl")
     start, elapsed = 0, 0.0
     if cfg.resume:
-        ckpt = latest_checkpoint(out / "checkpoints")
+        ckpt, read = newest_readable_checkpoint(out / "checkpoints")
         found = dist.all_gather(str(ckpt), "resume")
         if len(set(found)) > 1:
             raise ValueError(f"processes see different latest checkpoints {found}: --output must be a folder "
                              f"all of them share")
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer)
+            state = load_checkpoint(ckpt, model, optimizer, read)
             start, elapsed = state["step"], state["elapsed"]
             if main:
                 print(f"rft train: resumed from {ckpt} (step {start}, {elapsed:.0f} s trained)")
+    if main:
+        log.rewind(start)           # rows logged after the checkpoint would otherwise appear twice
     if main:
         (out / "config.json").write_text(__import__("json").dumps(asdict(cfg), indent=1))
     longest_prompt = max(len(tok.encode_chat(task.sample("train", i, cfg.seed)["messages"])) for i in range(64))
@@ -291,59 +294,69 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         from tqdm import tqdm
         bar = tqdm(total=total_steps or None, initial=start, desc="rft train", unit="step", dynamic_ncols=True)
     step = start
-    try:
-        while (cfg.steps <= 0 or step < cfg.steps) and (cfg.time_budget <= 0 or elapsed < cfg.time_budget):
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps)
-            model.eval()
-            clock: dict = {}
-            batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors, mine,
-                                                    clock)
-            t_gen = clock["gen_s"]
-            all_errors = errors
-            if world > 1:      # every process holds the whole batch; each computes the gradient of its groups
-                batch, scores, texts, samples, all_errors = gather_rollouts(batch, scores, texts, samples, errors,
-                                                                            f"step {step + 1}'s rollouts")
-            model.train()
-            upd = grpo_update(model, optimizer, batch, cfg, my_groups=mine)
-            model.eval()
-            step += 1
-            dt = dist.all_reduce_floats([time.perf_counter() - t0], "max", "step time")[0]   # one clock for all
-            elapsed += dt
-            n_tok = sum(len(c) for c in batch.completions)
-            row = {"step": step, "time": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
-                   "reward": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
-                   "accuracy": float(sum(v >= 1 for v in scores["task"]) / len(texts)),
-                   "completion_len": n_tok / len(texts), "truncated_frac": sum(batch.truncated) / len(texts),
-                   "gen_s": round(t_gen, 3), "reward_s": round(clock["reward_s"], 3), "step_s": round(dt, 3),
-                   "tok_per_s": round(n_tok / t_gen, 1),
-                   **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
-                   "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
-                               for i in range(min(cfg.log_samples, len(texts)))]}
-            if all_errors:
-                row["reward_errors"] = {k: dict(v) for k, v in all_errors.items()}
-            if main:
-                log.write(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
-                                len=f"{row['completion_len']:.0f}", s=f"{dt:.1f}")
-            if on_step is not None:
-                on_step(step, row)
-            if main and step % cfg.checkpoint_every == 0:
+    stopping = False
+    with StopRequest() as stop:         # SIGTERM: finish the step, checkpoint, exit 143
+        try:
+            while (cfg.steps <= 0 or step < cfg.steps) and (cfg.time_budget <= 0 or elapsed < cfg.time_budget) \
+                    and not stopping:
+                t0 = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps)
+                model.eval()
+                clock: dict = {}
+                batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors, mine,
+                                                        clock)
+                t_gen = clock["gen_s"]
+                all_errors = errors
+                if world > 1:      # every process holds the whole batch; each computes the gradient of its groups
+                    batch, scores, texts, samples, all_errors = gather_rollouts(batch, scores, texts, samples, errors,
+                                                                                f"step {step + 1}'s rollouts")
+                model.train()
+                upd = grpo_update(model, optimizer, batch, cfg, my_groups=mine)
+                model.eval()
+                step += 1
+                dt = dist.all_reduce_floats([time.perf_counter() - t0], "max", "step time")[0]   # one clock for all
+                elapsed += dt
+                n_tok = sum(len(c) for c in batch.completions)
+                row = {"step": step, "time": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
+                       "reward": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
+                       "accuracy": float(sum(v >= 1 for v in scores["task"]) / len(texts)),
+                       "completion_len": n_tok / len(texts), "truncated_frac": sum(batch.truncated) / len(texts),
+                       "gen_s": round(t_gen, 3), "reward_s": round(clock["reward_s"], 3), "step_s": round(dt, 3),
+                       "tok_per_s": round(n_tok / t_gen, 1),
+                       **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
+                       "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
+                                   for i in range(min(cfg.log_samples, len(texts)))]}
+                if all_errors:
+                    row["reward_errors"] = {k: dict(v) for k, v in all_errors.items()}
+                if main:
+                    log.write(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
+                                    len=f"{row['completion_len']:.0f}", s=f"{dt:.1f}")
+                if on_step is not None:
+                    on_step(step, row)
+                stopping = dist.all_reduce_floats([float(stop.requested)], "max", "a stop request")[0] > 0
+                if main and step % cfg.checkpoint_every == 0 and not stopping:
+                    save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
+        except BaseException:
+            # a raising reward, Ctrl-C, ...: the adapter and optimizer are as of the last completed step; keep them
+            if main and step > start:
                 save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
-    except BaseException:
-        # a raising reward, Ctrl-C, ...: the adapter and optimizer are as of the last completed step; keep them
-        if main and step > start:
-            save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
-        print(f"\nrft train: stopped after step {step}; checkpoint and metrics kept in {out} "
-              f"(continue with --resume)", file=sys.stderr)
-        raise
+            print(f"\nrft train: stopped after step {step}; checkpoint and metrics kept in {out} "
+                  f"(continue with --resume)", file=sys.stderr)
+            raise
     if bar is not None:
         bar.close()
     if main:
         save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
+    if stopping:                    # preempted: the checkpoint is the result; --resume continues it
+        if main:
+            print(f"\nrft train: stopped by SIGTERM after step {step}; checkpoint saved in {out / 'checkpoints'} "
+                  f"(continue with --resume)", file=sys.stderr)
+        return {"steps": step, "seconds": elapsed, "adapter": None, "reward_errors": errors, "stopped": "SIGTERM"}
+    if main:
         save_lora(model, out / "adapter", base=cfg.model or "smollm2-135m-instruct")
     rows = log.read() if main else []
     if rows:
@@ -355,6 +368,8 @@ def run_grpo(cfg: GRPOConfig) -> int:
     result = train(cfg)
     main = dist.is_main()
     dist.close()
+    if result.get("stopped"):
+        return StopRequest.EXIT_STATUS
     if main:
         print(f"rft train: {result['steps']} steps in {result['seconds']:.0f} s; adapter saved to "
               f"{result['adapter']}")

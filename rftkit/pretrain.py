@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from rftkit.model import ModelConfig, Transformer
-from rftkit.train_utils import MetricsLog, drawing, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at, save_checkpoint
+from rftkit.train_utils import (MetricsLog, drawing, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at,
+                                save_checkpoint)
 
 
 @dataclass

@@ -350,6 +350,8 @@ def score_batch(rewards: dict[str, Reward], completions: list[str], samples: lis
             if on_error == "raise":
                 raise
             failure = str(e)
+        except SystemExit as e:     # sys.exit() in a reward would end the run with its status (0): always an error
+            raise RewardError(f"reward {name!r} called sys.exit({e.code!r}) on {_show(c, s)}") from None
         except Exception as e:
             if on_error == "raise":
                 raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e} on {_show(c, s)}") from e

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +32,9 @@ import torch
 from rftkit import distributed as dist
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
 from rftkit.run_folder import prepare_output
-from rftkit.train_utils import (MetricsLog, hidden_logprobs, keep_freed_memory, latest_checkpoint, load_checkpoint,
-                                lr_at, plot_curves, require_tensorboard, save_checkpoint, set_rng_state,
-                                set_seed)
+from rftkit.train_utils import (MetricsLog, StopRequest, hidden_logprobs, keep_freed_memory, load_checkpoint, lr_at,
+                                newest_readable_checkpoint, plot_curves, require_tensorboard, save_checkpoint,
+                                set_rng_state, set_seed)
 
 EMBEDDED = "smollm2-135m-instruct"
 
@@ -333,23 +334,23 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
 
     log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard and main)
     start, elapsed, tokens_seen = 0, 0.0, 0
-    ckpt = latest_checkpoint(out / "checkpoints") if cfg.resume else None
+    ckpt, read = newest_readable_checkpoint(out / "checkpoints") if cfg.resume else (None, None)
     found = dist.all_gather(str(ckpt), "resume")
     if len(set(found)) > 1:
         raise ValueError(f"processes see different latest checkpoints {found}: --output must be a folder all of "
                          f"them share")
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer, read)
         set_rng_state(state["rng"])
         start, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
         if state["offset"] != start * cfg.batch_size:
             raise ValueError(f"{ckpt}: data offset {state['offset']} is not step {start} x batch_size "
                              f"{cfg.batch_size}; resume with the batch size the run was started with")
         if main:
-            log.path.write_text("".join(json.dumps(r) + "\n" for r in log.read() if r.get("step", 0) <= start))
+            log.rewind(start)           # rows logged after the checkpoint would otherwise appear twice
             print(f"rft sft: resumed from {ckpt} (step {start})")
     elif main:
-        log.path.write_text("")
+        log.rewind(-1)
         log.write({"step": 0, "data": counts})
     if main:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -362,57 +363,69 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         bar = tqdm(total=total_steps, initial=start, desc="rft sft", unit="step", dynamic_ncols=True)
     eval_loss = None
     done = start
-    for step in range(start, total_steps):
-        if cfg.time_budget > 0 and elapsed >= cfg.time_budget:
-            break
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = [train_set[i] for i in sample_order(len(train_set), cfg.seed, step * cfg.batch_size, cfg.batch_size)]
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        n_tokens = sum(sum(m[1:]) for _, m in batch)      # the global batch's: ranks' gradients sum to it
-        passes = _passes(len(batch), cfg.micro_batch, world) if fsdp else 0
-        if fsdp:
-            dist.sync(f"step {step + 1}")
-        st = batch_backward(model, dist.shard(batch), cfg.micro_batch, n_tokens, len(batch), passes)
-        if not fsdp:                                    # FSDP reduce-scatters the gradients in backward
-            dist.all_reduce_grads(params, f"step {step + 1}")
-        nll_sum, seen = dist.all_reduce_floats([st["nll_sum"], st["seen_tokens"]])
-        st.update(nll_sum=nll_sum, seen_tokens=int(seen))
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-        optimizer.step()
-        model.eval()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        tokens_seen += st["seen_tokens"]
-        row = {"step": step + 1, "loss": st["nll_sum"] / st["n_tokens"], "lr": lr, "grad_norm": grad_norm,
-               "completion_tokens": st["n_tokens"], "tokens": st["seen_tokens"],
-               "tok_per_s": round(st["seen_tokens"] / dt, 1), "step_s": round(dt, 3), "time": round(elapsed, 2),
-               "epoch": round((step + 1) * cfg.batch_size / len(train_set), 3)}
-        done = step + 1
-        last = step + 1 == total_steps or 0 < cfg.time_budget <= elapsed
-        if eval_set and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-            eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch, fsdp)
-        if main:
-            log.write(row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
-        if (main or fsdp) and ((step + 1) % cfg.checkpoint_every == 0 or last):    # FSDP: all ranks gather
-            save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
-                            {"offset": (step + 1) * cfg.batch_size, "elapsed": elapsed, "tokens": tokens_seen},
-                            keep=cfg.keep_checkpoints, write=main)
-        if on_step is not None:
-            on_step(step + 1, row)
+    stopping = False
+    with StopRequest() as stop:         # SIGTERM: finish the step, checkpoint, exit 143
+        for step in range(start, total_steps):
+            if cfg.time_budget > 0 and elapsed >= cfg.time_budget:
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            order = sample_order(len(train_set), cfg.seed, step * cfg.batch_size, cfg.batch_size)
+            batch = [train_set[i] for i in order]
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            n_tokens = sum(sum(m[1:]) for _, m in batch)      # the global batch's: ranks' gradients sum to it
+            passes = _passes(len(batch), cfg.micro_batch, world) if fsdp else 0
+            if fsdp:
+                dist.sync(f"step {step + 1}")
+            st = batch_backward(model, dist.shard(batch), cfg.micro_batch, n_tokens, len(batch), passes)
+            if not fsdp:                                    # FSDP reduce-scatters the gradients in backward
+                dist.all_reduce_grads(params, f"step {step + 1}")
+            nll_sum, seen = dist.all_reduce_floats([st["nll_sum"], st["seen_tokens"]])
+            st.update(nll_sum=nll_sum, seen_tokens=int(seen))
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                grad_norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+            optimizer.step()
+            model.eval()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            tokens_seen += st["seen_tokens"]
+            row = {"step": step + 1, "loss": st["nll_sum"] / st["n_tokens"], "lr": lr, "grad_norm": grad_norm,
+                   "completion_tokens": st["n_tokens"], "tokens": st["seen_tokens"],
+                   "tok_per_s": round(st["seen_tokens"] / dt, 1), "step_s": round(dt, 3), "time": round(elapsed, 2),
+                   "epoch": round((step + 1) * cfg.batch_size / len(train_set), 3)}
+            done = step + 1
+            last = step + 1 == total_steps or 0 < cfg.time_budget <= elapsed
+            if eval_set and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+                eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch, fsdp)
+            if main:
+                log.write(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
+            stopping = dist.all_reduce_floats([float(stop.requested)], "max", "a stop request")[0] > 0
+            if (main or fsdp) and ((step + 1) % cfg.checkpoint_every == 0 or last or stopping):   # FSDP: all gather
+                save_checkpoint(out / "checkpoints", step + 1, model, optimizer,
+                                {"offset": (step + 1) * cfg.batch_size, "elapsed": elapsed, "tokens": tokens_seen},
+                                keep=cfg.keep_checkpoints, write=main)
+            if on_step is not None:
+                on_step(step + 1, row)
+            if stopping:
+                break
     if bar is not None:
         bar.close()
 
+    if stopping:                    # preempted: the checkpoint is the result; --resume continues it
+        if main:
+            print(f"\nrft sft: stopped by SIGTERM after step {done}; checkpoint saved in {out / 'checkpoints'} "
+                  f"(continue with --resume)", file=sys.stderr)
+        return {"steps": done, "seconds": elapsed, "output": None, "data": counts, "eval_loss": eval_loss,
+                "tokens": tokens_seen, "stopped": "SIGTERM"}
     final = out / ("model" if cfg.full else "adapter")
     if (main or fsdp) and cfg.full:
         from rftkit.loading import save_model_folder
@@ -427,10 +440,12 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
             "tokens": tokens_seen}
 
 
-def run_sft(cfg: SFTConfig) -> Path:
+def run_sft(cfg: SFTConfig) -> Path | int:
     result = train(cfg)
     main = dist.is_main()
     dist.close()
+    if result.get("stopped"):
+        return StopRequest.EXIT_STATUS
     if main:
         print(f"rft sft: {result['steps']} steps in {result['seconds']:.0f} s "
               f"({result['tokens'] / max(result['seconds'], 1e-9):.0f} tokens/s); saved to {result['output']}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import inspect
 import json
 import math
 import os
@@ -276,11 +277,24 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: full_tensor(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep: int = 2, rng: dict | None = None, write: bool = True) -> Path:
-    """folder/step-N/{weights,optimizer}.safetensors + state.json, written to a temp dir then renamed; the
-    last `keep` checkpoints are kept. `rng` defaults to the RNG states now (`get_rng_state()`). With an
-    FSDP-sharded model every rank calls it (the tensors are gathered) and only the one with write=True writes."""
+    """folder/step-N/{weights,optimizer}.safetensors + state.json; the last `keep` checkpoints are kept. `rng`
+    defaults to the RNG states now (`get_rng_state()`). With an FSDP-sharded model every rank calls it (the
+    tensors are gathered) and only the one with write=True writes.
+
+    Durable against a kill or a power cut at any moment: the files go to a temporary folder, are fsync'ed with
+    it, and only then renamed into place (the parent fsync'ed after); a step saved again keeps its old folder
+    until the new one is in place; temporary folders left by a killed save are removed here."""
     from safetensors.torch import save_file
     from rftkit.distributed import full_tensor
     folder = Path(folder)
@@ -298,9 +312,10 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: 
     final = folder / f"step-{step:07d}"
     if not write:
         return final
+    folder.mkdir(parents=True, exist_ok=True)
+    recover_checkpoints(folder)
     tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     save_file(weights, str(tmp / "weights.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -308,36 +323,76 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: 
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
             "state": state, "rng": rng if rng is not None else get_rng_state(), "time": time.time()}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
+    for f in ("weights.safetensors", "optimizer.safetensors", "state.json", "."):
+        _fsync(tmp / f)
+    old = folder / f".old-step-{step:07d}-{os.getpid()}"
+    if final.exists():                  # the step saved again: move the old copy aside, never delete it first
+        os.replace(final, old)
     os.replace(tmp, final)
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+def recover_checkpoints(folder: Path) -> None:
+    """Undo what a save killed half-way left: an old copy moved aside for a re-save whose new copy never
+    arrived goes back into place; temporary folders are removed."""
+    folder = Path(folder)
+    for old in folder.glob(".old-step-*"):
+        final = folder / old.name[len(".old-"):].rsplit("-", 1)[0]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    for tmp in folder.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(p for p in Path(folder).glob("step-*") if (p / "state.json").is_file())
+    found = checkpoints(folder)
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable weights and optimizer state; returns the saved `state` dict plus "step" and "rng"
-    (restore it with `set_rng_state` where the loop draws random numbers)."""
+def checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder` (those with their state.json), oldest first."""
+    return sorted(p for p in Path(folder).glob("step-*") if (p / "state.json").is_file())
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Every file of a checkpoint read and parsed (nothing applied): {"meta", "weights", "optimizer"}. Raises
+    on a torn or corrupt file."""
     from safetensors.torch import load_file
-    from rftkit.distributed import copy_into, like
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "weights.safetensors"))
+    for key in ("step", "trainable", "optimizer_scalars", "param_groups", "state"):
+        if key not in meta:
+            raise ValueError(f"{path / 'state.json'} has no {key!r}")
+    return {"meta": meta, "weights": load_file(str(path / "weights.safetensors")),
+            "optimizer": load_file(str(path / "optimizer.safetensors"))}
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    read: dict | None = None) -> dict:
+    """Restore trainable weights and optimizer state; returns the saved `state` dict plus "step" and "rng"
+    (restore it with `set_rng_state` where the loop draws random numbers). Names and shapes are checked
+    before anything is changed."""
+    from rftkit.distributed import copy_into, like
+    path = Path(path)
+    ck = read if read is not None else read_checkpoint(path)
+    meta, weights, opt_tensors = ck["meta"], ck["weights"], ck["optimizer"]
     params = dict(model.named_parameters())
     missing = [n for n in meta["trainable"] if n not in params]
     if missing:
         raise ValueError(f"{path}: checkpoint parameters {missing[:3]} are not in the model")
+    for n, t in weights.items():
+        if n not in params or params[n].shape != t.shape:
+            raise ValueError(f"{path}: {n} has shape {tuple(t.shape)}, the model "
+                             f"{tuple(params[n].shape) if n in params else 'has no such parameter'}")
     with torch.no_grad():
         for n, t in weights.items():
-            if params[n].shape != t.shape:
-                raise ValueError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
             copy_into(params[n], t)
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         group.update(saved)
     by_param = {id(p): n for n, p in model.named_parameters()}
@@ -354,6 +409,48 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             if st:
                 optimizer.state[p] = st
     return {**meta["state"], "step": meta["step"], "rng": meta.get("rng")}
+
+
+def newest_readable_checkpoint(folder: Path) -> tuple[Path | None, dict | None]:
+    """(path, read_checkpoint(path)) of the newest checkpoint whose files all read, falling back to older ones
+    (that is what keeping two is for) with a warning naming the one skipped; (None, None) when there is none."""
+    if Path(folder).is_dir():
+        recover_checkpoints(folder)
+    for path in reversed(checkpoints(folder)):
+        try:
+            return path, read_checkpoint(path)
+        except Exception as e:
+            warnings.warn(f"checkpoint {path} does not load ({type(e).__name__}: {e}); trying the one before")
+    return None, None
+
+
+class StopRequest:
+    """SIGTERM (a preempted job) asks a training loop to stop after the step it is in: the loop checks
+    `requested`, saves a checkpoint and its command exits with status 143 (128 + SIGTERM), ready for --resume.
+
+        with StopRequest() as stop:
+            while step < steps and not stop.requested: ...
+    """
+    EXIT_STATUS = 143
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():        # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def require_tensorboard() -> None:
@@ -388,21 +485,40 @@ class MetricsLog:
             self.tb.flush()
 
     def read(self) -> list[dict]:
+        """The rows; a torn last line (a kill during its write) is left out, a bad line elsewhere raises."""
         if not self.path.is_file():
             return []
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+        lines = [l for l in self.path.read_text().splitlines() if l.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+        return rows
+
+    def rewind(self, step: int) -> None:
+        """Keep only the rows up to `step` (a resumed run's checkpoint; 0 for a fresh run), so rows logged after
+        that checkpoint are not written twice; replaced atomically."""
+        rows = [r for r in self.read() if r.get(self.step_key, 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.path)
 
 
 def drawing(plot):
     """Mark a plot function: a plot is a picture of results already written, so a failure to draw it (no
     matplotlib backend, a full disk, odd data) is a warning and returns None, never an error that would end a
     finished run."""
+    signature = inspect.signature(plot)
+
     @functools.wraps(plot)
     def draw(*args, **kwargs):
         try:
             return plot(*args, **kwargs)
         except Exception as e:
-            path = kwargs.get("path", next((a for a in args if isinstance(a, (str, Path))), "a plot"))
+            path = signature.bind(*args, **kwargs).arguments.get("path", "a plot")
             warnings.warn(f"could not draw {path}: {type(e).__name__}: {e} (the run's results are saved)")
             return None
     return draw

@@ -189,10 +189,17 @@ def test_checkpoint_resume_is_exact(tmp_path):
 
 
 def test_metrics_log_and_curve(tmp_path):
-    log = MetricsLog(tmp_path / "m" / "metrics.jsonl", tensorboard=True)
+    log = MetricsLog(tmp_path / "m" / "metrics.jsonl")
     for s in range(1, 4):
         log.write({"step": s, "loss": 1 / s})
     rows = MetricsLog(tmp_path / "m" / "metrics.jsonl").read()
     assert [r["loss"] for r in rows] == [1, 0.5, 1 / 3]
     png = plot_curves(rows, "step", ["loss"], tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_asked_for_without_the_package_fails_naming_the_install(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "tensorboard", None)        # as if not installed
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
