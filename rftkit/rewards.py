@@ -23,6 +23,7 @@ import json
 import math
 import re
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -56,13 +57,6 @@ def exact_match(completion: str, sample: dict) -> float:
     """1 if the completion equals sample["answer"] up to surrounding and repeated whitespace."""
     norm = lambda s: " ".join(str(s).split())
     return float(norm(completion) == norm(sample["answer"]))
-
-
-def math_equivalence(completion: str, sample: dict) -> float:
-    """1 if `math-verify` finds the completion's final answer equal to sample["answer"]."""
-    from math_verify import parse, verify
-    gold = parse(str(sample["answer"]))
-    return float(bool(verify(gold, parse(completion))))
 
 
 def format_regex(pattern: str) -> Reward:
@@ -198,6 +192,29 @@ class BatchReward:
         if isinstance(value, Exception):
             raise value
         return value
+
+
+class MathEquivalence(BatchReward):
+    """1 if `math-verify` finds the completion's final answer equal to sample["answer"]. A batch reward, so
+    score_batch runs it in its own thread rather than a worker's: math-verify's 5 s timeouts use signal.alarm,
+    which only the main thread may set (in a worker thread it refuses to run with them, and without them one
+    pathological expression could hang sympy). Off the main thread it runs without the timeouts."""
+
+    def batch(self, completions: list[str], samples: list[dict]) -> list:
+        from math_verify import parse, verify
+        timeout = 5 if threading.current_thread() is threading.main_thread() else None
+        out: list = []
+        for completion, sample in zip(completions, samples):
+            try:
+                gold = parse(str(sample["answer"]), parsing_timeout=timeout)
+                out.append(float(bool(verify(gold, parse(completion, parsing_timeout=timeout),
+                                             timeout_seconds=timeout))))
+            except Exception as e:      # reported or counted per completion by score_batch
+                out.append(e)
+        return out
+
+
+math_equivalence = MathEquivalence()
 
 
 JUDGE_TEMPLATE = ("You grade answers. Question:\n{prompt}\n\nAnswer:\n{completion}\n\n"

@@ -110,3 +110,15 @@ def test_reasoning_gym_answers_score_one_through_our_wrapper():
     assert failed == []
     assert no_reference == NO_REFERENCE
     assert checked | no_reference == set(DATASETS) and len(checked) == len(DATASETS) - 2
+
+
+def test_math_reward_scores_through_score_batch_and_off_the_main_thread():
+    # score_batch runs per-sample rewards in worker threads, where math-verify's signal-based timeouts refuse
+    # to run: `rft train --reward math` failed on its first step
+    samples = [{"answer": "0.5"}, {"answer": "8"}, {"answer": "-596"}]
+    completions = ["The answer is $\\frac{1}{2}$", "7", "so -6229 - -5633 = -596"]
+    assert score_batch({"math": math_equivalence}, completions, samples) == {"math": [1.0, 0.0, 1.0]}
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(score_batch, {"math": math_equivalence}, completions, samples).result() == \
+            {"math": [1.0, 0.0, 1.0]}
