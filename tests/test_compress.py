@@ -281,6 +281,20 @@ def test_rft_compress_and_sweep_report_what_was_written(tmp_path):
     assert not (tmp_path / "x").exists()                                     # refused before any work
 
 
+def test_a_sweep_setting_the_model_does_not_take_is_skipped_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    from rftkit import compress_report
+    from rftkit.cli import main
+    base = _folder_with_tokenizer(tmp_path)
+    monkeypatch.setitem(compress_report.GRID, "int4", [{"group_size": 96}, {"group_size": 32}])   # 96 ∤ 64
+    small = ["--model", str(base), "--n", "2", "--calib-tokens", "128", "--ppl-tokens", "128", "--speed-tokens",
+             "2", "--batch", "2"]
+    assert main(["compress", "--sweep", "--sweep-methods", "int4,int8", "--out", str(tmp_path / "s"), *small]) == 0
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [x["name"] for x in rows] == ["original", "int4-group_size32", "int8"]
+    assert "skipped int4-group_size96" in capsys.readouterr().err
+    assert (tmp_path / "s" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_pareto_front():
     from rftkit.compress_report import pareto
     pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.9), (3.0, 0.8), (0.5, 0.1)]
