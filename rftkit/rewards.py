@@ -136,7 +136,7 @@ def _same_output(got: str, want: str) -> bool:
     return lines(got) == lines(want)
 
 
-LIMITS = ("timeout", "cpu time", "memory", "file size")     # sandbox kill reasons that mean "a limit was hit"
+LIMITS = ("timeout", "cpu time", "memory", "file size", "disk")     # sandbox kill reasons that mean "a limit was hit"
 
 
 def code_execution(timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int | None = 16,
@@ -155,10 +155,10 @@ def code_execution(timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int 
                (`== 7`): those never reach the program's process.
       files  (optional) {relative name: text} written beside the program (helpers, data).
     Each run gets `timeout_s` of wall clock, `memory_mb` of address space and `max_procs` tasks, isolated as
-    rftkit/sandbox.py says (`isolation="none"` or RFTKIT_SANDBOX_ISOLATION=none opts out where namespaces are
-    not allowed; without either, such a machine raises a SandboxError naming what to enable). A test whose
-    program is stopped by a limit, or whose supervisor dies, fails; with `limit_score` set, any limit hit makes the whole score
-    `limit_score` (e.g. -1 to punish hanging programs). No code found (extract="block") scores 0. A malformed
+    rftkit/sandbox.py says (`isolation="none"` or RFTKIT_SANDBOX_ISOLATION=none opts out where namespaces are not
+    allowed; without either, such a machine raises a SandboxError naming what to enable). A test whose program is
+    stopped by a limit, or whose supervisor dies, fails; with `limit_score` set, any limit hit makes the whole
+    score `limit_score` (e.g. -1 to punish hanging programs). No code found (extract="block") scores 0. A malformed
     `tests` field raises (it is the data's fault, not the model's)."""
     from rftkit.sandbox import run_python
     if limit_score is not None and not math.isfinite(limit_score):

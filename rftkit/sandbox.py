@@ -17,25 +17,26 @@ How (Linux; rftkit/sandbox_supervisor.py has the details). A fresh supervisor pr
   - in its own PID namespace with a fresh /proc: it sees only its own processes (no /proc/<pid>/environ of the
     trainer, no pid to signal), and the namespace's PID 1 is the supervisor's child, so when that exits, or the
     supervisor dies (PR_SET_PDEATHSIG), the kernel kills every process the program started;
-  - in its own mount namespace where every mount is read-only except the run's work folder, mounted at /tmp
-    (cwd, HOME and TMPDIR); /dev holds only null, zero, full, random and urandom; /run and the home folder are
-    hidden (the Python installation, if it lives there, is bound back read-only);
+  - in its own mount namespace where every mount is read-only except its work folder, a tmpfs of work_mb at
+    /tmp (cwd, HOME and TMPDIR) holding the run's files; /dev holds only null, zero, full, random and urandom (no
+    disks, no GPUs); /run and the home folder are hidden (the Python installation, if it lives there, is bound
+    back read-only);
   - in its own network namespace (only a loopback device, down), IPC and UTS namespaces;
   - under RLIMIT_AS (memory), RLIMIT_CPU and a wall clock (time), a pids cgroup as root or RLIMIT_NPROC in its
-    user namespace (processes and threads), RLIMIT_FSIZE and RLIMIT_NOFILE (files), and output read up to
+    user namespace (processes and threads), RLIMIT_FSIZE, RLIMIT_NOFILE and work_mb (files), output read up to
     max_output_bytes. At most os.cpu_count() programs run at once (callers in other threads wait their turn,
     the wall clock starts with the turn): that bounds the memory of all runs together by
-    cores x max_procs x memory_mb.
+    cores x (max_procs x memory_mb + work_mb).
 A supervisor that is killed, or stopped past the deadline plus SUPERVISOR_GRACE_S, gives a failed result
 (killed_reason "supervisor"), and nothing of the program survives it. Assert tests: rftkit/sandbox_harness.py.
 
 What it does not promise: the kernel is shared (a kernel exploit escapes; seccomp is not used); world-readable
 files outside the hidden folders stay readable (no network to send them anywhere, but they can be printed);
-unix sockets outside /run and /tmp that nobody may open stay reachable; the program can use up to its limits of
-CPU time, memory and disk in its work folder; a trainer killed with SIGKILL leaves the supervisor to finish the
-run at its deadline. Needs Linux >= 5.12 with user namespaces; where they are not allowed, run_python refuses
-with a SandboxError that says what to enable. isolation="none" (or RFTKIT_SANDBOX_ISOLATION=none) is the
-explicit opt-out: the same limits and harness, no namespaces, and then the program can read and write what the
+unix sockets outside /run and /tmp that its user may open stay reachable; the program can use its limits of
+CPU time, memory and work folder; a trainer killed with SIGKILL leaves each supervisor to finish its run at the
+deadline. Needs Linux >= 5.12 with user namespaces; where they are not allowed, run_python refuses with a
+SandboxError that says what to enable. isolation="none" (or RFTKIT_SANDBOX_ISOLATION=none) is the explicit
+opt-out: the same limits (but work_mb) and harness, no namespaces, and the program can read and write what the
 trainer's user can.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ class SandboxResult:
     stderr: str
     timed_out: bool                      # killed at the wall-clock limit
     memory_exceeded: bool                # hit the address-space limit (MemoryError / failed allocation)
-    killed_reason: str | None            # "timeout", "cpu time", "memory", "file size", "signal SIGSEGV",
+    killed_reason: str | None            # "timeout", "cpu time", "memory", "file size", "disk", "signal SIGSEGV",
                                          # "supervisor" (the supervisor died or hung) ... or None
     network_isolated: bool = False       # the program ran in a network namespace of its own
     process_limit: str = "none"          # how processes were bounded: "cgroup", "rlimit" or "none"
@@ -187,20 +188,23 @@ def _read(path: str, limit: int) -> tuple[str, bool]:
 
 def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int | None = 16,
                stdin: str | None = None, files: dict[str, str] | None = None, network: bool = False,
-               max_file_mb: int = 16, max_files: int = 64, max_output_bytes: int = _MiB, check: str | None = None,
-               isolation: str | None = None) -> SandboxResult:
+               max_file_mb: int = 16, max_files: int = 64, max_output_bytes: int = _MiB, work_mb: int = 64,
+               check: str | None = None, isolation: str | None = None) -> SandboxResult:
     """Run `code` as `python -E -s main.py` in a fresh work folder under the limits and isolation above.
 
-    max_procs counts tasks (processes and threads, the program included); files are extra files written into
-    the work folder first; network=True leaves the network alone. check: an assert test run after the program
+    max_procs counts tasks (processes and threads, the program included); files are extra files written into the work
+    folder first; network=True leaves the network alone; work_mb bounds the work folder (a tmpfs, so the machine's
+    memory, outside memory_mb; unbounded with isolation "none"). check: an assert test run after the program
     (rftkit/sandbox_harness.py), its verdict in result.passed. isolation: "namespaces" (the default) or "none"
-    (explicit opt-out; the default comes from $RFTKIT_SANDBOX_ISOLATION when set). Raises SandboxError only
-    when the sandbox itself cannot run; everything the program does (exit codes, timeouts, MemoryError, a dead
+    (explicit opt-out; the default comes from $RFTKIT_SANDBOX_ISOLATION when set). Raises SandboxError only when
+    the sandbox itself cannot run; everything the program does (exit codes, timeouts, MemoryError, a dead
     supervisor) is in the result."""
     if timeout_s <= 0 or memory_mb < 32:
         raise ValueError(f"timeout_s must be > 0 and memory_mb >= 32, got {timeout_s}, {memory_mb}")
     if max_procs is not None and max_procs < 1:
         raise ValueError(f"max_procs must be >= 1 (the program itself counts) or None, got {max_procs}")
+    if work_mb < 1:
+        raise ValueError(f"work_mb must be >= 1, got {work_mb}")
     isolation = isolation or os.environ.get("RFTKIT_SANDBOX_ISOLATION") or "namespaces"
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation (or $RFTKIT_SANDBOX_ISOLATION) must be one of {ISOLATIONS}, got {isolation!r}")
@@ -216,10 +220,6 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_proc
             os.makedirs(os.path.dirname(os.path.join(work, name)) or work, exist_ok=True)
             with open(os.path.join(work, name), "w") as f:
                 f.write(text)
-        if uid != os.getuid():                                       # the work folder belongs to the program
-            for folder, dirs, names in os.walk(work):
-                for n in [folder] + [os.path.join(folder, x) for x in dirs + names]:
-                    os.chown(n, uid, gid)
         paths = {k: os.path.join(io_dir, k) for k in ("stdin", "stdout", "stderr")}
         with open(paths["stdin"], "w") as f:
             f.write(stdin or "")
@@ -228,7 +228,8 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_proc
         status_r, status_w = os.pipe()                               # the supervisor's one-line report
         cfg = {"status_fd": status_w, "python": sys.executable, "timeout_s": float(timeout_s),
                "memory_mb": int(memory_mb), "max_procs": max_procs, "network": network,
-               "max_file_mb": int(max_file_mb), "max_files": int(max_files), "cgroup_bases": _cgroup_bases(),
+               "max_file_mb": int(max_file_mb), "max_files": int(max_files), "work_mb": int(work_mb),
+               "cgroup_bases": _cgroup_bases(),
                "isolation": isolation, "uid": uid, "gid": gid, "work": work, "hide": hide, "bind_back": bind_back,
                "check": spec, "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
                                       "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1",
@@ -291,6 +292,8 @@ def _result(stdout: str, stderr: str, status: dict, duration: float, truncated: 
         reason = "memory"
     elif rc == -signal.SIGXFSZ or "File too large" in tail:
         reason = "file size"
+    elif "No space left on device" in tail:
+        reason = "disk"
     elif rc < 0:
         reason = f"signal {signal.Signals(-rc).name}"
     else:

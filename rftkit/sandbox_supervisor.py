@@ -6,15 +6,15 @@ standard library. Threat model and guarantees: rftkit/sandbox.py and docs/securi
 Processes, each the parent of the next:
   S  this program, in the caller's namespaces: a child subreaper; owns the wall clock, the pids cgroup (as root)
      and the final one-line JSON report on cfg["status_fd"].
-  C  joins the cgroup, dies with S (PR_SET_PDEATHSIG), becomes the sandbox user (as root: nobody), unshares the
-     user, mount, PID, network, IPC and UTS namespaces, maps its uid, then waits for P.
-  P  PID 1 of the new PID namespace, dies with C: builds the program's filesystem view (everything read-only; the
-     run's work folder writable at /tmp; a fresh /proc; a minimal /dev; /run and the home folder hidden, the
-     Python installation bound back), forks Q, reaps, and for assert tests reads Q's check records and decides
-     the verdict (see rftkit/sandbox_harness.py). When P exits, the kernel kills every process left in the
+  C  joins the cgroup, dies with S (PR_SET_PDEATHSIG), unshares the mount, PID, network, IPC and UTS namespaces
+     (not root: first a user namespace of its own, its uid mapped to itself), then waits for P.
+  P  PID 1 of the new PID namespace, dies with C: builds the program's filesystem view (everything read-only; a tmpfs of
+     work_mb at /tmp, writable, holding the run's files; a fresh /proc; a minimal /dev; /run and the home folder
+     hidden, the Python installation bound back), forks Q, reaps, and for assert tests reads Q's check records and
+     decides the verdict (see rftkit/sandbox_harness.py). When P exits, the kernel kills every process left in the
      namespace: nothing the program started can outlive it.
-  Q  the program: rlimits, no_new_privs, every other fd closed, then exec python as a non-root uid of the new
-     user namespace, which leaves it no capabilities.
+  Q  the program: as root, becomes nobody in a user namespace of its own; rlimits, no_new_privs, every other fd
+     closed, then exec python as a non-root uid of its user namespace, which leaves it no capabilities.
 With isolation "none" (an explicit opt-out), C skips the namespaces and plays P itself.
 """
 import ctypes
@@ -105,7 +105,21 @@ def build_view(cfg: dict) -> None:
     mount(None, "/", None, MS_REC | MS_PRIVATE)             # nothing mounted here reaches the host
     keep = {p: os.open(p, os.O_PATH) for p in cfg["bind_back"]}
     devs = {n: os.open(f"/dev/{n}", os.O_PATH) for n in DEVICES}
-    mount(cfg["work"], "/tmp", None, MS_BIND)               # before anything above it is hidden
+    inputs = []                                             # the program and its files, before /tmp is covered
+    for folder, _, names in os.walk(cfg["work"]):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                inputs.append((os.path.relpath(os.path.join(folder, name), cfg["work"]), f.read()))
+    uid, gid = cfg["uid"], cfg["gid"]                      # a work folder of bounded size, in memory
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['work_mb']}m,mode=700,uid={uid},gid={gid}")
+    for name, data in inputs:
+        path = os.path.join("/tmp", name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    for folder, dirs, names in os.walk("/tmp"):
+        for name in dirs + names:
+            os.chown(os.path.join(folder, name), uid, gid)
     for hidden in cfg["hide"]:                              # an empty folder, the Python installation bound back
         mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
         for path, fd in keep.items():
@@ -183,7 +197,7 @@ def run_program(cfg: dict) -> dict:
     pidfd = os.pidfd_open(q)
     watch = [pidfd] + ([rec_r] if rec_r is not None else [])
     while rc is None:
-        ready = select.select(watch, [], [], 1.0)[0]
+        ready = select.select(watch, [], [], 0.1)[0]     # 0.1: orphans' zombies hold pids
         if rec_r in ready:
             chunk = os.read(rec_r, 1 << 16)
             if not chunk:

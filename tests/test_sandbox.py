@@ -122,6 +122,13 @@ def test_output_flood_is_bounded():
     assert r.output_truncated and len(r.stdout) == 4096
 
 
+def test_work_folder_is_bounded():
+    code = "for i in range(8):\n    open(f'f{i}', 'wb').write(b'x' * (4 << 20))\n    print(i, flush=True)\n"
+    r = run_python(code, work_mb=16)
+    assert r.killed_reason == "disk" and "No space left on device" in r.stderr
+    assert 3 <= len(r.stdout.split()) <= 4                  # 12-16 MB written, then the folder was full
+
+
 # ------------------------------------------------------------------------------------------- the boundary
 def test_cannot_read_other_processes_environments(monkeypatch):
     secret = "hunter2-" + secrets.token_hex(8)
