@@ -41,9 +41,10 @@ trainer's user can.
 """
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import pwd
+import site
 import shutil
 import signal
 import stat
@@ -54,7 +55,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from rftkit.sandbox_harness import compile_check
+from rftkit.sandbox_harness import RUN_MAIN, compile_check
 
 _MiB = 1 << 20
 _turns = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
@@ -220,25 +221,27 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_proc
             os.makedirs(os.path.dirname(os.path.join(work, name)) or work, exist_ok=True)
             with open(os.path.join(work, name), "w") as f:
                 f.write(text)
-        paths = {k: os.path.join(io_dir, k) for k in ("stdin", "stdout", "stderr")}
+        paths = {k: os.path.join(io_dir, k) for k in ("stdin", "stdout", "stderr", "cfg")}
         with open(paths["stdin"], "w") as f:
             f.write(stdin or "")
         home = "/tmp" if inside else work
         hide, bind_back = _view_paths(uid) if inside else ([], [])
-        status_r, status_w = os.pipe()                               # the supervisor's one-line report
+        status_r, status_w = os.pipe()                               # the supervisor's report
         cfg = {"status_fd": status_w, "python": sys.executable, "timeout_s": float(timeout_s),
                "memory_mb": int(memory_mb), "max_procs": max_procs, "network": network,
                "max_file_mb": int(max_file_mb), "max_files": int(max_files), "work_mb": int(work_mb),
-               "cgroup_bases": _cgroup_bases(),
+               "cgroup_bases": _cgroup_bases(), "run_main": RUN_MAIN, "site": ":".join(site.getsitepackages()),
                "isolation": isolation, "uid": uid, "gid": gid, "work": work, "hide": hide, "bind_back": bind_back,
                "check": spec, "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
                                       "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1",
                                       "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+        with open(paths["cfg"], "wb") as f:
+            f.write(marshal.dumps(cfg))
         with _turns:
             t0 = time.perf_counter()
             with open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout, \
                     open(paths["stderr"], "wb") as ferr:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", _SUPERVISOR, json.dumps(cfg)],
+                proc = subprocess.Popen([sys.executable, "-I", "-S", _SUPERVISOR, paths["cfg"]],
                                         stdin=fin, stdout=fout, stderr=ferr, cwd=work,
                                         env={"PATH": cfg["env"]["PATH"], "LANG": "C.UTF-8"},
                                         start_new_session=True, pass_fds=(status_w,))
@@ -252,7 +255,7 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_proc
                 proc.wait()
             finally:
                 with os.fdopen(status_r, "rb") as f:
-                    raw = f.read().decode(errors="replace")
+                    raw = f.read()
             duration = time.perf_counter() - t0
         stdout, cut_out = _read(paths["stdout"], max_output_bytes)
         stderr, cut_err = _read(paths["stderr"], max_output_bytes)
@@ -263,8 +266,8 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_proc
                                  isolation=isolation, passed=None if spec is None else False,
                                  check_detail="" if spec is None else "the sandbox supervisor died")
         try:
-            status = json.loads(raw.strip().splitlines()[-1])
-        except (IndexError, json.JSONDecodeError):
+            status = marshal.loads(raw)
+        except (EOFError, ValueError, TypeError):
             raise SandboxError(f"the sandbox supervisor failed (exit {proc.returncode}): {stderr[-2000:]}") from None
         if "error" in status:
             namespaces = any(w in status["error"] for w in ("unshare", "uid_map", "mount", "setgroups"))

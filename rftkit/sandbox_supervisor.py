@@ -5,7 +5,7 @@ standard library. Threat model and guarantees: rftkit/sandbox.py and docs/securi
 
 Processes, each the parent of the next:
   S  this program, in the caller's namespaces: a child subreaper; owns the wall clock, the pids cgroup (as root)
-     and the final one-line JSON report on cfg["status_fd"].
+     and the final report (a marshal'd dict) on cfg["status_fd"].
   C  joins the cgroup, dies with S (PR_SET_PDEATHSIG), unshares the mount, PID, network, IPC and UTS namespaces
      (not root: first a user namespace of its own, its uid mapped to itself), then waits for P.
   P  PID 1 of the new PID namespace, dies with C: builds the program's filesystem view (everything read-only; a tmpfs of
@@ -18,7 +18,7 @@ Processes, each the parent of the next:
 With isolation "none" (an explicit opt-out), C skips the namespaces and plays P itself.
 """
 import ctypes
-import json
+import marshal
 import os
 import resource
 import select
@@ -170,10 +170,10 @@ def exec_program(cfg: dict, rec_w: int | None, err_w: int) -> None:
         os.closerange(low, 1 << 20)
         py = cfg["python"]
         if rec_w is None:
-            argv = [py, "-E", "-s", "main.py"]               # not -I: its -P would hide the files beside it
+            argv = [py, "-E", "-S", "-c", cfg["run_main"], cfg["site"]]
         else:
             os.set_inheritable(rec_w, True)
-            argv = [py, "-E", "-s", "-c", cfg["check"]["harness"], str(rec_w), cfg["check"]["source"]]
+            argv = [py, "-E", "-S", "-c", cfg["check"]["harness"], cfg["site"], str(rec_w), cfg["check"]["source"]]
         os.execve(py, argv, cfg["env"])
     except BaseException as e:
         os.write(err_w, f"setting up the program failed: {e!r}".encode())
@@ -270,6 +270,7 @@ def verdict(sites: list, records: bytes, rc: int, truncated: bool) -> dict:
     """Pass when Q exited 0 after the test's last line, every assert site ran, and every value it sent meets
     its site: `op(value, expected)` for `assert EXPR op LITERAL` (the literal never left this process), else
     the truth of the plain value Q computed."""
+    import json                                                 # only here: its import costs a start-up's worth
     if truncated:
         return {"passed": False, "check_detail": f"more than {MAX_RECORDS} bytes of check records"}
     seen, bad, ended = set(), [], False
@@ -277,7 +278,7 @@ def verdict(sites: list, records: bytes, rc: int, truncated: bool) -> dict:
         if not line:
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line)                              # (safe on any bytes)
             if rec == "end":
                 ended = True
                 continue
@@ -318,7 +319,8 @@ def make_cgroup(cfg: dict, limit: int) -> str | None:
 
 
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
+    with open(sys.argv[1], "rb") as f:                      # (marshal, not json: json's import is 8 ms CPU)
+        cfg = marshal.loads(f.read())
     status = {"network_isolated": False, "process_limit": "none", "timed_out": False, "peak_procs": None,
               "isolation": cfg["isolation"]}
     isolated = cfg["isolation"] == "namespaces"
@@ -363,16 +365,17 @@ def main() -> None:
                 if p == 0:
                     os.close(alive_w)
                     die_with_parent(parent_alive_fd=alive_r)
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)   # PID 1 would take the program's SIGINT
                     build_view(cfg)
                     report = run_program(cfg)
                 else:
                     os.close(rep_w)
                     _, st = os.waitpid(p, 0)
                     os._exit(0 if os.waitstatus_to_exitcode(st) == 0 else 124)
-            os.write(rep_w, (json.dumps(report) + "\n").encode())
+            os.write(rep_w, marshal.dumps(report))
             os._exit(0)
         except BaseException as e:
-            os.write(rep_w, (json.dumps({"error": f"the sandbox could not start: {e}"}) + "\n").encode())
+            os.write(rep_w, marshal.dumps({"error": f"the sandbox could not start: {e}"}))
             os._exit(125)
     os.close(rep_w)
     deadline = time.monotonic() + cfg["timeout_s"]
@@ -397,8 +400,8 @@ def main() -> None:
             continue
         signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.5))
     with os.fdopen(rep_r, "rb") as f:
-        lines = f.read().decode(errors="replace").strip().splitlines()
-    report = json.loads(lines[-1]) if lines else {}
+        raw = f.read()
+    report = marshal.loads(raw) if raw else {}
     status.update(report)
     status.setdefault("returncode", -signal.SIGKILL)        # killed before P reported (the deadline)
     if cfg["check"] is not None and "passed" not in status:
@@ -419,7 +422,7 @@ def main() -> None:
                 time.sleep(0.01)
     if "error" in status:
         fail(cfg, status["error"])
-    os.write(cfg["status_fd"], (json.dumps(status) + "\n").encode())
+    os.write(cfg["status_fd"], marshal.dumps(status))
 
 
 def _owned(pid: str) -> bool:
@@ -430,7 +433,7 @@ def _owned(pid: str) -> bool:
 
 
 def fail(cfg: dict, message: str) -> None:
-    os.write(cfg["status_fd"], (json.dumps({"error": message}) + "\n").encode())
+    os.write(cfg["status_fd"], marshal.dumps({"error": message}))
     sys.exit(125)
 
 

@@ -299,9 +299,9 @@ def test_opting_out_of_isolation_is_explicit(monkeypatch):
 def test_refuses_clearly_when_namespaces_are_not_allowed(monkeypatch, tmp_path):
     """Where unshare is refused (a container's seccomp, a sysctl), the error says what to enable or how to opt out."""
     fake = tmp_path / "supervisor.py"
-    fake.write_text("import json, os, sys\ncfg = json.loads(sys.argv[1])\nos.write(cfg['status_fd'], json.dumps("
-                    "{'error': 'the sandbox could not start: [Errno 1] unshare(user, mount, pid, net, ipc, uts "
-                    "namespaces): Operation not permitted'}).encode())\nsys.exit(125)\n")
+    fake.write_text("import marshal, os, sys\ncfg = marshal.loads(open(sys.argv[1], 'rb').read())\n"
+                    "os.write(cfg['status_fd'], marshal.dumps({'error': 'the sandbox could not start: [Errno 1] "
+                    "unshare(user, mount, pid, net, ipc, uts namespaces): Operation not permitted'}))\nsys.exit(125)\n")
     monkeypatch.setattr(sandbox, "_SUPERVISOR", str(fake))
     with pytest.raises(SandboxError, match=r"Operation not permitted; the sandbox needs Linux >= 5.12 with user "
                                            r"namespaces .* RFTKIT_SANDBOX_ISOLATION=none"):
