@@ -10,11 +10,11 @@ Processes, each the parent of the next:
      (not root: first a user namespace of its own, its uid mapped to itself), then waits for P.
   P  PID 1 of the new PID namespace, dies with C: builds the program's filesystem view (everything read-only; a tmpfs of
      work_mb at /tmp, writable, holding the run's files; a fresh /proc; a minimal /dev; /run and the home folder
-     hidden, the Python installation bound back), forks Q, reaps, and for assert tests reads Q's check records and
-     decides the verdict (see rftkit/sandbox_harness.py). When P exits, the kernel kills every process left in the
-     namespace: nothing the program started can outlive it.
-  Q  the program: as root, becomes nobody in a user namespace of its own; rlimits, no_new_privs, every other fd
-     closed, then exec python as a non-root uid of its user namespace, which leaves it no capabilities.
+     hidden, the Python installation bound back), becomes nobody if root, forks Q, reaps, and for assert tests
+     reads Q's check records and decides the verdict (see rftkit/sandbox_harness.py). When P exits, the kernel
+     kills every process left in the namespace: nothing the program started can outlive it.
+  Q  the program: (P was root) a user namespace of its own, nobody mapped to itself; rlimits, no_new_privs, every other
+     fd closed, then exec python as a non-root uid of its user namespace, which leaves it no capabilities.
 With isolation "none" (an explicit opt-out), C skips the namespaces and plays P itself.
 """
 import ctypes
@@ -83,15 +83,22 @@ def enter_namespaces(cfg: dict) -> None:
         map_ids(cfg["uid"], cfg["gid"])
 
 
-def become_sandbox_user(cfg: dict) -> None:
-    """In Q, as root: become nobody in a user namespace of its own (nobody mapped to itself)."""
+def drop_root(cfg: dict) -> None:
+    """In P, as root, once the view is built: become nobody (P reads what the program sends; it need not be
+    root for that). The program cannot signal it (PID 1 ignores the signals it has no handler for, SIGINT
+    included) nor trace or read it (not dumpable)."""
     uid, gid = cfg["uid"], cfg["gid"]
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def own_user_namespace(cfg: dict) -> None:
+    """In Q, forked from a P that was root: a user namespace of its own, nobody mapped to itself."""
     libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)                 # else /proc/self/uid_map stays root's
     check(libc.unshare(ctypes.c_int(CLONE_NEWUSER)), "unshare(user namespace)")
-    map_ids(uid, gid)
+    map_ids(cfg["uid"], cfg["gid"])
 
 
 def map_ids(uid: int, gid: int) -> None:
@@ -150,8 +157,8 @@ def exec_program(cfg: dict, rec_w: int | None, err_w: int) -> None:
     try:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # isolation "none": dies with C
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        if cfg["isolation"] == "namespaces" and os.getuid() == 0:
-            become_sandbox_user(cfg)
+        if cfg["isolation"] == "namespaces" and cfg["root"]:
+            own_user_namespace(cfg)
         mem = cfg["memory_mb"] << 20
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         cpu = int(cfg["timeout_s"]) + 1
@@ -325,7 +332,7 @@ def main() -> None:
               "isolation": cfg["isolation"]}
     isolated = cfg["isolation"] == "namespaces"
     helpers = 2 if isolated else 1                          # C (and P) count against the pids cgroup
-    root = os.getuid() == 0
+    root = cfg["root"] = os.getuid() == 0
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     cg = None
     cfg["nproc"] = None
@@ -367,6 +374,8 @@ def main() -> None:
                     die_with_parent(parent_alive_fd=alive_r)
                     signal.signal(signal.SIGINT, signal.SIG_IGN)   # PID 1 would take the program's SIGINT
                     build_view(cfg)
+                    if root:
+                        drop_root(cfg)
                     report = run_program(cfg)
                 else:
                     os.close(rep_w)

@@ -203,9 +203,10 @@ def test_no_network_not_even_loopback(tmp_path):
 def test_cannot_signal_the_trainer_or_its_supervisor():
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # stands in for the trainer
     try:
-        code = (f"import os, signal\nfor pid in ({victim.pid}, os.getppid(), 1):\n    try:\n"
-                f"        os.kill(pid, signal.SIGKILL)\n        print('sent', pid)\n    except OSError as e:\n"
-                f"        print('refused', e.errno)\nimport time\ntime.sleep(0.3)\nprint('still here')\n")
+        code = (f"import os, signal\nfor pid in ({victim.pid}, os.getppid(), 1):\n"
+                f"    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGSTOP, signal.SIGKILL):\n        try:\n"
+                f"            os.kill(pid, sig)\n        except OSError as e:\n            print('refused', e.errno)\n"
+                f"import time\ntime.sleep(0.3)\nprint('still here')\n")
         r = run_python(code)
         assert r.ok and r.stdout.endswith("still here\n"), (r.stdout, r.stderr)   # its supervisor survived it
         assert victim.poll() is None                        # the trainer too
