@@ -159,7 +159,9 @@ def _view_paths(uid: int) -> tuple[list[str], list[str]]:
                     hide.add(folder)
                     break
     under = lambda p, roots: any(p.startswith(r + "/") for r in roots)
-    hide = {h for h in hide if h not in python and not under(h, hide)}
+    mounted = ("/tmp", "/dev", "/proc", "/run")                      # the view mounts its own there
+    hide = {h for h in hide if h not in python and not under(h, hide) and h not in mounted
+            and not under(h, mounted) and not any(under(m, [h]) for m in mounted)}
     bind = {p for p in python if under(p, hide)}
     return sorted(hide), sorted(p for p in bind if not under(p, bind))
 
