@@ -249,26 +249,26 @@ def _supervisor_pid(timeout_s: float = 10.0) -> int:
     raise AssertionError("no sandbox supervisor started")
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize("how", ["kill", "stop", "kill an assert test's"])
 def test_a_dead_or_stopped_supervisor_fails_the_run_and_leaves_nothing(how, monkeypatch):
     monkeypatch.setattr(sandbox, "SUPERVISOR_GRACE_S", 1.0, raising=False)      # (the old code had none)
     tag = _tag()
     code = _named(tag) + ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
                           "print('started', flush=True)\ntime.sleep(60)\n")
-    out = {}
-    t = threading.Thread(target=lambda: out.update(r=run_python(code, timeout_s=3.0)))
+    out, check = {}, {"check": "assert True"} if how.endswith("test's") else {}
+    t = threading.Thread(target=lambda: out.update(r=run_python(code, timeout_s=3.0, **check)))
     t.start()
     supervisor = _supervisor_pid()
     deadline = time.monotonic() + 10
     while len(_alive(tag)) < 2 and time.monotonic() < deadline:           # the program and its daemon run
         time.sleep(0.02)
     assert len(_alive(tag)) == 2
-    os.kill(supervisor, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    os.kill(supervisor, signal.SIGSTOP if how == "stop" else signal.SIGKILL)
     t.join(timeout=30)
     r = out["r"]
-    assert not r.ok and r.killed_reason == "supervisor"
+    assert not r.ok and r.killed_reason == "supervisor" and r.passed is (False if check else None)
     assert _gone(tag)                                                      # nothing of the program survived
-    if how == "kill":
+    if how != "stop":
         assert r.duration_s < 3.0                                          # known at once, not at the deadline
 
 
