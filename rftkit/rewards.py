@@ -22,7 +22,6 @@ import importlib.util
 import json
 import math
 import re
-import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,10 +111,13 @@ def extract_code(completion: str, extract: str = "auto") -> str | None:
 
 
 def _check_tests(sample: dict) -> list:
+    from rftkit.sandbox_harness import compile_check
     tests = sample.get("tests")
     if not isinstance(tests, list) or not tests:
         raise ValueError(f"code_execution needs sample['tests'], a non-empty list, got {tests!r}")
     for t in tests:
+        if isinstance(t, str):
+            compile_check(t)                                      # an assert test that is not Python: raise
         ok = isinstance(t, str) or (isinstance(t, dict) and isinstance(t.get("stdout"), str)
                                    and isinstance(t.get("stdin", ""), str) and set(t) <= {"stdin", "stdout"})
         if not ok:
@@ -128,11 +130,11 @@ def _same_output(got: str, want: str) -> bool:
     return lines(got) == lines(want)
 
 
-LIMITS = ("timeout", "cpu time", "memory", "file size")     # sandbox kill reasons that mean "a limit was hit"
+LIMITS = ("timeout", "cpu time", "memory", "file size", "disk")     # sandbox kill reasons that mean "a limit was hit"
 
 
 def code_execution(timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int | None = 16,
-                   extract: str = "auto", limit_score: float | None = None) -> Reward:
+                   extract: str = "auto", limit_score: float | None = None, isolation: str | None = None) -> Reward:
     """A reward that runs the completion's program in the sandbox (rftkit.sandbox.run_python), once per test,
     and scores the fraction of tests passed.
 
@@ -140,13 +142,17 @@ def code_execution(timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int 
       tests  (required) non-empty list; each test is either
              - {"stdin": "3 4\n", "stdout": "7\n"}: the program runs with that stdin ("" if absent) and
                passes when its stdout equals "stdout" line by line, trailing whitespace ignored; or
-             - "assert add(3, 4) == 7": Python run after the program in the same file; passes when the file
-               exits 0 having reached the end (a random marker printed after the test, so an early
-               `sys.exit(0)` in the program does not pass it).
+             - "assert add(3, 4) == 7": Python run after the program, in its namespace, by the sandbox's
+               assert harness (rftkit/sandbox_harness.py): passes when every assert in it ran and held,
+               judged by a process the program cannot write to, on plain values (a custom __eq__, an early
+               `sys.exit(0)` or a printed marker pass nothing). Prefer literal expected values
+               (`== 7`): those never reach the program's process.
       files  (optional) {relative name: text} written beside the program (helpers, data).
-    Each run gets `timeout_s` of wall clock, `memory_mb` of address space and `max_procs` tasks. A test whose
-    program is stopped by a limit fails; with `limit_score` set, any limit hit makes the whole score
-    `limit_score` (e.g. -1 to punish hanging programs). No code found (extract="block") scores 0. A malformed
+    Each run gets `timeout_s` of wall clock, `memory_mb` of address space and `max_procs` tasks, isolated as
+    rftkit/sandbox.py says (`isolation="none"` or RFTKIT_SANDBOX_ISOLATION=none opts out where namespaces are not
+    allowed; without either, such a machine raises a SandboxError naming what to enable). A test whose program is
+    stopped by a limit, or whose supervisor dies, fails; with `limit_score` set, any limit hit makes the whole
+    score `limit_score` (e.g. -1 to punish hanging programs). No code found (extract="block") scores 0. A malformed
     `tests` field raises (it is the data's fault, not the model's)."""
     from rftkit.sandbox import run_python
     if limit_score is not None and not math.isfinite(limit_score):
@@ -160,16 +166,12 @@ def code_execution(timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int 
             return 0.0
         passed, hit_limit = 0, False
         for t in tests:
-            if isinstance(t, str):
-                marker = secrets.token_hex(8)
-                program, stdin = f"{code}\n\n{t}\nprint({marker!r})\n", ""
-            else:
-                program, stdin = code, t.get("stdin", "")
-            r = run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, max_procs=max_procs, stdin=stdin,
-                           files=sample.get("files"))
+            check, stdin = (t, "") if isinstance(t, str) else (None, t.get("stdin", ""))
+            r = run_python(code, timeout_s=timeout_s, memory_mb=memory_mb, max_procs=max_procs, stdin=stdin,
+                           files=sample.get("files"), check=check, isolation=isolation)
             hit_limit |= r.killed_reason in LIMITS or r.output_truncated
             if isinstance(t, str):
-                passed += r.ok and r.stdout.rstrip().endswith(marker)
+                passed += r.passed is True
             else:
                 passed += r.ok and _same_output(r.stdout, t["stdout"])
         if hit_limit and limit_score is not None:

@@ -7,6 +7,7 @@ import torch
 
 from rftkit.rewards import (JudgeError, LLMJudge, RewardError, code_execution, extract_code, json_schema_valid,
                             score_batch)
+from rftkit.sandbox import run_python
 from rftkit.tokenizer import Tokenizer
 from tests.conftest import tiny_model
 from tests.test_tokenizer import tok_dir  # noqa: F401
@@ -53,12 +54,74 @@ def test_hostile_programs_get_bounded_scores():
     assert punish("print('done')", tests) == 1.0                    # no limit hit: the plain fraction
 
 
+ASSERTS = {"tests": ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]}
+
+
+def test_printing_the_end_marker_and_exiting_0_passes_nothing():
+    """The old harness passed a test when stdout ended with a marker the program could read from its own file."""
+    hack = ("import re, sys\nfound = re.findall(r\"print\\('([0-9a-f]{16})'\\)\", open(__file__).read())\n"
+            "print(found[-1] if found else 'no marker')\nsys.exit(0)\n")
+    assert code_execution(timeout_s=5)(hack, ASSERTS) == 0.0
+
+
+def test_objects_with_custom_dunders_pass_nothing():
+    reward = code_execution(timeout_s=5)
+    always_equal = "class Any:\n    def __eq__(self, other):\n        return True\n\ndef add(a, b):\n    return Any()\n"
+    assert reward(always_equal, ASSERTS) == 0.0
+    int_subclass = ("class Int(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+                    "def add(a, b):\n    return Int(0)\n")
+    assert reward(int_subclass, ASSERTS) == 0.0
+    # the same trick on an assert whose expected side is not a literal, on subtraction and on truth
+    tricky = ("class Zero:\n    def __sub__(self, o):\n        return 0.0\n    def __bool__(self):\n        return True\n"
+              "    def __eq__(self, o):\n        return True\n\ndef add(a, b):\n    return Zero()\n")
+    other_forms = {"tests": ["assert add(2, 3) == add(3, 2) == 2 + 3", "assert abs(add(0.1, 0.2) - 0.3) < 1e-9",
+                             "assert add(1, 1)", "assert not add(0, 0) is None and add(1, 1)"]}
+    assert reward(tricky, other_forms) == 0.0
+    honest = "def add(a, b):\n    return a + b\n"
+    assert reward(honest, other_forms) == 1.0 and reward(honest, ASSERTS) == 1.0
+
+
+def test_forged_verdict_records_pass_nothing():
+    """A program that knows the protocol writes records to every fd it has: without the expected value, which
+    never entered its process, it cannot forge a passing one."""
+    forge = ("import os, sys\ncmd = open('/proc/self/cmdline', 'rb').read()\n"
+             "for fd in range(3, 64):\n    try:\n        os.write(fd, b'[0, [\"i\", \"7\"]]\\n[1, true]\\n\"end\"\\n')\n"
+             "    except OSError:\n        pass\nprint(b'== 5' in cmd, b'5' in cmd.split(b'_rftkit_check(0')[-1])\n"
+             "sys.exit(0)\n")
+    r = run_python(forge, check="assert add(2, 3) == 5")
+    assert r.passed is False and r.stdout == "False False\n"
+    assert r.check_detail.startswith("malformed check record") or "failed" in r.check_detail
+    only_end = "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'\"end\"\\n')\n    except OSError:\n        pass\n"
+    assert run_python(only_end + "import sys\nsys.exit(0)\n", check="assert add(2, 3) == 5").passed is False
+
+
+def test_assert_forms_an_honest_program_passes_and_what_a_failure_says():
+    program = ("def add(a, b):\n    return a + b\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n"
+               "    def push(self, x):\n        self.items.append(x)\n        return self\n"
+               "    def pop(self):\n        return self.items.pop() if self.items else None\n\n"
+               "def pairs(n):\n    return {i: (i, float(i) / 2, str(i), {i}) for i in range(n)}\n")
+    tests = ["assert add(2, 3) == 5", "assert add(2, 3) != 6, 'message'", "assert add(0.1, 0.2) > 0.3",
+             "assert add(2, 3) in (4, 5)", "assert Stack().pop() is None", "s = Stack().push(3)\nassert s.pop() == 3",
+             "for i in range(5):\n    assert add(i, i) == 2 * i", "assert pairs(2) == {0: (0, 0.0, '0', {0}), 1: (1, 0.5, '1', {1})}",
+             "assert add('a', 'b') == 'ab' and add([1], [2]) == [1, 2]", "assert abs(add(0.1, 0.2) - 0.3) < 1e-9",
+             "def helper(x):\n    return add(x, 1)\nassert helper(1) == 2", "assert add(b'a', b'b') == b'ab'"]
+    assert code_execution(timeout_s=10)(program, {"tests": tests}) == 1.0
+    r = run_python(program, check="assert add(1, 1) == 2\nassert add(2, 2) == 5")
+    assert r.passed is False and r.check_detail == "assert #2 failed: got 4"
+    r = run_python(program, check="if False:\n    assert add(1, 1) == 3")
+    assert r.passed is False and r.check_detail == "assert #1 never ran"
+    r = run_python("import sys\nsys.exit(0)\n", check="assert add(1, 1) == 2")
+    assert r.passed is False and r.check_detail == "assert #1 never ran"
+
+
 def test_bad_test_specs_are_errors_that_name_the_field():
     reward = code_execution()
     with pytest.raises(RewardError, match=r"needs sample\['tests'\], a non-empty list, got None"):
         score_batch({"code": reward}, ["print(1)"], [{"answer": 1}])
     with pytest.raises(RewardError, match=r"assert string or .* got \{'input': '1'\}"):
         score_batch({"code": reward}, ["print(1)"], [{"tests": [{"input": "1"}]}])
+    with pytest.raises(RewardError, match=r"assert test 'assert add\(1, 2\) ==' is not valid Python"):
+        score_batch({"code": reward}, ["print(1)"], [{"tests": ["assert add(1, 2) =="]}])
     with pytest.raises(ValueError, match="limit_score must be finite"):
         code_execution(limit_score=float("nan"))
 
