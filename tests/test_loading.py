@@ -473,3 +473,24 @@ def test_cached_embedded_model_loads_in_under_2_seconds():
     times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
              for _ in range(3)]
     assert min(times) < 2.0, times
+
+
+def test_no_module_unpickles_or_runs_code_from_a_file():
+    """Weights come from safetensors and GGUF only: no torch.load, no pickle, no trust_remote_code anywhere."""
+    import ast
+    import pathlib
+    import rftkit
+    found = []
+    for f in pathlib.Path(rftkit.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{f.name}:{node.lineno} imports {n}" for n in names if n and n.split(".")[0] in
+                          ("pickle", "dill", "cloudpickle", "joblib", "marshal") and not f.name.startswith("sandbox")]
+                # (the sandbox passes marshal'd dicts between the trainer and its own supervisor: no file involved)
+            elif isinstance(node, ast.Attribute) and node.attr == "load" and \
+                    isinstance(node.value, ast.Name) and node.value.id == "torch":
+                found.append(f"{f.name}:{node.lineno} calls torch.load")
+            elif isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
+                found.append(f"{f.name}:{node.lineno} passes trust_remote_code")
+    assert not found, found
