@@ -8,8 +8,7 @@ from rftkit.adapters import AdapterConfig, write_adapter
 from rftkit.engine import Engine
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules
 from rftkit.sampling import SamplingParams
-from tests.conftest import tiny_model
-from tests.test_engine import reference_greedy
+from tests.conftest import reference_greedy, tiny_model
 
 TARGETS = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"],
            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]]

@@ -4,16 +4,7 @@ import torch
 
 from rftkit.engine import Engine
 from rftkit.sampling import SamplingParams
-from tests.conftest import tiny_model
-
-
-def reference_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits, _ = model(torch.tensor([ids]))
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+from tests.conftest import reference_greedy, tiny_model
 
 
 def test_greedy_equals_full_forward_argmax_with_joins_and_chunked_prefill():

@@ -7,7 +7,6 @@ import torch
 
 from rftkit.loading import save_model_folder
 from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
 
 
 def _rft(*args, stdin=None):
@@ -28,7 +27,7 @@ def _hf_greedy(folder, messages, max_new_tokens):
 
 
 @pytest.fixture
-def tiny_folder(tmp_path, tok_dir):  # noqa: F811
+def tiny_folder(tmp_path, tok_dir):
     model = tiny_model(vocab_size=258)          # 256 byte tokens + 2 specials
     model.cfg.eos_token_id = [257]
     save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)

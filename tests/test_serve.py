@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
+from tests.conftest import tok_dir  # the fixture's body builds the module-scoped server's tokenizer
 
 KEY = "test-key"
 MSG = [{"role": "user", "content": "hello there"}]
