@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main():
-    from rftkit.train_utils import hidden_logprobs
+    from rftkit.logprobs import hidden_logprobs
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=49152)

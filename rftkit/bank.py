@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rftkit import kernels
-from rftkit.adapters import AdapterConfig, read_adapter
-from rftkit.loading import aligned
+from rftkit.peft_format import AdapterConfig, read_adapter
+from rftkit.loading.weights import aligned
 from rftkit.model import linear
 
 

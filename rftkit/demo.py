@@ -37,7 +37,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from rftkit.grpo import train
     from rftkit.loading import load
     from rftkit.tasks import arithmetic
-    from rftkit.train_utils import MetricsLog, plot_curves
+    from rftkit.metrics import MetricsLog, plot_curves
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -33,11 +33,13 @@ from typing import Literal
 import torch
 
 from rftkit import distributed as dist
-from rftkit.grpo_forward import group_logprobs
+from rftkit.group_logprobs import group_logprobs
 from rftkit.grpo_loss import LossSpec, Totals, group_advantages, policy_loss
 from rftkit.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, lora_parameters, save_lora
-from rftkit.train_utils import (MetricsLog, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at,
-                                plot_curves, save_checkpoint)
+from rftkit.loading.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rftkit.lr_schedule import lr_at
+from rftkit.memory import keep_freed_memory
+from rftkit.metrics import MetricsLog, plot_curves
 
 
 @dataclass

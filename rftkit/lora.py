@@ -1,7 +1,7 @@
 """LoRA on our model: y = W x + s · B A x, with s = alpha / r (or alpha / sqrt(r) with rsLoRA).
 
     apply_lora(model, LoRAConfig(r=16, targets="all-linear"))
-    save_lora(model, "out/adapter")             # PEFT format (rftkit.adapters)
+    save_lora(model, "out/adapter")             # PEFT format (rftkit.peft_format)
 
 `apply_lora` swaps each targeted `nn.Linear` for a `LoRALinear` at the same module path, so adapter keys are
 PEFT's. `lora_disabled(model)` switches every adapter off: the base model, used as GRPO's KL reference with
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit.adapters import AdapterConfig, read_adapter, validate_adapter, write_adapter
+from rftkit.peft_format import AdapterConfig, read_adapter, validate_adapter, write_adapter
 from rftkit.kernels import linear as linear_weight
 from rftkit.model import linear
 

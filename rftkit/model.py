@@ -1,6 +1,6 @@
 """Our Llama-family decoder in plain PyTorch: Llama 2/3, SmolLM/SmolLM2, Qwen2/2.5, Qwen3, Mistral.
 
-    cfg = ModelConfig.from_hf(json.load(open("config.json")))
+    cfg = ModelConfig(dim=64, n_layers=2)                # or rftkit.loading.hf.load_config(folder)
     model = Transformer(cfg)
     logits, aux = model(input_ids)                       # [B, T, V], {} for dense models
 
@@ -30,19 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit import kernels, quantize
-
-SUPPORTED_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+from rftkit import kernels
+from rftkit.compress import quantize
 
 
 @dataclass
 class ModelConfig:
-    """Architecture hyper-parameters; `from_hf` reads a `transformers` config.json dict."""
+    """Architecture hyper-parameters; rftkit.loading.hf maps them to and from a `transformers` config.json."""
     vocab_size: int = 256
     dim: int = 64                       # D, hidden_size
     n_layers: int = 2
@@ -78,78 +72,6 @@ class ModelConfig:
             if kind not in ("default", "llama3", "linear"):
                 raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, llama3, linear)")
 
-    @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            if model_type is None or not _is_moe_type(model_type):
-                raise ValueError(f"unsupported architecture model_type={model_type!r} "
-                                 f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
-        n_heads = hf["num_attention_heads"]
-        dim = hf["hidden_size"]
-        # transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta + rope_scaling
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        rope_scaling = None if kind == "default" else rope
-        window, window_layers = None, None
-        if model_type == "mistral":
-            window = hf.get("sliding_window")
-        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-            window = hf.get("sliding_window")
-        if window is not None and hf.get("layer_types"):
-            window_layers = [i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention"]
-            if not window_layers:
-                window = None
-        eos = hf.get("eos_token_id")
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        attention_bias = bool(hf.get("attention_bias", False))
-        kw = dict(
-            vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or dim // n_heads,
-            ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-            rope_scaling=rope_scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=hf.get("tie_word_embeddings", model_type == "llama"),
-            qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias and model_type in ("llama", "qwen3"),
-            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
-            sliding_window=window, window_layers=window_layers, model_type=model_type,
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=eos, moe=_moe_fields(hf),
-        )
-        if kw["moe"] is not None:
-            from rftkit.moe import model_fields_from_hf  # attention flags of the MoE families
-            kw.update(model_fields_from_hf(hf))
-        return cls(**kw)
-
-    def to_hf(self) -> dict:
-        """A config.json dict that `transformers` reads back into the same architecture."""
-        if self.moe is not None:
-            from rftkit.moe import moe_config_to_hf  # MoE configs own their HF fields
-            return moe_config_to_hf(self)
-        hf = {
-            "architectures": [SUPPORTED_ARCHITECTURES[self.model_type]], "model_type": self.model_type,
-            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id,
-        }
-        if self.rope_scaling is not None:
-            hf["rope_scaling"] = dict(self.rope_scaling)
-        if self.model_type == "llama":
-            hf["attention_bias"] = self.qkv_bias
-            hf["mlp_bias"] = self.mlp_bias
-        if self.model_type == "qwen3":
-            hf["attention_bias"] = self.qkv_bias
-        if self.sliding_window is not None:
-            hf["sliding_window"] = self.sliding_window
-            if self.model_type != "mistral":
-                hf["use_sliding_window"] = True
-        return hf
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -160,17 +82,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-
-def _is_moe_type(model_type: str) -> bool:
-    return model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "llama4_text", "rftkit_moe")
-
-
-def _moe_fields(hf: dict) -> dict | None:
-    if not _is_moe_type(hf.get("model_type", "")):
-        return None
-    from rftkit.moe import moe_fields_from_hf
-    return moe_fields_from_hf(hf)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,8 +30,11 @@ import torch
 
 from rftkit import distributed as dist
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
-from rftkit.train_utils import (MetricsLog, hidden_logprobs, keep_freed_memory, latest_checkpoint, load_checkpoint,
-                                lr_at, plot_curves, save_checkpoint, set_rng_state, set_seed)
+from rftkit.loading.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state, set_seed
+from rftkit.logprobs import hidden_logprobs
+from rftkit.lr_schedule import lr_at
+from rftkit.memory import keep_freed_memory
+from rftkit.metrics import MetricsLog, plot_curves
 
 EMBEDDED = "smollm2-135m-instruct"
 
@@ -411,7 +414,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
 
     final = out / ("model" if cfg.full else "adapter")
     if (main or fsdp) and cfg.full:
-        from rftkit.loading import save_model_folder
+        from rftkit.loading.weights import save_model_folder
         tok_dir = resolve(cfg.model) if loaded_here or cfg.model else None     # its tokenizer files
         save_model_folder(model, final, tokenizer_dir=tok_dir, write=main)
     elif main or fsdp:

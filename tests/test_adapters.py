@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from rftkit.adapters import AdapterConfig, read_adapter, safe_adapter_path, validate_adapter, write_adapter
+from rftkit.peft_format import AdapterConfig, read_adapter, safe_adapter_path, validate_adapter, write_adapter
 from rftkit.loading import load_model
 from rftkit.lora import LoRAConfig, apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
 

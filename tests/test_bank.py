@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from rftkit.adapters import AdapterConfig, write_adapter
+from rftkit.peft_format import AdapterConfig, write_adapter
 from rftkit.engine import Engine
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules
 from rftkit.sampling import SamplingParams

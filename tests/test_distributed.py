@@ -226,7 +226,7 @@ def test_fsdp_on_two_processes_gives_the_one_process_gradients_and_parameters(tm
 
 
 def _model_folder(tmp_path, tok_dir):
-    from rftkit.loading import save_model_folder
+    from rftkit.loading.weights import save_model_folder
     model = tiny_model(vocab_size=258, max_seq_len=512)
     model.cfg.eos_token_id = [257]
     save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)
@@ -263,7 +263,7 @@ def test_rft_sft_under_torchrun_matches_one_process(tmp_path, tok_dir, fsdp):
         assert a["completion_tokens"] == b["completion_tokens"] and a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert rows[-1]["eval_loss"] == pytest.approx(ref[-1]["eval_loss"], rel=1e-5)
-    from rftkit.adapters import read_adapter
+    from rftkit.peft_format import read_adapter
     (_, mine), (_, theirs) = read_adapter(tmp_path / "two/adapter"), read_adapter(tmp_path / "one/adapter")
     for k, (A, B) in theirs.items():                                # the final adapter, gathered if sharded
         torch.testing.assert_close(mine[k][0], A, rtol=1e-5, atol=1e-7)

@@ -288,7 +288,7 @@ def test_a_large_batch_with_lora_decodes_in_one_call_as_op_by_op(monkeypatch):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_quantized_model_with_lora_decodes_its_stack_in_one_call_as_op_by_op(bits, monkeypatch):
-    from rftkit import quantize
+    from rftkit.compress import quantize
     from rftkit.lora import LoRAConfig, apply_lora
     if not quantize.kernel_available():
         pytest.skip(quantize.kernel_status())

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from rftkit.loading import save_model_folder
+from rftkit.loading.weights import save_model_folder
 from tests.conftest import tiny_model
 
 
@@ -57,7 +57,7 @@ def test_generate_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_generate_on_the_embedded_model_matches_transformers():
-    from rftkit.loading import ensure_embedded
+    from rftkit.loading.embedded import ensure_embedded
     prompt = "What is 12 + 34? Answer with just the number."
     out = _rft("generate", "--prompt", prompt, "--max-tokens", "32")
     assert out == _hf_greedy(ensure_embedded(), [{"role": "user", "content": prompt}], 32) + "\n"

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from rftkit.compress import compress, save_compressed
-from rftkit.gguf_export import permute_qk, write_gguf
-from rftkit.loading import _unpermute, read_gguf
+from rftkit.compress.folder import save_compressed
+from rftkit.compress.transforms import compress
+from rftkit.loading.gguf_file import permute_qk, write_gguf
+from rftkit.loading.gguf_file import _unpermute, read_gguf
 from tests.conftest import tiny_model
 
 torch.set_num_threads(1)

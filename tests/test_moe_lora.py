@@ -158,7 +158,7 @@ def test_engine_cached_decode_equals_full_forward_argmax_on_moe_with_lora():
 def test_grpo_on_a_tiny_upcycled_model_raises_reward_and_experts_diverge(tmp_path, tok_dir):
     import json
     from rftkit.grpo import GRPOConfig, train
-    from rftkit.moe import upcycle_dense
+    from rftkit.upcycle import upcycle_dense
     from rftkit.tasks import Task, arithmetic
     from rftkit.tokenizer import Tokenizer
     from tests.conftest import tiny_model

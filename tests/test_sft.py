@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from rftkit.loading import load, save_model_folder
+from rftkit.loading import load
+from rftkit.loading.weights import save_model_folder
 from rftkit.lora import LoRAConfig, apply_lora, lora_parameters
 from rftkit.sft import SFTConfig, batch_backward, completion_nll, encode_dataset, encode_example, read_jsonl, train
 from rftkit.tokenizer import Tokenizer

@@ -174,7 +174,7 @@ def test_bad_messages_and_missing_files_named(tok_dir, tmp_path):
 
 @pytest.mark.slow
 def test_real_tokenizer_matches_transformers():
-    from rftkit.loading import ensure_embedded
+    from rftkit.loading.embedded import ensure_embedded
     folder = ensure_embedded()
     ours, ref = Tokenizer.from_dir(folder), _ref(folder)
     msgs = [{"role": "user", "content": "What is 12 + 34? Answer with just the number."}]

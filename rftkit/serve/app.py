@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from rftkit.serve_api import APIError, Request, accept, deltas, parse_chat, parse_completion, parse_lorax
-from rftkit.serve_worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
+from rftkit.serve.requests import APIError, Request, accept, deltas, parse_chat, parse_completion, parse_lorax
+from rftkit.serve.worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
 
 
 @dataclass
