@@ -5,6 +5,7 @@ top and inside function bodies (a function-level import hides a cycle from Pytho
 `from rftkit import kernels` as an import of the module `rftkit.kernels`, and relative imports.
 """
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -133,6 +134,48 @@ def test_rftkit_imports_have_no_cycle():
     assert not comps, "import cycles in rftkit:\n" + "\n".join(
         f"  {len(comp)} modules import each other: {', '.join(sorted(comp))}\n    for one: {' -> '.join(cycle)}"
         for comp, cycle in zip(comps, find_cycles(graph)))
+
+
+def readme_layout() -> list[str]:
+    """The modules README.md's "Package layout" lists, in its order (a room's files under its folder line)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Package layout"):]
+    block = block[block.index("```"):]
+    block = block[3:block.index("```", 3)]
+    order, room = [], None
+    for line in block.splitlines():
+        top, inner = re.match(r"^  (\S+)", line), re.match(r"^    (\S+\.py)\s", line)
+        if top:
+            name = top.group(1)
+            room = name[:-1] if name.endswith("/") else None
+            if room or name.endswith(".py"):
+                order.append("rftkit." + (room or name[:-3]))
+        elif inner and room:
+            order.append(f"rftkit.{room}.{inner.group(1)[:-3]}")
+    return order
+
+
+def test_readme_layout_lists_every_module_once():
+    listed, modules = readme_layout(), set(import_graph(ROOT / "rftkit")) - {"rftkit"}
+    assert len(listed) == len(set(listed)), f"listed twice: {sorted(m for m in listed if listed.count(m) > 1)}"
+    assert set(listed) == modules, (f"README.md's Package layout misses {sorted(modules - set(listed))}, "
+                                    f"lists {sorted(set(listed) - modules)} that do not exist")
+
+
+def test_imports_run_up_the_readme_layout():
+    """STYLE.md 16: README.md lists the floors from the bottom; a module imports only modules listed before it
+    (a room's __init__ imports its own files)."""
+    pos = {m: i for i, m in enumerate(readme_layout())}
+    graph = import_graph(ROOT / "rftkit")
+    upward = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
+                    if a in pos and b in pos and pos[b] > pos[a] and not b.startswith(a + "."))
+    assert not upward, "imports of modules listed later in README.md's layout:\n  " + "\n  ".join(upward)
+
+
+def test_every_module_opens_with_what_it_is():
+    bare = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "rftkit").rglob("*.py"))
+            if len((ast.get_docstring(ast.parse(p.read_text())) or "").split()) < 5]
+    assert not bare, f"modules without a docstring saying what they are and why: {bare}"
 
 
 def _linecount(package_dir: Path) -> subprocess.CompletedProcess:
