@@ -11,9 +11,9 @@
   cache.py      the cache folder ($RFTKIT_CACHE) and folders built into it atomically
 
 A spec resolves to a folder with config.json (`resolve`). Folders written by higher layers carry a marker file
-and are read by the loader that layer registers when it is imported (`register_folder_format`; rftkit.compress
-registers `compress.json`), so loading imports nothing above it. The `rft` command imports those layers
-before it runs.
+and are read by the loader that layer registers when it is imported (`register_folder_format`; importing
+rftkit.compress.folder registers `compress.json`), so loading imports nothing above it. The `rft` command
+imports those modules before it runs a command.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ __all__ = ["load", "load_model", "load_tokenizer", "resolve", "load_config", "re
 # marker file -> loader(folder, device) of a folder format that a higher layer owns
 FOLDER_FORMATS: dict[str, Callable[[Path, str | torch.device], Transformer]] = {}
 # markers whose layer is known, for the error when it has not been imported
-FOLDER_FORMAT_OWNERS = {"compress.json": "rftkit.compress (a folder written by `rft compress`)"}
+FOLDER_FORMAT_OWNERS = {"compress.json": "rftkit.compress.folder"}
 
 
 def register_folder_format(marker: str, loader: Callable[[Path, str | torch.device], Transformer]) -> None:
@@ -72,8 +72,8 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu",
             return loader(folder, device)
     for marker, owner in FOLDER_FORMAT_OWNERS.items():
         if (folder / marker).is_file():
-            raise ValueError(f"{folder}: holds {marker}, a format of {owner}; import {owner.split()[0]} "
-                             f"first, which registers its loader with rftkit.loading")
+            raise ValueError(f"{folder}: holds {marker}, a folder format of {owner} (`rft compress` writes it); "
+                             f"import {owner} first, which registers its loader with rftkit.loading")
     cfg = load_config(folder)
     state, origin = read_weights(folder)
     if cfg.moe is not None:
