@@ -110,6 +110,18 @@ def test_refusals(tok_dir, tmp_path):
         write_gguf(tiny_model(), tmp_path / "a.gguf", tok_dir)
 
 
+def test_an_unmerged_adapter_is_refused(tok_dir, tmp_path):
+    """The writer (in rftkit.loading, below LoRA) tells an unmerged adapter by its parameters' names; merged,
+    the same model writes."""
+    from rftkit.lora import LoRAConfig, apply_lora, merge_lora
+    model = apply_lora(_model(), LoRAConfig(r=2, targets=["q_proj"]))
+    with pytest.raises(ValueError, match="merge the adapter first"):
+        write_gguf(model, tmp_path / "a.gguf", tok_dir)
+    assert not (tmp_path / "a.gguf").exists()
+    merge_lora(model)
+    assert write_gguf(model, tmp_path / "a.gguf", tok_dir).is_file()
+
+
 @pytest.mark.slow
 def test_q4_1_export_of_embedded_model_gives_back_its_grid(tmp_path):
     # the embedded SmolLM2's linears are Q4_1 in its GGUF: re-exporting as Q4_1 returns the same values

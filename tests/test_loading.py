@@ -301,6 +301,19 @@ def _drop(folder, key):
     return folder
 
 
+def test_a_folder_format_of_a_higher_layer_is_read_by_its_registered_loader(tmp_path, monkeypatch):
+    """loading imports no layer above it: a folder with another layer's marker file goes to the loader that layer
+    registered, and without one the error names the module to import."""
+    loading_weights.save_model_folder(tiny_model(), tmp_path / "m")
+    (tmp_path / "m" / "compress.json").write_text("{}")
+    monkeypatch.setattr(loading, "FOLDER_FORMATS", {})
+    with pytest.raises(ValueError, match=r"m: holds compress.json, .* import rftkit.compress.folder first"):
+        load_model(str(tmp_path / "m"))
+    loaded = []
+    loading.register_folder_format("compress.json", lambda folder, device: loaded.append((folder, device)) or "x")
+    assert load_model(str(tmp_path / "m")) == "x" and loaded == [(tmp_path / "m", "cpu")]
+
+
 def test_loading_skips_init_and_copies(tmp_path):
     """The cached-load path builds on meta and attaches the file's tensors: no random init, no copy."""
     model = tiny_model(vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, ffn_dim=2048)
