@@ -17,7 +17,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RFTKIT_CACHE") or Path.home() / ".cache" / "rftkit")
 
 
-
 def atomic_folder(final: Path, build) -> Path:
     """Build a folder in a temp dir next to `final`, then rename it into place (first writer wins)."""
     final.parent.mkdir(parents=True, exist_ok=True)

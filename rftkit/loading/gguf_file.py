@@ -150,7 +150,6 @@ def _llama3_rope(path: Path, factors: torch.Tensor, theta: float, head_dim: int,
     return scaling
 
 
-
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """GGUF -> our HF-style folder: model.safetensors, config.json, tokenizer.json + chat template."""
     cfg, state = read_gguf(gguf_path)
@@ -198,7 +197,6 @@ def convert_gguf_cached(gguf_path: Path) -> Path:
         return final
     print(f"rftkit: converting {gguf_path} once into {final}", file=sys.stderr)
     return atomic_folder(final, lambda tmp: convert_gguf(gguf_path, tmp))
-
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -174,7 +174,6 @@ def model_fields_from_hf(hf: dict) -> dict:
     return out
 
 
-
 def moe_config_to_hf(cfg: ModelConfig) -> dict:
     """config.json dict for an MoE ModelConfig; transformers reads mixtral/qwen2_moe/qwen3_moe back."""
     mc = moe_config(cfg)
