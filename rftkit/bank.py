@@ -34,7 +34,7 @@ from torch import nn
 from rftkit import kernels
 from rftkit.adapters import AdapterConfig, read_adapter
 from rftkit.loading import aligned
-from rftkit.model import linear
+from rftkit.layers import linear
 
 
 class BankLinear(nn.Module):
@@ -50,6 +50,11 @@ class BankLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.inner.weight
+
+    @property
+    def bank(self) -> "AdapterBank":
+        """The bank whose per-row adapters this layer adds (its slot table: `slots`)."""
+        return self._bank[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(self.inner, x)

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit.model import MLP, ModelConfig, Transformer
+from rftkit.layers import MLP
 
 HF_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4_text", "rftkit_moe")
 
@@ -361,11 +361,6 @@ def model_fields_from_hf(hf: dict) -> dict:
     return out
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig.from_hf with the MoE families' attention flags applied (see model_fields_from_hf)."""
-    return replace(ModelConfig.from_hf(hf), **model_fields_from_hf(hf))
-
-
 def moe_config_to_hf(cfg: ModelConfig) -> dict:
     """config.json dict for an MoE ModelConfig; transformers reads mixtral/qwen2_moe/qwen3_moe back."""
     mc = moe_config(cfg)
@@ -483,7 +478,7 @@ def upcycle_dense(model: Transformer, n_experts: int, top_k: int, router_std: fl
                          f"moe_layers={mc.moe_layers}); use model_type='rftkit_moe'")
     new_cfg = replace(cfg, model_type=model_type, moe=asdict(mc))
     new_cfg.to_hf()                              # refuses what the model type cannot express, before any work
-    new = Transformer(new_cfg).to(model.device)
+    new = type(model)(new_cfg).to(model.device)      # a Transformer: moe does not import the model
     dense, state = model.state_dict(), new.state_dict()
     g = torch.Generator().manual_seed(seed)
     for k in state:

@@ -198,8 +198,7 @@ def _randomise_lora(model, std: float) -> None:
 def _decode_logits(model, prompts, fused: bool, monkeypatch, max_batch: int = 8, every_step: bool = False):
     """Logits of the second decode step of each prompt (a batch of mixed lengths; every step's with every_step),
     with the block stack in one kernel call or op by op; and the rows of each fused call (0: it declined)."""
-    import rftkit.model as model_mod
-    from rftkit import kernels
+    from rftkit import decode_stack, kernels
     calls = []
     real = kernels.decode_layers
 
@@ -209,7 +208,7 @@ def _decode_logits(model, prompts, fused: bool, monkeypatch, max_batch: int = 8,
         return ok
     monkeypatch.setattr(kernels, "decode_layers", counted)
     if not fused:
-        monkeypatch.setattr(model_mod, "_decode_fused", lambda *a: False)
+        monkeypatch.setattr(decode_stack, "run", lambda *a: False)
     seen = []
     orig = model.forward
 
@@ -297,7 +296,7 @@ def test_a_large_batch_with_lora_decodes_in_one_call_as_op_by_op(monkeypatch):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_quantized_model_with_lora_decodes_its_stack_in_one_call_as_op_by_op(bits, monkeypatch):
-    from rftkit import quantize
+    from rftkit import kernels, quantize
     from rftkit.lora import LoRAConfig, apply_lora
     if not quantize.kernel_available():
         pytest.skip(quantize.kernel_status())
@@ -311,8 +310,8 @@ def test_a_quantized_model_with_lora_decodes_its_stack_in_one_call_as_op_by_op(b
     assert calls == [] and none == []        # the quantized stack is not kernels.decode_layers
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     ran = []
-    real = quantize.decode_layers
-    monkeypatch.setattr(quantize, "decode_layers", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    real = kernels.decode_layers_q
+    monkeypatch.setattr(kernels, "decode_layers_q", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
     outs = Engine(model, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=5))
     assert ran and all(ran)
     assert [o[0].token_ids for o in outs] == [reference_greedy(model, p, 5) for p in prompts]

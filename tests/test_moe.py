@@ -8,8 +8,8 @@ import torch
 import transformers
 
 from rftkit.loading import build_model, load_model, read_weights, save_model_folder
-from rftkit.model import MLP, KVCache, ModelConfig, Transformer
-from rftkit.moe import (MOE_PRESETS, MoEConfig, MoEFeedForward, balance_loss, config_from_hf,
+from rftkit.model import MLP, KVCache, ModelConfig, Transformer, config_from_hf
+from rftkit.moe import (MOE_PRESETS, MoEConfig, MoEFeedForward, balance_loss,
                         convert_hf_state_dict, experts_fast, experts_loop, expert_load, moe_modules, route,
                         update_router_bias, upcycle_dense, z_loss)
 
