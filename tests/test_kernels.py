@@ -368,3 +368,43 @@ def test_sampling_at_the_top_of_the_cdf_stays_in_the_vocabulary():
             tok, logp = kernels.sample_rows(logits, torch.ones(256), torch.full((256,), u))
             assert int(tok.max()) < V and int(tok.min()) >= 0
             assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dlayer", "qlayer", "qblock"])
+def test_the_ctypes_structs_match_the_c_layout(name):
+    """Each ctypes mirror (DecodeLayer, QLayer, QBlock) has the size and field offsets the compiler gave its C
+    struct in kernels.h (the library reports them): one field out of step would be silent memory corruption."""
+    import ctypes
+    mirror = kernels.decode.STRUCTS[name][1]
+    want = [ctypes.sizeof(mirror)] + [getattr(mirror, f).offset for f, _ in mirror._fields_]
+    assert kernels.struct_layout(name) == want
+    with pytest.raises(ValueError, match="unknown kernel struct"):
+        kernels.struct_layout("dlayers")
+
+
+def test_every_entry_point_of_the_header_has_one_ctypes_signature():
+    """kernels.h declares each exported function once; each has its argtypes declared once, in its family's
+    Python module (set_wide by the loader), with as many arguments as the C declaration."""
+    import re
+    from pathlib import Path
+    header = (Path(kernels.__file__).parent / "kernels.h").read_text()
+    decls = dict(re.findall(r"^(?:void|int) (\w+)\(([^)]*)\);", header, re.M))
+    assert "decode_layers" in decls and "qlinear_many" in decls
+    sigs = kernels.build._signatures
+    assert set(decls) == set(sigs) | {"set_wide"}
+    for name, (argtypes, _) in sigs.items():
+        assert len(argtypes) == len(decls[name].split(",")), name
+
+
+def test_the_kernels_import_nothing_from_rftkit_and_no_c_hides_in_python():
+    import ast
+    from pathlib import Path
+    root = Path(kernels.__file__).parent.parent
+    for f in (root / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for n in names:
+                assert not n.startswith("rftkit") or n.startswith("rftkit.kernels"), (f.name, n)
+    for f in root.rglob("*.py"):
+        assert "#include <" not in f.read_text(), f"C source inside a Python string in {f}"
