@@ -24,7 +24,7 @@ Every entry point falls back to plain torch ops (the reference the tests compare
 not apply: no compiler or no AVX2, a CUDA or non-fp32 tensor, autograd recording, shapes the kernel does not
 handle. `set_enabled(False)` forces the reference path everywhere (A/B benchmarks, tests).
 """
-from rftkit.kernels import build
+import rftkit.kernels.build as build
 from rftkit.kernels.attention import (ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM, paged_attention,
                                       paged_attention_reference)
 from rftkit.kernels.bgmv import BC, SlotTable, blocked_t, lora_bgmv, lora_bgmv_reference

@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-from rftkit.kernels import build
+import rftkit.kernels.build as build
 
 ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM = 16, 256
 

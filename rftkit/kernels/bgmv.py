@@ -14,7 +14,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from rftkit.kernels import build
+import rftkit.kernels.build as build
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 build.declare({"lora_bgmv": ([_P] * 11 + [_I] * 6, None)})

@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from rftkit.kernels import build
+import rftkit.kernels.build as build
 from rftkit.kernels.attention import ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM
 from rftkit.kernels.gemv import GEMV_MAX_ROWS_LONG_K
 from rftkit.kernels.qgemm import QLINEAR_MAX_ROWS, QLayer

@@ -14,7 +14,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from rftkit.kernels import build
+import rftkit.kernels.build as build
 
 # the GEMV kernel's row limits (short and long K), measured against MKL with the weights out of cache
 GEMV_MAX_ROWS = 64

@@ -15,7 +15,7 @@ import ctypes
 
 import torch
 
-from rftkit.kernels import build
+import rftkit.kernels.build as build
 
 QLINEAR_MAX_ROWS = 8           # the C kernel keeps one accumulator per row in registers
 

@@ -10,7 +10,7 @@ import ctypes
 
 import torch
 
-from rftkit.kernels import build
+import rftkit.kernels.build as build
 
 SMALL_MAX_ROWS = 64            # rms_norm / rope run single-threaded: worth it while dispatch dominates
 

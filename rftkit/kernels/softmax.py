@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from rftkit.kernels import build
+import rftkit.kernels.build as build
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 build.declare({
