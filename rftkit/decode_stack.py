@@ -18,6 +18,7 @@ records them: a module swapped, a parameter reassigned, `.to()`, an adapter swit
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,7 @@ BLOCK_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
 FIELD = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "g", "up_proj": "u",
          "down_proj": "d"}
 
-_plans: "weakref.WeakKeyDictionary[Transformer, tuple]" = weakref.WeakKeyDictionary()
+_plans: "weakref.WeakKeyDictionary[Transformer, _Kept]" = weakref.WeakKeyDictionary()
 _MISSING = object()
 
 
@@ -85,27 +86,39 @@ def _holds(checks: list, ptrs: list) -> bool:
         and all(t.data_ptr() == p for t, p in ptrs)
 
 
+@dataclass(slots=True)
+class _Kept:
+    """A plan and what it was built from: the cache (weakly), the registration count it was last fully checked
+    at, its plain-attribute checks (read every step), all its attribute checks, its tensors' addresses."""
+    cache: weakref.ref
+    seen: int
+    plain: list
+    checks: list
+    ptrs: list
+    plan: tuple | None
+
+
 def plan(model: Transformer, cache):
     """(kind, block array, bank or None) for model's blocks over cache's pools: kind None = nn.Linear layers
     (kernels.DecodeLayer), (bits, group_size) = quantized ones (kernels.QBlock); None when some block does not
     qualify. Built once and kept while every module, tensor, data pointer and LoRA setting it read is still the
-    one in use: per step its plain attributes and data pointers (`_holds`), and every attribute it read once
-    anything was registered anywhere (then the full check)."""
+    one in use: each step reads its plain attributes and data pointers, and every attribute it read once
+    anything was registered anywhere since its last full check."""
     kept = _plans.get(model)
-    if kept is not None and kept[0]() is cache and _holds(kept[2], kept[4]):
-        if kept[1] == _registrations:
-            return kept[5]
-        if _holds(kept[3], ()):
-            _plans[model] = (kept[0], _registrations, *kept[2:])
-            return kept[5]
+    if kept is not None and kept.cache() is cache and _holds(kept.plain, kept.ptrs):
+        if kept.seen == _registrations:
+            return kept.plan
+        if _holds(kept.checks, ()):
+            kept.seen = _registrations
+            return kept.plan
     checks, ptrs = [], []
     seen = _registrations
     got = _build(model, cache, checks, ptrs)
-    plain = [c for c in checks if not isinstance(c[2], (nn.Module, torch.Tensor)) and c[2] is not None
-             and c[2] is not _MISSING]
+    plain = [c for c in checks if c[2] is not None and c[2] is not _MISSING
+             and not isinstance(c[2], (nn.Module, torch.Tensor))]
     # the plan keeps the tensors it read alive (ptrs), so their ids and addresses stay theirs; the cache only
     # weakly (its pools are allocated once, with it)
-    _plans[model] = (weakref.ref(cache), seen, plain, checks, ptrs, got)
+    _plans[model] = _Kept(weakref.ref(cache), seen, plain, checks, ptrs, got)
     return got
 
 
@@ -201,12 +214,9 @@ def _build(model: Transformer, cache, checks: list, ptrs: list):
         if kind is None:
             _fill_plain(L, parts)
         else:
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                L.qkv[j].fill(*parts[name][0].kernel_tensors(), parts[name][0].out_features, parts[name][1])
-            for field, name in (("o", "o_proj"), ("down", "down_proj")):
-                getattr(L, field).fill(*parts[name][0].kernel_tensors(), parts[name][0].out_features, parts[name][1])
-            for j, name in enumerate(("gate_proj", "up_proj")):
-                L.gu[j].fill(*parts[name][0].kernel_tensors(), parts[name][0].out_features, parts[name][1])
+            for q, name in zip((*L.qkv, L.o, *L.gu, L.down), kernels.DecodeLayer.LORA_ORDER):
+                m, lora, _ = parts[name]
+                q.fill(*m.kernel_tensors(), m.out_features, lora)
     if len(banks) > 1:
         return None
     return kind, layers, (next(iter(banks)) if banks else None)
