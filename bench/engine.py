@@ -141,8 +141,8 @@ def main():
     from rftkit.loading.embedded import ensure_embedded
     kernels.set_enabled(not args.no_kernels)
     if args.per_op:
-        import rftkit.model
-        rftkit.model._decode_fused = lambda *a: False     # an A/B switch: the model's per-op path
+        import rftkit.decode_stack
+        rftkit.decode_stack.run = lambda *a: False        # an A/B switch: the model's per-op path
     torch.manual_seed(0)
     model, tok = load(None)
     prompt = tok.encode_chat([{"role": "user", "content": "Write a story about a robot."}])

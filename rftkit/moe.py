@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit.model import MLP, ModelConfig
+from rftkit.layers import MLP
 
 
 @dataclass

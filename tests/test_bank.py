@@ -164,7 +164,7 @@ def test_adapter_that_fails_to_load_fails_only_its_request(tmp_path):
 def test_a_decode_step_with_bank_adapters_runs_in_one_call_as_op_by_op(tmp_path, monkeypatch):
     """Rows on four adapters of different ranks and targets, and on none, decode through the one-call stack
     (kernels.decode_layers with the bank's slot tables) with the logits of the blocks run op by op."""
-    import rftkit.model as model_mod
+    from rftkit import decode_stack
     from rftkit import kernels
     if not kernels.available():
         pytest.skip(kernels.status())
@@ -187,7 +187,7 @@ def test_a_decode_step_with_bank_adapters_runs_in_one_call_as_op_by_op(tmp_path,
         monkeypatch.setattr(kernels, "decode_layers", counted)
         monkeypatch.setattr(model, "forward", spy)
         if not fused:
-            monkeypatch.setattr(model_mod, "_decode_fused", lambda *a: False)
+            monkeypatch.setattr(decode_stack, "run", lambda *a: False)
         engine = Engine(model, max_seq_len=64, adapter_slots=4)
         for name, (path, _, _) in adapters.items():
             engine.adapters.register(name, path)

@@ -403,13 +403,13 @@ def test_a_fresh_lora_on_a_quantized_model_wraps_every_quantized_layer_and_train
     ids = torch.randint(0, 96, (1, 1))
     with torch.no_grad():
         grouped = model(ids)[0]
-        import rftkit.model as rm
-        alone = rm.quantize.linear_many
-        rm.quantize.linear_many = lambda mods, x: None          # every layer on its own
+        import rftkit.compress.quantize as rq
+        alone = rq.linear_many
+        rq.linear_many = lambda mods, x: None                   # every layer on its own
         try:
             separate = model(ids)[0]
         finally:
-            rm.quantize.linear_many = alone
+            rq.linear_many = alone
     assert torch.equal(grouped, separate)
     loss = model(torch.randint(0, 96, (2, 8)))[0].logsumexp(-1).mean()
     loss.backward()
