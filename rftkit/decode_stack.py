@@ -12,7 +12,8 @@ layer kinds and more rows than the kernels take go op by op (`run` returns False
 
 The kernels read C pointer tables (rftkit.kernels.DecodeLayer / QBlock), built once per model and cache and kept
 while everything they were built from is still the one in use. The plan reads each layer through public
-accessors only (LoRALinear.kernel_parts, BankLinear.slots / bank / inner, QuantLinear.kernel_tensors), and
+accessors only (LoRALinear.kernel_parts, BankLinear.slots / bank / inner, and the kernel_tensors of the quantized
+layer types registered with rftkit.layers.register_quantized, so this module imports nothing from compress), and
 records them: a module swapped, a parameter reassigned, `.to()`, an adapter switched off or merged all rebuild it.
 """
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch.nn as nn
 
 from rftkit import kernels
 from rftkit.bank import BankLinear
+from rftkit.layers import is_quantized
 from rftkit.lora import LoRALinear
 from rftkit.model import MLP, Attention, Block, RMSNorm, Transformer
-from rftkit.compress.quantize import QuantLinear
 
 BLOCK_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                  ("mlp", ("gate_proj", "up_proj", "down_proj")))
@@ -158,7 +159,7 @@ def _build(model: Transformer, cache, checks: list, ptrs: list):
             if lora is not None and (lora[0].shape[0] > kernels.DecodeLayer.LORA_MAX_RANK
                                      or not (_usable(lora[0]) and _usable(lora[1]))):
                 return None
-        if isinstance(m, QuantLinear):
+        if is_quantized(m):
             for name in ("qweight", "scales", "mins", "bias"):
                 take(m, name)
         elif type(m) is nn.Linear:
@@ -197,8 +198,8 @@ def _build(model: Transformer, cache, checks: list, ptrs: list):
         if any(p is None for p in parts.values()):
             return None
         first = parts["q_proj"][0]
-        k = (first.bits, first.group_size) if isinstance(first, QuantLinear) else None
-        if any(((q.bits, q.group_size) if isinstance(q, QuantLinear) else None) != k for q, _, _ in parts.values()):
+        k = (first.bits, first.group_size) if is_quantized(first) else None
+        if any(((q.bits, q.group_size) if is_quantized(q) else None) != k for q, _, _ in parts.values()):
             return None
         if k is not None and any(t is not None for _, _, t in parts.values()):
             return None                     # the quantized stack takes no bank adapters: op by op

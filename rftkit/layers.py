@@ -4,9 +4,10 @@ SwiGLU feed-forward (the dense layers' MLP, and the shared expert of MoE layers)
     y = linear(m, x)                               # m(x), plain nn.Linear layers through rftkit.kernels.linear
     q, k, v = linears([q_proj, k_proj, v_proj], x)      # layers sharing x, in one kernel call where one applies
 
-A layer type defined above the model (rftkit.quantize's QuantLinear) runs several of its layers sharing one
-input in one call through the hook it registers here (`register_linears`), so neither this module nor the model
-imports it.
+A layer type defined above the model (rftkit.compress.quantize's QuantLinear) registers itself here: its grouped
+call, so several of its layers sharing one input run in one call (`register_linears`), and its type, so the
+engine's one-call decode stack (rftkit.decode_stack) takes its kernel parts (`register_quantized`). Neither this
+module, the model nor the decode stack imports it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from rftkit import kernels
 
 _GROUPED: list[Callable] = []        # (mods, x) -> [m(x) for m in mods] in one call, or None where it does not apply
+_QUANTIZED: tuple[type, ...] = ()    # quantized linear layer types (register_quantized)
 
 
 def register_linears(fn: Callable) -> None:
@@ -26,6 +28,19 @@ def register_linears(fn: Callable) -> None:
     their outputs or None (then they run one by one)."""
     if fn not in _GROUPED:
         _GROUPED.append(fn)
+
+
+def register_quantized(cls: type) -> None:
+    """Declare cls a quantized linear layer: its instances have `bits`, `group_size`, `out_features` and
+    `kernel_tensors()` -> (qweight, scales, mins or None, bias or None), as rftkit.kernels.QLayer.fill takes them."""
+    global _QUANTIZED
+    if cls not in _QUANTIZED:
+        _QUANTIZED = (*_QUANTIZED, cls)
+
+
+def is_quantized(m: nn.Module) -> bool:
+    """m is an instance of a registered quantized linear layer type (register_quantized)."""
+    return isinstance(m, _QUANTIZED)
 
 
 def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

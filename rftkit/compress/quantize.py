@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rftkit import kernels
-from rftkit.layers import register_linears
+from rftkit.layers import register_linears, register_quantized
 
 BITS = (4, 8)
 KERNEL_MAX_ROWS = kernels.QLINEAR_MAX_ROWS   # the C kernel keeps one accumulator per row in registers
@@ -312,6 +312,7 @@ def _grouped(mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | Non
 
 
 register_linears(_grouped)               # the model's q/k/v and gate/up of quantized layers, in one call
+register_quantized(QuantLinear)          # the engine's one-call decode stack reads its kernel_tensors()
 
 
 class QuantEmbedding(nn.Module):
