@@ -7,7 +7,7 @@ Each step: take P prompts from the task's train split; sample G completions of e
 runs the model with its live LoRA adapter (no merge, no reload); score them with the rewards; turn rewards
 into group advantages; drop groups whose rewards are all equal (they carry no signal); then update the
 adapter on the clipped policy loss (rftkit.grpo_loss), with each prompt processed once per group
-(rftkit.grpo_forward). The loss is normalised over the whole batch, so micro-batching changes nothing and
+(rftkit.group_logprobs). The loss is normalised over the whole batch, so micro-batching changes nothing and
 there is no divisibility rule to satisfy: any P, any G >= 2.
 
 `grpo_update(model, optimizer, rollouts, cfg)` is the update alone, callable on given rollouts. Rollouts are

@@ -22,7 +22,7 @@ CPU, torch's F.linear otherwise, and always under autograd or on CUDA).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn

@@ -74,7 +74,7 @@ static void expand8(float* const* y, const float* const* t, const float* b, int 
 
 /* Punica BGMV over slots: y[m] += s[k] * B_k (A_k x[m]) with k = rows[m], for rows whose slot has weights
    (A[k] != 0). x [M, K] (K % 8 == 0), y [M, N]; A_k [R_k, K]; B_k [N, R_k], or where Tr[k] its transpose in
-   blocks of BC columns (kernels.py's blocked_t; then the expand is R_k axpys along N, vectorised; the [N, R_k]
+   blocks of BC columns (bgmv.py's blocked_t; then the expand is R_k axpys along N, vectorised; the [N, R_k]
    layout of live tensors costs a dot per output).
    The rows are grouped by slot first (a stable counting sort), so each slot's A and B come from memory once
    per call and from cache for the slot's other rows: with 16 adapters of r = 16 on every linear layer of a

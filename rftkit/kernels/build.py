@@ -37,7 +37,7 @@ _all_rows = False              # the GEMV kernel takes any number of rows (16 la
 
 
 def cache_dir() -> Path:
-    """rftkit's cache folder, by the rule of rftkit.loading.cache_dir."""
+    """rftkit's cache folder, by the rule of rftkit.loading.cache.cache_dir (the kernels import nothing from rftkit)."""
     return Path(os.environ.get("RFTKIT_CACHE") or Path.home() / ".cache" / "rftkit")
 
 
@@ -90,7 +90,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
 
 def load():
     """Build (once, into the cache) and load the kernels; None when this machine cannot. Not affected by
-    `set_enabled` (rftkit.quantize's layers use the library whenever it exists)."""
+    `set_enabled` (rftkit.compress.quantize's layers use the library whenever it exists)."""
     global _lib, _error
     if _lib is not None or _error is not None:
         return _lib

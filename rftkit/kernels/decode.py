@@ -117,7 +117,7 @@ def decode_layers_q(x: torch.Tensor, blocks, bits: int, group_size: int, n_heads
                     write: torch.Tensor, block_size: int, eps: float) -> bool:
     """decode_layers for quantized blocks: `blocks` a QBlock array the caller built (and keeps), every layer of
     `bits` / `group_size`. x [M, D] in place, M <= QLINEAR_MAX_ROWS. Runs whenever the library exists (as
-    rftkit.quantize's layers do), `set_enabled` aside. False where the kernel does not apply (the caller runs
+    rftkit.compress.quantize's layers do), `set_enabled` aside. False where the kernel does not apply (the caller runs
     its blocks)."""
     M, D = x.shape
     if not 0 < M <= QLINEAR_MAX_ROWS or not x.is_contiguous() or x.dtype != torch.float32 \

@@ -1,4 +1,4 @@
-"""Bindings of the int8 / int4 weight-only kernels (qgemm.c), used by rftkit.quantize's QuantLinear.
+"""Bindings of the int8 / int4 weight-only kernels (qgemm.c), used by rftkit.compress.quantize's QuantLinear.
 
     L = (QLayer * 3)(); L[0].fill(qweight, scales, mins, bias, N, lora)
     lib.qlinear_many(x, M, K, bits, group_size // 32, 3, ctypes.addressof(L), threads)

@@ -49,7 +49,7 @@ void sample_rows(const float* logits, const float* inv_t, const float* u, int64_
     logp[b] = z[t] * it - mx * it - logf(total);
   }
 }
-/* Softmax statistics of logits z [B, V] at 1/T = inv_t, in place (the training log-probs, rftkit.train_utils):
+/* Softmax statistics of logits z [B, V] at 1/T = inv_t, in place (the training log-probs, rftkit.logprobs):
    y = (z - max) * inv_t floored at -86 (below it exp gives denormals, which run ~10x slower, for weights under
    1e-37), and z becomes e = exp(y). Per row: logp[b] = (z[t] - max) * inv_t - log s (s = sum e, the target
    unfloored), lse[b] = max * inv_t + log s, s_out[b] = s, and ent[b] = log s - sum(e y) / s when ent. */

@@ -151,7 +151,7 @@ def moe_fields_from_hf(hf: dict) -> dict:
 
 
 def model_fields_from_hf(hf: dict) -> dict:
-    """Attention/MLP flags of the MoE families that `ModelConfig.from_hf` reads only for dense types."""
+    """Attention/MLP flags of the MoE families that config_from_hf reads above for dense types only."""
     t = hf.get("model_type")
     window = hf.get("sliding_window") if (t == "mixtral" or hf.get("use_sliding_window")) else None
     window_layers = None
