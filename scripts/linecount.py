@@ -11,7 +11,7 @@ import sys
 
 MAX_FILE_LINES = 800
 SOFT_FILE_LINES = 500
-BUDGET = 11_500     # package lines: the total when the budget was set, rounded up to 500 (11,031 after issue 23's rooms; 10,854 before)
+BUDGET = 11_500     # package lines: the total when the budget was set, rounded up to 500 (11,098 after issue 23: rooms and kernels; 10,854 before)
 
 root = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path(__file__).resolve().parent.parent / "rftkit"
 if not root.is_dir():
