@@ -199,3 +199,18 @@ def test_linecount_fails_on_a_file_over_800_lines(tmp_path):
 def test_package_is_within_the_file_limit():
     out = _linecount(ROOT / "rftkit")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_model_imports_only_torch_the_kernels_layers_and_moe_and_reads_no_private_state():
+    """Issue 23: the model is pure. Speed comes from outside it (the engine's decode stack, the quantized layers'
+    registration with rftkit.layers), so a rename elsewhere cannot silently switch a fast path off."""
+    path = ROOT / "rftkit" / "model.py"
+    assert import_graph(ROOT / "rftkit")["rftkit.model"] <= {"rftkit.kernels", "rftkit.layers", "rftkit.moe"}
+    tops = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            tops |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            tops.add((node.module or "").split(".")[0])
+    assert tops <= {"__future__", "math", "dataclasses", "torch", "rftkit"}, tops
+    assert not re.findall(r"\._modules|__dict__|\._buffers|\._parameters", path.read_text())
