@@ -12,6 +12,8 @@
   report.py      rft compress: size, perplexity, accuracy and decode speed against the original; sweeps
   export.py      rft export: a merged model as an HF folder or a GGUF file
 
-This file imports nothing: the quantized layers sit low (the model's decode path uses them) while the report
-sits high (it runs the engine and the evaluation), so each caller imports the module it needs.
+This file imports nothing, so each caller imports only the module it needs: loading a compressed folder
+(folder.py, quantize.py) does not load the report's engine and evaluation. Nothing below this room imports it:
+the quantized layers reach the model's grouped q/k/v call and the engine's one-call decode stack through what
+they register with rftkit.layers (register_linears, register_quantized).
 """
