@@ -73,10 +73,11 @@ def main() -> None:
         args.n, args.tokens, args.batch, args.repeats = 20, 16, 4, 1
     torch.set_num_threads(args.threads)
     from llama_cpp import Llama
-    from rftkit.compress import compress, folder_bytes, save_compressed, load_compressed
-    from rftkit.compress_report import decode_speed
+    from rftkit.compress.folder import folder_bytes, save_compressed, load_compressed
+    from rftkit.compress.transforms import compress
+    from rftkit.compress.report import decode_speed
     from rftkit.evaluate import _score
-    from rftkit.gguf_export import write_gguf
+    from rftkit.loading.gguf_file import write_gguf
     from rftkit.loading import load, resolve
     from rftkit.lora import load_lora, merge_lora
     from rftkit.tasks import get_task

@@ -56,7 +56,7 @@ def bandwidth_gbs() -> tuple[float, float]:
 
 def make_adapters(model, root: Path, n: int, rank: int = 16) -> list[Path]:
     """n random PEFT-format adapters (rank r, all linear layers of the decoder) under root."""
-    from rftkit.adapters import AdapterConfig, write_adapter
+    from rftkit.peft_format import AdapterConfig, write_adapter
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     g = torch.Generator().manual_seed(0)
     paths = []
@@ -104,7 +104,7 @@ def llama_cpp_runner(prompt):
         import llama_cpp
     except ImportError:
         return None
-    from rftkit.loading import _find_embedded_gguf
+    from rftkit.loading.embedded import _find_embedded_gguf
     llm = llama_cpp.Llama(model_path=str(_find_embedded_gguf()), n_ctx=1024, n_threads=torch.get_num_threads(),
                           n_batch=512, verbose=False, seed=0)
 
@@ -137,11 +137,12 @@ def main():
     import transformers
     from rftkit import kernels
     from rftkit.engine import Engine
-    from rftkit.loading import ensure_embedded, load
+    from rftkit.loading import load
+    from rftkit.loading.embedded import ensure_embedded
     kernels.set_enabled(not args.no_kernels)
     if args.per_op:
-        import rftkit.model
-        rftkit.model._decode_fused = lambda *a: False     # an A/B switch: the model's per-op path
+        import rftkit.decode_stack
+        rftkit.decode_stack.run = lambda *a: False        # an A/B switch: the model's per-op path
     torch.manual_seed(0)
     model, tok = load(None)
     prompt = tok.encode_chat([{"role": "user", "content": "Write a story about a robot."}])

@@ -39,8 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     if not kernels.available():
         sys.exit(f"bench/gemv.py: no kernels here ({kernels.status()})")
-    lib = kernels._load()
-    wide = " avx512f" in kernels._cpuinfo()
+    lib = kernels.load()
+    wide = " avx512f" in kernels.build._cpuinfo()
     default16 = kernels.lanes() == 16
     torch.set_num_threads(2)
     print(f"threads {torch.get_num_threads()}, {kernels.status()}, load "

@@ -58,7 +58,7 @@ def trl(args, out: Path) -> list[dict]:
     import peft
     import transformers
     import trl as trl_lib
-    from rftkit.loading import ensure_embedded
+    from rftkit.loading.embedded import ensure_embedded
     from rftkit.rewards import last_integer
     folder = str(ensure_embedded())
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

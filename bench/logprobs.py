@@ -1,4 +1,4 @@
-"""The lm_head log-probs of a GRPO update, alone: `train_utils.hidden_logprobs` (one autograd Function with its
+"""The lm_head log-probs of a GRPO update, alone: `rftkit.logprobs.hidden_logprobs` (one autograd Function with its
 backward written out) vs the autograd graph it replaced (logsumexp, gather, softmax for the entropy), in one run.
 
     python bench/logprobs.py            # 1,024 rows (16 completions x 64 tokens), SmolLM2's V = 49,152, D = 576
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main():
-    from rftkit.train_utils import hidden_logprobs
+    from rftkit.logprobs import hidden_logprobs
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=49152)

@@ -78,7 +78,7 @@ def train_trl(seed: int, out: Path, args) -> dict:
     import peft
     import transformers
     import trl as trl_lib
-    from rftkit.loading import ensure_embedded
+    from rftkit.loading.embedded import ensure_embedded
     from rftkit.rewards import last_integer
     from rftkit.tasks import arithmetic
     folder = str(ensure_embedded())

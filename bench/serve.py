@@ -44,7 +44,7 @@ def make_adapters(root: Path, n: int, seed: int = 0) -> Path:
     (a `.complete` marker records the recipe), reused on later runs."""
     import torch
 
-    from rftkit.adapters import AdapterConfig, write_adapter
+    from rftkit.peft_format import AdapterConfig, write_adapter
     from rftkit.loading import EMBEDDED, load_config, resolve
     recipe = {"n": n, "rank": RANK, "targets": list(TARGETS), "seed": seed, "model": EMBEDDED}
     marker = root / ".complete"
@@ -276,7 +276,7 @@ def main() -> int:
     import numpy as np
 
     from rftkit.loading import cache_dir
-    from rftkit.serve import ServeConfig
+    from rftkit.serve.app import ServeConfig
     defaults = ServeConfig()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapters", type=int, default=1000, help="adapters on disk")

@@ -62,7 +62,7 @@ def trl(data: Path, out: Path, args) -> tuple[float, int, float]:
     import peft
     import transformers
     import trl as trl_lib
-    from rftkit.loading import ensure_embedded
+    from rftkit.loading.embedded import ensure_embedded
     folder = str(ensure_embedded())
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(folder)

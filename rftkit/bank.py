@@ -10,7 +10,7 @@
 Punica's BGMV semantics (a slot index per batch row, slot 0 = no adapter). A batch whose rows all use one slot
 adds `x @ A^T @ B^T * scale` with two small matmuls. A mixed batch on CPU makes one kernel call per module
 for every row's adapter (rftkit.kernels.lora_bgmv: the slots' weights read in place, no gathered copy of them,
-no per-slot ops), and a decode step of plain fp32 blocks runs them inside the one-call decode stack (rftkit.model,
+no per-slot ops), and a decode step of plain fp32 blocks runs them inside the one-call decode stack (rftkit.decode_stack,
 kernels.decode_layers); so 16 distinct adapters cost what reading their weights costs (16 r=16 all-linear
 adapters on SmolLM2-135M: 313 MB a decode step, 0.84-0.86x the tok/s of one adapter on a 2-core Xeon,
 docs/benchmarks.md); elsewhere (CUDA, autograd) its rows are grouped by
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rftkit import kernels
-from rftkit.adapters import AdapterConfig, read_adapter
-from rftkit.loading import aligned
-from rftkit.model import linear
+from rftkit.peft_format import AdapterConfig, read_adapter
+from rftkit.loading.weights import aligned
+from rftkit.layers import linear
 
 
 class BankLinear(nn.Module):
@@ -50,6 +50,11 @@ class BankLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.inner.weight
+
+    @property
+    def bank(self) -> "AdapterBank":
+        """The bank whose per-row adapters this layer adds (its slot table: `slots`)."""
+        return self._bank[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(self.inner, x)

@@ -25,9 +25,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sft": ("rftkit.sft", "SFTConfig", "run_sft", "supervised fine-tuning on JSONL"),
     "train": ("rftkit.grpo", "GRPOConfig", "run_grpo", "reinforcement fine-tuning (GRPO family) on a task"),
     "eval": ("rftkit.evaluate", "EvalConfig", "run_eval", "accuracy / pass@k on a task split"),
-    "serve": ("rftkit.serve", "ServeConfig", "run_serve", "OpenAI-compatible server with many adapters"),
-    "compress": ("rftkit.compress", "CompressConfig", "run_compress", "quantize, prune, factorize, distill"),
-    "export": ("rftkit.export", "ExportConfig", "run_export", "merge an adapter and write an HF folder or GGUF"),
+    "serve": ("rftkit.serve.app", "ServeConfig", "run_serve", "OpenAI-compatible server with many adapters"),
+    "compress": ("rftkit.compress.report", "CompressConfig", "run_compress", "quantize, prune, factorize, distill"),
+    "export": ("rftkit.compress.export", "ExportConfig", "run_export", "merge an adapter and write an HF folder or GGUF"),
     "pretrain": ("rftkit.pretrain", "PretrainConfig", "run_pretrain", "train a small dense or MoE model from scratch"),
     "upcycle": ("rftkit.upcycle", "UpcycleConfig", "run_upcycle", "turn a dense model into an MoE"),
 }
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module, _, run_name, _ = COMMANDS[ns.command]
+    import rftkit.compress.folder  # noqa: F401  registers the compressed folder format with rftkit.loading
     try:
         cfg = config_from_args(cls, ns)
         result = getattr(importlib.import_module(module), run_name)(cfg)

@@ -40,7 +40,8 @@ def run_demo(cfg: DemoConfig) -> int:
     from rftkit.loading import load
     from rftkit.run_folder import prepare_output
     from rftkit.tasks import arithmetic
-    from rftkit.train_utils import MetricsLog, StopRequest, plot_curves
+    from rftkit.metrics import MetricsLog, plot_curves
+    from rftkit.preemption import StopRequest
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft demo")
     t_start = time.perf_counter()
     model, tok = load(cfg.model)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rftkit import kernels
+from rftkit import decode_stack, kernels
 from rftkit.bank import AdapterBank
 from rftkit.model import Transformer, attention, attention_mask
 from rftkit.sampling import SamplingParams, sample
@@ -149,8 +149,9 @@ class BlockPool:
 
 class PagedCache:
     """The model's cache protocol over the block pool; `bind` sets the rows of the next forward. A decode step
-    (one query per row) reads each row's blocks in place (rftkit.kernels.paged_attention); a prefill chunk
-    gathers them into a contiguous view and runs the model's attention."""
+    (one query per row) runs the whole block stack in one kernel call where it can (`run_blocks`), else reads
+    each row's blocks in place (rftkit.kernels.paged_attention); a prefill chunk gathers them into a contiguous
+    view and runs the model's attention."""
 
     def __init__(self, n_layers, n_blocks, block_size, n_kv, head_dim, device, dtype):
         shape = (n_blocks * block_size, n_kv, head_dim)        # token-major: a block is block_size rows
@@ -177,6 +178,10 @@ class PagedCache:
         self.read = (self.table[:, :, None] * bs + torch.arange(bs, device=device)).reshape(B, -1)
         self.kpos = torch.arange(self.read.shape[1], device=device).expand(B, -1)
         self.masks: dict = {}
+
+    def run_blocks(self, model, x, cos, sin) -> bool:
+        """A decode step's whole block stack in one kernel call where it applies (rftkit.decode_stack)."""
+        return self.decode and decode_stack.run(model, x, cos, sin, self)
 
     def attend(self, layer, q, k, v, positions, window):
         # q [B, H, T, hd]; k, v [B, Hkv, T, hd] -> [B, H, T, hd]

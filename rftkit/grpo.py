@@ -7,7 +7,7 @@ Each step: take P prompts from the task's train split; sample G completions of e
 runs the model with its live LoRA adapter (no merge, no reload); score them with the rewards; turn rewards
 into group advantages; drop groups whose rewards are all equal (they carry no signal); then update the
 adapter on the clipped policy loss (rftkit.grpo_loss), with each prompt processed once per group
-(rftkit.grpo_forward). The loss is normalised over the whole batch, so micro-batching changes nothing and
+(rftkit.group_logprobs). The loss is normalised over the whole batch, so micro-batching changes nothing and
 there is no divisibility rule to satisfy: any P, any G >= 2.
 
 `grpo_update(model, optimizer, rollouts, cfg)` is the update alone, callable on given rollouts. Rollouts are
@@ -33,12 +33,15 @@ from typing import Literal
 import torch
 
 from rftkit import distributed as dist
-from rftkit.grpo_forward import group_logprobs
+from rftkit.group_logprobs import group_logprobs
 from rftkit.grpo_loss import LossSpec, Totals, group_advantages, policy_loss
+from rftkit.loading.checkpoint import load_checkpoint, newest_readable_checkpoint, save_checkpoint
 from rftkit.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, lora_parameters, save_lora
+from rftkit.lr_schedule import lr_at
+from rftkit.memory import keep_freed_memory
+from rftkit.metrics import MetricsLog, plot_curves
+from rftkit.preemption import StopRequest
 from rftkit.run_folder import prepare_output
-from rftkit.train_utils import (MetricsLog, StopRequest, keep_freed_memory, load_checkpoint, lr_at,
-                                newest_readable_checkpoint, plot_curves, save_checkpoint)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """LoRA on our model: y = W x + s · B A x, with s = alpha / r (or alpha / sqrt(r) with rsLoRA).
 
     apply_lora(model, LoRAConfig(r=16, targets="all-linear"))
-    save_lora(model, "out/adapter")             # PEFT format (rftkit.adapters)
+    save_lora(model, "out/adapter")             # PEFT format (rftkit.peft_format)
 
 `apply_lora` swaps each targeted `nn.Linear` for a `LoRALinear` at the same module path, so adapter keys are
 PEFT's. `lora_disabled(model)` switches every adapter off: the base model, used as GRPO's KL reference with
@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit.adapters import AdapterConfig, read_adapter, validate_adapter, write_adapter
+from rftkit.peft_format import AdapterConfig, read_adapter, validate_adapter, write_adapter
 from rftkit.kernels import linear as linear_weight
-from rftkit.model import linear
+from rftkit.layers import linear
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPERT_NAMES = ("experts.gate_up_proj", "experts.down_proj")      # stacked MoE expert tensors
@@ -89,15 +89,25 @@ class LoRALinear(nn.Module):
             return y
         return y + linear_weight(linear_weight(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
-    def quant_parts(self) -> tuple | None:
-        """(base, (A, B, scale) or None when disabled) when the base is quantized and adds the LoRA in its own
-        kernel call (QuantLinear.fuses_lora; no dropout in training); None for any other base. Read from the
-        module's dicts: nn.Module.__getattr__ costs ~1 us a lookup, and a decode step asks 210 times."""
+    def kernel_parts(self) -> tuple | None:
+        """(base, (A [R, in], B [out, R], scale) or None when the adapter is off or merged): what a kernel needs to
+        add this adapter inside the base layer's call (the quantized layers, the one-call decode stack); None
+        when it cannot (dropout active in training). Read from the module's own dicts: nn.Module.__getattr__
+        costs ~1 us a lookup, and a decode step asks 210 times."""
         mods, params = self._modules, self._parameters
-        base = mods["base"]
-        if not getattr(base, "fuses_lora", False) or not (type(mods["dropout"]) is nn.Identity or not self.training):
+        if not self.enabled or self.merged:
+            return mods["base"], None
+        if not (type(mods["dropout"]) is nn.Identity or not self.training):
             return None
-        return base, ((params["lora_A"], params["lora_B"], self.scaling) if self.enabled and not self.merged else None)
+        return mods["base"], (params["lora_A"], params["lora_B"], self.scaling)
+
+    def quant_parts(self) -> tuple | None:
+        """`kernel_parts()` when the base is quantized and adds the LoRA in its own kernel call
+        (QuantLinear.fuses_lora); None for any other base."""
+        parts = self.kernel_parts()
+        if parts is None or not getattr(parts[0], "fuses_lora", False):
+            return None
+        return parts
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling                           # [out, in]

@@ -1,6 +1,6 @@
 """Our Llama-family decoder in plain PyTorch: Llama 2/3, SmolLM/SmolLM2, Qwen2/2.5, Qwen3, Mistral.
 
-    cfg = ModelConfig.from_hf(json.load(open("config.json")))
+    cfg = ModelConfig(dim=64, n_layers=2)                # or rftkit.loading.hf.load_config(folder)
     model = Transformer(cfg)
     logits, aux = model(input_ids)                       # [B, T, V], {} for dense models
 
@@ -8,41 +8,34 @@ Module and parameter names follow `transformers` (`model.layers.0.self_attn.q_pr
 so that HF state_dicts load as they are and PEFT adapter keys map one to one.
 
 The KV cache is a protocol, not a class hierarchy: attention hands each layer's queries and new keys/values
-with their positions to `cache.attend(layer, q, k, v, positions, window)` and gets the attention output back.
-The contiguous `KVCache` here appends (`update`) and runs the shared `attention`, its mask built from
-positions alone (causal, sliding window, padding); the engine's paged cache reads its blocks in place.
+with their positions to `cache.attend(layer, q, k, v, positions, window)` and gets the attention output back;
+before a decode step (one new token per row) the model offers the cache the whole block stack
+(`cache.run_blocks(model, x, cos, sin)`: True when the cache ran the blocks itself). The contiguous `KVCache`
+here appends (`update`), runs the shared `attention`, its mask built from positions alone (causal, sliding
+window, padding), and declines the stack; the engine's paged cache reads its blocks in place and, in decode
+mode, runs the stack in one kernel call (rftkit.decode_stack).
 
 Decode speed: with a handful of rows a step is a chain of matrix-vector products bound by memory bandwidth,
-so plain `nn.Linear` layers go through `rftkit.kernels.linear` (a GEMV kernel for few rows on CPU, torch's
-F.linear otherwise, and always under autograd or on CUDA). With the engine's paged cache in decode mode and
-every block a plain dense one (nn.Linear layers, fp32, CPU, no autograd), the whole block stack of a step
-runs in one call (`kernels.decode_layers`, the same kernels without ~25 torch ops per block), unmerged LoRA and
-the adapter bank's per-row adapters inside it; quantized blocks have their own one-call stack (without the
-bank); MoE layers take the per-op path.
+so plain `nn.Linear` layers go through `rftkit.kernels.linear` (rftkit.layers: a GEMV kernel for few rows on
+CPU, torch's F.linear otherwise, and always under autograd or on CUDA).
 """
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit import kernels, quantize
-
-SUPPORTED_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+from rftkit import kernels
+from rftkit.layers import MLP, linear, linears
+from rftkit.moe import make_moe_ffn
 
 
 @dataclass
 class ModelConfig:
-    """Architecture hyper-parameters; `from_hf` reads a `transformers` config.json dict."""
+    """Architecture hyper-parameters; rftkit.loading.hf maps them to and from a `transformers` config.json."""
     vocab_size: int = 256
     dim: int = 64                       # D, hidden_size
     n_layers: int = 2
@@ -78,78 +71,6 @@ class ModelConfig:
             if kind not in ("default", "llama3", "linear"):
                 raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, llama3, linear)")
 
-    @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            if model_type is None or not _is_moe_type(model_type):
-                raise ValueError(f"unsupported architecture model_type={model_type!r} "
-                                 f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
-        n_heads = hf["num_attention_heads"]
-        dim = hf["hidden_size"]
-        # transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta + rope_scaling
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        rope_scaling = None if kind == "default" else rope
-        window, window_layers = None, None
-        if model_type == "mistral":
-            window = hf.get("sliding_window")
-        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-            window = hf.get("sliding_window")
-        if window is not None and hf.get("layer_types"):
-            window_layers = [i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention"]
-            if not window_layers:
-                window = None
-        eos = hf.get("eos_token_id")
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        attention_bias = bool(hf.get("attention_bias", False))
-        kw = dict(
-            vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or dim // n_heads,
-            ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-            rope_scaling=rope_scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=hf.get("tie_word_embeddings", model_type == "llama"),
-            qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias and model_type in ("llama", "qwen3"),
-            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
-            sliding_window=window, window_layers=window_layers, model_type=model_type,
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=eos, moe=_moe_fields(hf),
-        )
-        if kw["moe"] is not None:
-            from rftkit.moe import model_fields_from_hf  # attention flags of the MoE families
-            kw.update(model_fields_from_hf(hf))
-        return cls(**kw)
-
-    def to_hf(self) -> dict:
-        """A config.json dict that `transformers` reads back into the same architecture."""
-        if self.moe is not None:
-            from rftkit.moe import moe_config_to_hf  # MoE configs own their HF fields
-            return moe_config_to_hf(self)
-        hf = {
-            "architectures": [SUPPORTED_ARCHITECTURES[self.model_type]], "model_type": self.model_type,
-            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id,
-        }
-        if self.rope_scaling is not None:
-            hf["rope_scaling"] = dict(self.rope_scaling)
-        if self.model_type == "llama":
-            hf["attention_bias"] = self.qkv_bias
-            hf["mlp_bias"] = self.mlp_bias
-        if self.model_type == "qwen3":
-            hf["attention_bias"] = self.qkv_bias
-        if self.sliding_window is not None:
-            hf["sliding_window"] = self.sliding_window
-            if self.model_type != "mistral":
-                hf["use_sliding_window"] = True
-        return hf
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -160,17 +81,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-
-def _is_moe_type(model_type: str) -> bool:
-    return model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "llama4_text", "rftkit_moe")
-
-
-def _moe_fields(hf: dict) -> dict | None:
-    if not _is_moe_type(hf.get("model_type", "")):
-        return None
-    from rftkit.moe import moe_fields_from_hf
-    return moe_fields_from_hf(hf)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,24 +168,9 @@ class KVCache:
         k, v, k_pos = self.update(layer, k, v, positions)                        # [B, Hkv, S, hd]
         return attention(q, k, v, attention_mask(positions, k_pos, window))
 
-
-def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """m(x), with plain nn.Linear layers through the decode kernel (rftkit.kernels.linear)."""
-    if type(m) is nn.Linear:
-        return kernels.linear(x, m.weight, m.bias)
-    return m(x)
-
-
-def linears(mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """[m(x) for m in mods]; the layers of a decode step that share x (q/k/v, gate/up) in one kernel call when
-    they are all plain nn.Linear, or all quantized (with or without LoRA)."""
-    if all(type(m) is nn.Linear for m in mods):
-        ys = kernels.linear_many(x, [m.weight for m in mods], [m.bias for m in mods])
-    else:
-        ys = quantize.linear_many(mods, x)
-    if ys is not None:
-        return ys
-    return [linear(m, x) for m in mods]
+    def run_blocks(self, model: "Transformer", x: torch.Tensor, cos, sin) -> bool:
+        """Run a decode step's whole block stack itself (the engine's paged cache can); here: no, op by op."""
+        return False
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -367,20 +262,6 @@ def _decode_attention(q, k, v, mask):
     return out.reshape(B, H, 1, hd)
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, dim: int, ffn_dim: int, bias: bool = False):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, ffn_dim, bias=bias)
-        self.up_proj = nn.Linear(dim, ffn_dim, bias=bias)
-        self.down_proj = nn.Linear(ffn_dim, dim, bias=bias)
-
-    def forward(self, x):
-        gate, up = linears([self.gate_proj, self.up_proj], x)
-        return linear(self.down_proj, F.silu(gate) * up)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -402,8 +283,7 @@ class Block(nn.Module):
 
 def _make_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
     if cfg.moe is not None:
-        from rftkit.moe import make_moe_ffn  # None for the dense layers of interleaved MoE models
-        ffn = make_moe_ffn(cfg, layer)
+        ffn = make_moe_ffn(cfg, layer)          # None for the dense layers of interleaved MoE models
         if ffn is not None:
             return ffn
     return MLP(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
@@ -457,7 +337,7 @@ class Transformer(nn.Module):
         elif cache is None:
             mask = attention_mask(positions, positions, None)
         aux: dict = {}
-        if not (T == 1 and cache is not None and _decode_fused(self, x, cos, sin, cache)):
+        if not (T == 1 and cache is not None and cache.run_blocks(self, x, cos, sin)):
             for block in self.model.layers:
                 x = block(x, cos, sin, positions, cache, mask, aux)
         x = self.model.norm(x)
@@ -473,181 +353,3 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the decode step's blocks in one kernel call
-
-def _decode_fused(model: Transformer, x: torch.Tensor, cos, sin, cache) -> bool:
-    """Run every block of a decode step (one new token per row, x [B, 1, D]) in place in one kernel call when the
-    cache reads paged blocks in place (the engine's, in decode mode: `decode`, `table`, `qpos`, `write`,
-    `block_size`, per-layer `k`/`v` pools) and every block is a plain dense one in fp32 on the CPU outside
-    autograd, its linears all nn.Linear (rftkit.kernels.decode_layers, with the adapter bank's per-row
-    adapters when the bank wraps them) or all quantized alike (rftkit.quantize.decode_layers, no bank), each
-    with its unmerged LoRA (rank <= 64) or none. False: the caller runs the blocks one by one (MoE layers, q/k
-    norms, training, CUDA, mixed layer kinds, more rows than kernels.decode_max_rows())."""
-    if not getattr(cache, "decode", False) or torch.is_grad_enabled() or x.shape[0] > kernels.decode_max_rows():
-        return False
-    plan = _decode_plan(model, cache)
-    if plan is None:
-        return False
-    kind, layers, bank = plan
-    c, B = model.cfg, x.shape[0]
-    x2, cos2, sin2 = x.view(B, -1), cos.reshape(B, -1), sin.reshape(B, -1)
-    if kind is None:
-        rows, rank = None, 0
-        if bank is not None and bank.groups:              # this batch uses adapters of the bank
-            if not bank.kernel_ok() or bank.rows is None or bank.rows.shape[0] != B:
-                return False
-            rows, rank = bank.rows, bank.max_loaded_rank()
-        return kernels.decode_layers(x2, layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, cos2, sin2,
-                                     cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps, rows, rank,
-                                     bank.n_slots + 1 if rows is not None else 0)
-    return quantize.decode_layers(x2, layers, kind[0], kind[1], c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim,
-                                  cos2, sin2, cache.table, cache.qpos, cache.write, cache.block_size, c.norm_eps)
-
-
-_BLOCK_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                  ("mlp", ("gate_proj", "up_proj", "down_proj")))
-_FIELD = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "g", "up_proj": "u",
-          "down_proj": "d"}
-
-
-_decode_plans: "weakref.WeakKeyDictionary[Transformer, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _plan_holds(checks: list, ptrs: list) -> bool:
-    return all(d.get(k) is o for d, k, o in checks) and all(t.data_ptr() == p for t, p in ptrs)
-
-
-def _decode_plan(model: Transformer, cache):
-    """(kind, block array) for model's blocks over cache's pools: kind None = nn.Linear layers
-    (kernels.DecodeLayer), (bits, group_size) = quantized ones (quantize._Block); None when some block does not
-    qualify. Built once and kept while every module, tensor, data pointer and LoRA setting it read is still the
-    one in use (module swaps, reassigned parameters, `.to()`, an adapter switched off all rebuild it)."""
-    kept = _decode_plans.get(model)
-    if kept is not None and kept[0]() is cache and _plan_holds(kept[1], kept[2]):
-        return kept[3]
-    checks, ptrs = [], []
-
-    def take(owner: dict, key: str):
-        obj = owner.get(key)
-        checks.append((owner, key, obj))
-        if isinstance(obj, torch.Tensor):
-            ptrs.append((obj, obj.data_ptr()))
-        return obj
-
-    def usable(t) -> bool:
-        return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
-
-    def part(m):
-        """(base layer, unmerged LoRA (A, B, scale) or None, the adapter bank's slot table or None) of a plain,
-        quantized or LoRA-wrapped linear, itself maybe wrapped by the bank, every tensor and setting it depends
-        on recorded; None for any other module."""
-        from rftkit.bank import BankLinear
-        from rftkit.lora import LoRALinear
-        lora = slots = None
-        if type(m) is BankLinear:
-            slots = take(m.__dict__, "slots")
-            for t in (slots.A, slots.B, slots.T, slots.R, slots.s):
-                ptrs.append((t, t.data_ptr()))
-            banks.add(m._bank[0])
-            m = take(m._modules, "inner")
-        if type(m) is LoRALinear:
-            for key in ("enabled", "merged", "scaling", "training"):
-                take(m.__dict__, key)
-            drop, base = take(m._modules, "dropout"), take(m._modules, "base")
-            A, B = take(m._parameters, "lora_A"), take(m._parameters, "lora_B")
-            if m.enabled and not m.merged:
-                if not (type(drop) is nn.Identity or not m.training) or A.shape[0] > 64 \
-                        or not (usable(A) and usable(B)):
-                    return None
-                lora = A, B, m.scaling
-            m = base
-        if isinstance(m, quantize.QuantLinear):
-            for key in ("qweight", "scales", "mins"):
-                take(m._buffers, key)
-        elif type(m) is nn.Linear:
-            if not (usable(take(m._parameters, "weight")) and usable(m._parameters.get("bias"))):
-                return None
-        else:
-            return None
-        take(m._parameters, "bias")
-        return m, lora, slots
-
-    banks: set = set()
-
-    def build():
-        blocks = take(model.model._modules, "layers")
-        n = len(blocks)
-        if len(cache.k) != n or any(not usable(t) for t in (*cache.k, *cache.v)):
-            return None
-        kind, layers = "unset", None
-        for i in range(n):
-            blk = take(blocks._modules, str(i))
-            if type(blk) is not Block:
-                return None
-            mods = {}
-            for child, names in _BLOCK_LINEARS:
-                owner = take(blk._modules, child)
-                if type(owner) not in (Attention, MLP) or getattr(owner, "qk_norm", False):
-                    return None
-                for name in names:
-                    mods[name] = take(owner._modules, name)
-            norms = []
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                m = take(blk._modules, norm)
-                if type(m) is not RMSNorm or m.eps != model.cfg.norm_eps:
-                    return None
-                w = take(m._parameters, "weight")
-                if not usable(w):
-                    return None
-                norms.append(w.data_ptr())
-            parts = {name: part(m) for name, m in mods.items()}
-            if any(p is None for p in parts.values()):
-                return None
-            first = parts["q_proj"][0]
-            k = (first.bits, first.group_size) if isinstance(first, quantize.QuantLinear) else None
-            if any(((q.bits, q.group_size) if isinstance(q, quantize.QuantLinear) else None) != k
-                   for q, _, _ in parts.values()):
-                return None
-            if k is not None and any(t is not None for _, _, t in parts.values()):
-                return None                     # the quantized stack takes no bank adapters: op by op
-            if kind == "unset":
-                kind = k
-                layers = (kernels.DecodeLayer * n)() if k is None else (quantize._Block * n)()
-            elif k != kind:
-                return None
-            L = layers[i]
-            L.ln1, L.ln2 = norms
-            L.kc, L.vc = cache.k[i].data_ptr(), cache.v[i].data_ptr()
-            L.window = blk.self_attn.window or 0
-            if kind is None:
-                for j, name in enumerate(kernels.DecodeLayer.LORA_ORDER):
-                    m, lora, slots = parts[name]
-                    if slots is not None:
-                        L.bA[j], L.bB[j], L.bT[j], L.bR[j], L.bS[j] = (t.data_ptr() for t in (
-                            slots.A, slots.B, slots.T, slots.R, slots.s))
-                    w, b = m._parameters["weight"], m._parameters.get("bias")
-                    f = _FIELD[name]
-                    setattr(L, "w" + f, w.data_ptr())
-                    setattr(L, "b" + f, 0 if b is None else b.data_ptr())
-                    if lora is not None:
-                        L.la[j], L.lb[j], L.ls[j], L.lr[j] = lora[0].data_ptr(), lora[1].data_ptr(), lora[2], \
-                            lora[0].shape[0]
-            else:
-                for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                    quantize.fill_layer(L.qkv[j], *parts[name][:2])
-                quantize.fill_layer(L.o, *parts["o_proj"][:2])
-                quantize.fill_layer(L.gu[0], *parts["gate_proj"][:2])
-                quantize.fill_layer(L.gu[1], *parts["up_proj"][:2])
-                quantize.fill_layer(L.down, *parts["down_proj"][:2])
-        if len(banks) > 1:
-            return None
-        return kind, layers, (next(iter(banks)) if banks else None)
-
-    plan = build()
-    # the plan keeps the tensors it read alive (ptrs), so their ids and addresses stay theirs; the cache only
-    # weakly (its pools are allocated once, with it)
-    _decode_plans[model] = (weakref.ref(cache), checks, ptrs, plan)
-    return plan

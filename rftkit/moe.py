@@ -10,7 +10,7 @@ One module, `MoEFeedForward`, covers the public families by configuration (`MoEC
   expert's *input*, an ungated shared expert, MoE layers interleaved with dense ones (`moe_layers`).
 - Parameter names are `transformers` 5's in-memory names (`mlp.gate.weight` [E, D], `mlp.experts.gate_up_proj`
   [E, 2F, D] = gate rows then up rows, `mlp.experts.down_proj` [E, D, F]) so PEFT's `target_parameters` apply.
-  `convert_hf_state_dict` reads the hub's per-expert tensors (`block_sparse_moe.experts.0.w1.weight`,
+  `rftkit.loading.hf.convert_hf_state_dict` reads the hub's per-expert tensors (`block_sparse_moe.experts.0.w1.weight`,
   `mlp.experts.0.gate_proj.weight`) and fused ones. Note: `save_pretrained` of transformers 5.24 writes the
   per-expert hub layout for Mixtral/Qwen-MoE (it reverses its load-time fusion); only its state_dict is fused.
   LLaMA 4 checkpoints are fused and transposed ([E, D, 2F], [E, F, D]).
@@ -39,15 +39,13 @@ Each MoE module keeps `expert_counts` [E] (assignments per expert, last forward)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rftkit.model import MLP, ModelConfig, Transformer
-
-HF_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4_text", "rftkit_moe")
+from rftkit.layers import MLP
 
 
 @dataclass
@@ -302,199 +300,3 @@ def update_router_bias(model: nn.Module, rate: float) -> None:
         load = m.load_since_update
         m.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
         load.zero_()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# HF configs and checkpoints
-
-def _moe_layer_list(hf: dict) -> list[int] | None:
-    """Qwen-MoE: layers not in mlp_only_layers and (i+1) % decoder_sparse_step == 0; None when that is all."""
-    L, step, dense = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers", []))
-    layers = [i for i in range(L) if i not in dense and (i + 1) % step == 0]
-    return None if len(layers) == L else layers
-
-
-def moe_fields_from_hf(hf: dict) -> dict:
-    """The ModelConfig.moe dict of an HF config.json dict (complete, so configs compare equal)."""
-    t = hf.get("model_type")
-    if t == "rftkit_moe":
-        return asdict(MoEConfig(**hf["moe"]))
-    if t == "llama4_text":
-        raise ValueError("model_type='llama4_text': LLaMA 4 attention (chunked attention, NoPE layers, L2 q/k "
-                         "norm, temperature tuning, interleaved RoPE) is not implemented; for the LLaMA-4 MoE "
-                         "layout use model_type='rftkit_moe' with MOE_PRESETS['llama4']")
-    if t not in ("mixtral", "qwen2_moe", "qwen3_moe"):
-        raise ValueError(f"not an MoE model_type: {t!r} (supported: {', '.join(HF_MOE_TYPES)})")
-    k = hf["num_experts_per_tok"]
-    common = dict(top_k=k, balance_coef=hf.get("router_aux_loss_coef", 0.001) * k, z_coef=0.0)
-    if t == "mixtral":
-        return asdict(MoEConfig(n_experts=hf["num_local_experts"], expert_ffn_dim=hf["intermediate_size"],
-                                renormalize=True, **common))
-    n_experts = hf.get("num_experts", hf.get("num_local_experts"))
-    shared = hf.get("shared_expert_intermediate_size", 0) if t == "qwen2_moe" else 0
-    return asdict(MoEConfig(n_experts=n_experts, expert_ffn_dim=hf["moe_intermediate_size"],
-                            renormalize=bool(hf.get("norm_topk_prob", False)), shared_ffn_dim=shared,
-                            shared_gate=bool(shared), moe_layers=_moe_layer_list(hf), **common))
-
-
-def model_fields_from_hf(hf: dict) -> dict:
-    """Attention/MLP flags of the MoE families that `ModelConfig.from_hf` reads only for dense types."""
-    t = hf.get("model_type")
-    window = hf.get("sliding_window") if (t == "mixtral" or hf.get("use_sliding_window")) else None
-    window_layers = None
-    if window is not None and hf.get("layer_types"):
-        window_layers = [i for i, lt in enumerate(hf["layer_types"]) if lt == "sliding_attention"] or None
-        window = window if window_layers else None
-    out = dict(sliding_window=window, window_layers=window_layers, mlp_bias=False)
-    if t == "mixtral":
-        out.update(qkv_bias=False, o_bias=False, qk_norm=False)
-    elif t == "qwen2_moe":
-        out.update(qkv_bias=bool(hf.get("qkv_bias", True)), o_bias=False, qk_norm=False)
-    elif t == "qwen3_moe":
-        bias = bool(hf.get("attention_bias", False))
-        out.update(qkv_bias=bias, o_bias=bias, qk_norm=True)
-    elif t == "rftkit_moe":
-        out = {name: hf[name] for name in ("qkv_bias", "o_bias", "qk_norm", "mlp_bias", "sliding_window",
-                                           "window_layers")}
-    else:
-        raise ValueError(f"not an MoE model_type: {t!r} (supported: {', '.join(HF_MOE_TYPES)})")
-    return out
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig.from_hf with the MoE families' attention flags applied (see model_fields_from_hf)."""
-    return replace(ModelConfig.from_hf(hf), **model_fields_from_hf(hf))
-
-
-def moe_config_to_hf(cfg: ModelConfig) -> dict:
-    """config.json dict for an MoE ModelConfig; transformers reads mixtral/qwen2_moe/qwen3_moe back."""
-    mc = moe_config(cfg)
-    hf = replace(cfg, moe=None, model_type="llama").to_hf()     # the common fields
-    for name in ("attention_bias", "mlp_bias"):
-        hf.pop(name, None)
-    t = cfg.model_type
-
-    def need(ok: bool, what: str):
-        if not ok:
-            raise ValueError(f"model_type={t!r} cannot express {what}; use model_type='rftkit_moe'")
-
-    if t in ("mixtral", "qwen2_moe", "qwen3_moe"):
-        need(mc.score == "softmax" and not mc.scale_input and not mc.bias_balancing and mc.capacity_factor is None,
-             "sigmoid scores, input scaling, bias balancing or capacity")
-        need(not cfg.mlp_bias and cfg.window_layers is None, "mlp_bias or per-layer windows")
-        hf.update(num_experts_per_tok=mc.top_k, router_aux_loss_coef=mc.balance_coef / mc.top_k)
-    if t == "mixtral":
-        need(mc.renormalize and not mc.shared_ffn_dim and mc.moe_layers is None and not cfg.qkv_bias
-             and not cfg.o_bias and not cfg.qk_norm and cfg.ffn_dim == mc.expert_ffn_dim,
-             "this moe/attention layout")
-        hf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=mc.n_experts,
-                  sliding_window=cfg.sliding_window)
-    elif t in ("qwen2_moe", "qwen3_moe"):
-        if t == "qwen2_moe":
-            need(not cfg.o_bias and not cfg.qk_norm and mc.shared_gate == bool(mc.shared_ffn_dim),
-                 "this attention layout or an ungated shared expert")
-        else:
-            need(cfg.qkv_bias == cfg.o_bias and cfg.qk_norm and not mc.shared_ffn_dim,
-                 "this attention layout or a shared expert")
-        layers = mc.moe_layers if mc.moe_layers is not None else list(range(cfg.n_layers))
-        hf.update(architectures=["Qwen2MoeForCausalLM" if t == "qwen2_moe" else "Qwen3MoeForCausalLM"],
-                  model_type=t, num_experts=mc.n_experts, moe_intermediate_size=mc.expert_ffn_dim,
-                  norm_topk_prob=mc.renormalize, decoder_sparse_step=1,
-                  mlp_only_layers=[i for i in range(cfg.n_layers) if i not in layers],
-                  use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
-        if t == "qwen2_moe":
-            hf.update(qkv_bias=cfg.qkv_bias, shared_expert_intermediate_size=mc.shared_ffn_dim)
-        else:
-            hf.update(attention_bias=cfg.qkv_bias)
-    elif t == "rftkit_moe":
-        hf.update(architectures=["RftkitMoeForCausalLM"], model_type=t, moe=asdict(mc), qkv_bias=cfg.qkv_bias,
-                  o_bias=cfg.o_bias, qk_norm=cfg.qk_norm, mlp_bias=cfg.mlp_bias,
-                  sliding_window=cfg.sliding_window, window_layers=cfg.window_layers)
-    else:
-        raise ValueError(f"not an MoE model_type: {t!r} (supported: {', '.join(HF_MOE_TYPES)})")
-    return hf
-
-
-_HUB_EXPERT = {  # per-expert hub names -> (our fused tensor, row block)
-    "w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None),
-}
-
-
-def convert_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF MoE checkpoint keys (hub per-expert, transformers-5 fused, LLaMA-4 fused-transposed) -> ours.
-    Keys of other tensors pass through; an incomplete set of experts raises."""
-    mc = moe_config(cfg)
-    out, per_expert = {}, {}       # per_expert[(prefix, tensor)][e] = (block, weight)
-    for key, v in sd.items():
-        k = key.replace(".block_sparse_moe.", ".mlp.").replace(".feed_forward.", ".mlp.")
-        k = k.replace(".mlp.router.weight", ".mlp.gate.weight")
-        parts = k.split(".")
-        if ".mlp.experts." in k and parts[-1] == "weight" and parts[-3].isdigit():   # ...experts.{e}.{name}.weight
-            if parts[-2] not in _HUB_EXPERT:
-                raise ValueError(f"unknown expert tensor {key!r}")
-            name, block = _HUB_EXPERT[parts[-2]]
-            prefix = ".".join(parts[:-3])
-            per_expert.setdefault((prefix, name), {}).setdefault(int(parts[-3]), []).append((block, v))
-            continue
-        if key.endswith(".feed_forward.experts.gate_up_proj"):      # LLaMA 4: [E, D, 2F] -> [E, 2F, D]
-            v = v.transpose(1, 2).contiguous()
-        elif key.endswith(".feed_forward.experts.down_proj"):       # LLaMA 4: [E, F, D] -> [E, D, F]
-            v = v.transpose(1, 2).contiguous()
-        out[k] = v
-    for (prefix, name), experts in per_expert.items():
-        if sorted(experts) != list(range(mc.n_experts)):
-            raise ValueError(f"{prefix}: checkpoint has experts {sorted(experts)}, config wants {mc.n_experts}")
-        stacked = []
-        for e in range(mc.n_experts):
-            blocks = dict(experts[e])
-            want = [0, 1] if name == "gate_up_proj" else [None]
-            if sorted(blocks, key=str) != sorted(want, key=str):
-                raise ValueError(f"{prefix}.{e}: expert tensors for {name} incomplete ({len(blocks)} of {len(want)})")
-            stacked.append(torch.cat([blocks[b] for b in want]))
-        out[f"{prefix}.{name}"] = torch.stack(stacked)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sparse upcycling
-
-@torch.no_grad()
-def upcycle_dense(model: Transformer, n_experts: int, top_k: int, router_std: float = 0.02,
-                  seed: int = 0, model_type: str = "rftkit_moe", **moe_overrides) -> Transformer:
-    """Dense model -> MoE: every MLP copied into E experts, a new random router (Komatsuzaki et al. 2023).
-    Renormalised top-k weights sum to 1 over identical experts, so outputs equal the dense model's.
-    While the experts are identical the LM loss gives the router no gradient (only the balance/z losses do);
-    experts diverge because they see different tokens, and routing follows. `model_type="mixtral"` gives a
-    config transformers and vLLM load as MixtralForCausalLM (every layer MoE, no z-loss)."""
-    cfg = model.cfg
-    if cfg.moe is not None or cfg.mlp_bias:
-        raise ValueError(f"upcycle_dense needs a dense model without MLP bias (moe={cfg.moe}, "
-                         f"mlp_bias={cfg.mlp_bias})")
-    if model_type not in ("rftkit_moe", "mixtral"):
-        raise ValueError(f"upcycle_dense: model_type must be 'rftkit_moe' or 'mixtral', got {model_type!r}")
-    mc = MoEConfig(**({"n_experts": n_experts, "top_k": top_k, "expert_ffn_dim": cfg.ffn_dim,
-                       "renormalize": True} | moe_overrides))
-    if not mc.renormalize or mc.scale_input or mc.shared_ffn_dim:
-        raise ValueError("upcycle_dense keeps the dense function only with renormalize=True, scale_input=False "
-                         "and no shared expert")
-    if model_type == "mixtral" and (mc.z_coef or mc.moe_layers is not None):
-        raise ValueError(f"a mixtral config has no router z-loss and no dense layers (z_coef={mc.z_coef}, "
-                         f"moe_layers={mc.moe_layers}); use model_type='rftkit_moe'")
-    new_cfg = replace(cfg, model_type=model_type, moe=asdict(mc))
-    new_cfg.to_hf()                              # refuses what the model type cannot express, before any work
-    new = Transformer(new_cfg).to(model.device)
-    dense, state = model.state_dict(), new.state_dict()
-    g = torch.Generator().manual_seed(seed)
-    for k in state:
-        if k in dense:
-            state[k] = dense[k]
-    for i, m in moe_modules(new).items():
-        p = f"model.layers.{i}.mlp."
-        gate_up = torch.cat([dense[p + "gate_proj.weight"], dense[p + "up_proj.weight"]])    # [2F, D]
-        state[p + "experts.gate_up_proj"] = gate_up.expand(n_experts, -1, -1)
-        state[p + "experts.down_proj"] = dense[p + "down_proj.weight"].expand(n_experts, -1, -1)
-        router = torch.randn(m.gate.weight.shape, generator=g) * router_std                  # [E, D]
-        state[p + "gate.weight"] = router.to(state[p + "gate.weight"])
-    new.load_state_dict(state)
-    return new.train(model.training)

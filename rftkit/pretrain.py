@@ -36,8 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from rftkit.model import ModelConfig, Transformer
-from rftkit.train_utils import (MetricsLog, drawing, keep_freed_memory, latest_checkpoint, load_checkpoint, lr_at,
-                                save_checkpoint)
+from rftkit.loading.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rftkit.loading.hf import config_to_hf
+from rftkit.lr_schedule import lr_at
+from rftkit.memory import keep_freed_memory
+from rftkit.metrics import MetricsLog, drawing
 
 
 @dataclass
@@ -295,7 +298,7 @@ def train(cfg: PretrainConfig, arch: str, data: tuple[torch.Tensor, torch.Tensor
         log.path.unlink()
     counts = active_parameters(model)
     (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "arch": arch, "parameters": counts,
-                                                 "model": model.cfg.to_hf()}, indent=1))
+                                                 "model": config_to_hf(model.cfg)}, indent=1))
     total = cfg.steps
     eval_loss = None
     for step in range(start, total):
@@ -331,7 +334,7 @@ def train(cfg: PretrainConfig, arch: str, data: tuple[torch.Tensor, torch.Tensor
     rows = log.read()
     if eval_loss is None:                      # resumed at the end: take it from the log
         eval_loss = next((r["eval_loss"] for r in reversed(rows) if "eval_loss" in r), None)
-    from rftkit.loading import save_model_folder
+    from rftkit.loading.weights import save_model_folder
     save_model_folder(model, out / "model")
     shares = expert_shares(rows) if arch == "moe" else {}
     summary = {"arch": arch, "seed": cfg.seed, "steps": total, "tokens": total * cfg.batch_size * cfg.seq_len,

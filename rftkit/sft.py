@@ -30,11 +30,15 @@ from typing import Literal
 import torch
 
 from rftkit import distributed as dist
+from rftkit.loading.checkpoint import (load_checkpoint, newest_readable_checkpoint, save_checkpoint, set_rng_state,
+                                      set_seed)
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
+from rftkit.logprobs import hidden_logprobs
+from rftkit.lr_schedule import lr_at
+from rftkit.memory import keep_freed_memory
+from rftkit.metrics import MetricsLog, plot_curves, require_tensorboard
+from rftkit.preemption import StopRequest
 from rftkit.run_folder import prepare_output
-from rftkit.train_utils import (MetricsLog, StopRequest, hidden_logprobs, keep_freed_memory, load_checkpoint, lr_at,
-                                newest_readable_checkpoint, plot_curves, require_tensorboard, save_checkpoint,
-                                set_rng_state, set_seed)
 
 EMBEDDED = "smollm2-135m-instruct"
 
@@ -428,7 +432,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
                 "tokens": tokens_seen, "stopped": "SIGTERM"}
     final = out / ("model" if cfg.full else "adapter")
     if (main or fsdp) and cfg.full:
-        from rftkit.loading import save_model_folder
+        from rftkit.loading.weights import save_model_folder
         tok_dir = resolve(cfg.model) if loaded_here or cfg.model else None     # its tokenizer files
         save_model_folder(model, final, tokenizer_dir=tok_dir, write=main)
     elif main or fsdp:

@@ -15,11 +15,15 @@ also allows dense layers (`--moe-layers`) and the router z-loss, and only rftkit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from rftkit.loading.hf import config_to_hf
+from rftkit.model import Transformer
+from rftkit.moe import MoEConfig, moe_modules
 
 
 @dataclass
@@ -48,10 +52,50 @@ class UpcycleConfig:
 
 def upcycle(dense, cfg: UpcycleConfig):
     """The MoE model of a dense `Transformer` (not written anywhere)."""
-    from rftkit.moe import upcycle_dense
     return upcycle_dense(dense, cfg.experts, cfg.top_k, router_std=cfg.router_std, seed=cfg.seed,
                          model_type=cfg.model_type, moe_layers=cfg.moe_layers, balance_coef=cfg.balance_coef,
                          z_coef=cfg.z_coef)
+
+
+@torch.no_grad()
+def upcycle_dense(model: Transformer, n_experts: int, top_k: int, router_std: float = 0.02,
+                  seed: int = 0, model_type: str = "rftkit_moe", **moe_overrides) -> Transformer:
+    """Dense model -> MoE: every MLP copied into E experts, a new random router (Komatsuzaki et al. 2023).
+    Renormalised top-k weights sum to 1 over identical experts, so outputs equal the dense model's.
+    While the experts are identical the LM loss gives the router no gradient (only the balance/z losses do);
+    experts diverge because they see different tokens, and routing follows. `model_type="mixtral"` gives a
+    config transformers and vLLM load as MixtralForCausalLM (every layer MoE, no z-loss)."""
+    cfg = model.cfg
+    if cfg.moe is not None or cfg.mlp_bias:
+        raise ValueError(f"upcycle_dense needs a dense model without MLP bias (moe={cfg.moe}, "
+                         f"mlp_bias={cfg.mlp_bias})")
+    if model_type not in ("rftkit_moe", "mixtral"):
+        raise ValueError(f"upcycle_dense: model_type must be 'rftkit_moe' or 'mixtral', got {model_type!r}")
+    mc = MoEConfig(**({"n_experts": n_experts, "top_k": top_k, "expert_ffn_dim": cfg.ffn_dim,
+                       "renormalize": True} | moe_overrides))
+    if not mc.renormalize or mc.scale_input or mc.shared_ffn_dim:
+        raise ValueError("upcycle_dense keeps the dense function only with renormalize=True, scale_input=False "
+                         "and no shared expert")
+    if model_type == "mixtral" and (mc.z_coef or mc.moe_layers is not None):
+        raise ValueError(f"a mixtral config has no router z-loss and no dense layers (z_coef={mc.z_coef}, "
+                         f"moe_layers={mc.moe_layers}); use model_type='rftkit_moe'")
+    new_cfg = replace(cfg, model_type=model_type, moe=asdict(mc))
+    config_to_hf(new_cfg)                        # refuses what the model type cannot express, before any work
+    new = Transformer(new_cfg).to(model.device)
+    dense, state = model.state_dict(), new.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    for k in state:
+        if k in dense:
+            state[k] = dense[k]
+    for i, m in moe_modules(new).items():
+        p = f"model.layers.{i}.mlp."
+        gate_up = torch.cat([dense[p + "gate_proj.weight"], dense[p + "up_proj.weight"]])    # [2F, D]
+        state[p + "experts.gate_up_proj"] = gate_up.expand(n_experts, -1, -1)
+        state[p + "experts.down_proj"] = dense[p + "down_proj.weight"].expand(n_experts, -1, -1)
+        router = torch.randn(m.gate.weight.shape, generator=g) * router_std                  # [E, D]
+        state[p + "gate.weight"] = router.to(state[p + "gate.weight"])
+    new.load_state_dict(state)
+    return new.train(model.training)
 
 
 @torch.no_grad()
@@ -64,7 +108,6 @@ def max_logit_difference(a, b, n_tokens: int, seed: int = 0) -> float:
 
 def parameter_counts(model) -> dict[str, int]:
     """Total parameters and those active per token (router + K of the E experts in MoE layers)."""
-    from rftkit.moe import moe_modules
     total = model.num_parameters()
     active = total
     for m in moe_modules(model).values():
@@ -74,7 +117,7 @@ def parameter_counts(model) -> dict[str, int]:
 
 
 def run_upcycle(cfg: UpcycleConfig) -> Path:
-    from rftkit.export import export
+    from rftkit.compress.export import export
     from rftkit.loading import load_model, resolve
     if not cfg.out:
         raise ValueError("--out is required: the folder to write the MoE model to")

@@ -48,7 +48,8 @@ def table(root: Path) -> str:
 
 def measured_baseline(cfg, report: dict) -> dict:
     """baseline(cfg)'s context without measuring the original again: its numbers from an earlier report."""
-    from rftkit.compress import folder_bytes, text_tokens
+    from rftkit.compress.folder import folder_bytes
+    from rftkit.compress.transforms import text_tokens
     from rftkit.loading import load_tokenizer, resolve
     from rftkit.tasks import get_task
     folder = resolve(cfg.model)
@@ -59,8 +60,8 @@ def measured_baseline(cfg, report: dict) -> dict:
 
 
 def main(argv=None):
-    from rftkit.compress import CompressConfig
-    from rftkit.compress_report import baseline, run_one
+    from rftkit.compress.transforms import CompressConfig
+    from rftkit.compress.report import baseline, run_one
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--out", required=True)

@@ -19,7 +19,7 @@ def main():
     args = ap.parse_args()
     import peft
     import transformers
-    from rftkit.loading import ensure_embedded
+    from rftkit.loading.embedded import ensure_embedded
     from rftkit.rewards import last_integer
     from rftkit.tasks import arithmetic
     folder = str(ensure_embedded())

@@ -6,10 +6,9 @@ import pytest
 import torch
 import transformers
 
-from rftkit.adapters import AdapterConfig, read_adapter, safe_adapter_path, validate_adapter, write_adapter
+from rftkit.peft_format import AdapterConfig, read_adapter, safe_adapter_path, validate_adapter, write_adapter
 from rftkit.loading import load_model
 from rftkit.lora import LoRAConfig, apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 
@@ -139,7 +138,7 @@ def test_adapter_names_cannot_escape_root(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_exported_merged_folder_gives_peft_logits_in_transformers(tmp_path, arch, tok_dir):  # noqa: F811
+def test_exported_merged_folder_gives_peft_logits_in_transformers(tmp_path, arch, tok_dir):
     """rft export: base + our adapter, merged, loads in plain transformers with the logits of base + adapter in
     PEFT; the tokenizer comes along."""
     import peft

@@ -4,12 +4,11 @@ import copy
 import pytest
 import torch
 
-from rftkit.adapters import AdapterConfig, write_adapter
+from rftkit.peft_format import AdapterConfig, write_adapter
 from rftkit.engine import Engine
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules
 from rftkit.sampling import SamplingParams
-from tests.conftest import tiny_model
-from tests.test_engine import reference_greedy
+from tests.conftest import reference_greedy, tiny_model
 
 TARGETS = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"],
            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]]
@@ -165,7 +164,7 @@ def test_adapter_that_fails_to_load_fails_only_its_request(tmp_path):
 def test_a_decode_step_with_bank_adapters_runs_in_one_call_as_op_by_op(tmp_path, monkeypatch):
     """Rows on four adapters of different ranks and targets, and on none, decode through the one-call stack
     (kernels.decode_layers with the bank's slot tables) with the logits of the blocks run op by op."""
-    import rftkit.model as model_mod
+    from rftkit import decode_stack
     from rftkit import kernels
     if not kernels.available():
         pytest.skip(kernels.status())
@@ -188,7 +187,7 @@ def test_a_decode_step_with_bank_adapters_runs_in_one_call_as_op_by_op(tmp_path,
         monkeypatch.setattr(kernels, "decode_layers", counted)
         monkeypatch.setattr(model, "forward", spy)
         if not fused:
-            monkeypatch.setattr(model_mod, "_decode_fused", lambda *a: False)
+            monkeypatch.setattr(decode_stack, "run", lambda *a: False)
         engine = Engine(model, max_seq_len=64, adapter_slots=4)
         for name, (path, _, _) in adapters.items():
             engine.adapters.register(name, path)

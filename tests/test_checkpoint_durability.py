@@ -15,10 +15,9 @@ from rftkit.lora import lora_parameters
 from rftkit.rewards import RewardError, score_batch
 from rftkit.tasks import Task, arithmetic
 from rftkit.tokenizer import Tokenizer
-from rftkit.train_utils import (latest_checkpoint, newest_readable_checkpoint, recover_checkpoints,
-                                save_checkpoint)
+from rftkit.loading.checkpoint import (latest_checkpoint, newest_readable_checkpoint, recover_checkpoints,
+                                      save_checkpoint)
 from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
 
 
 def _tiny_state():
@@ -84,7 +83,7 @@ def test_newest_readable_falls_back_when_the_newest_is_torn(tmp_path):
     assert path.name == "step-0000001" and read["meta"]["step"] == 1
 
 
-def _setup(tok_dir):  # noqa: F811
+def _setup(tok_dir):
     base = arithmetic()
     task = Task("tiny", {k: v[:40] for k, v in base.problems.items()},
                 lambda c, s: sum(ch.isdigit() for ch in c) / max(1, len(c)))
@@ -101,7 +100,7 @@ def _steps(out):
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_falls_back_past_a_torn_checkpoint_and_logs_no_duplicate_rows(tmp_path, tok_dir):  # noqa: F811
+def test_resume_falls_back_past_a_torn_checkpoint_and_logs_no_duplicate_rows(tmp_path, tok_dir):
     model, tok, task = _setup(tok_dir)
     train(_cfg(tmp_path / "a", steps=4), model, tok, task, progress=False)
     full = [p.detach().clone() for p in lora_parameters(model)]
@@ -121,7 +120,7 @@ def test_resume_falls_back_past_a_torn_checkpoint_and_logs_no_duplicate_rows(tmp
     assert max(float((a - b).abs().max()) for a, b in zip(full, lora_parameters(m2))) < 1e-5
 
 
-def test_sigterm_checkpoints_the_step_and_stops_then_resume_finishes_equal(tmp_path, tok_dir):  # noqa: F811
+def test_sigterm_checkpoints_the_step_and_stops_then_resume_finishes_equal(tmp_path, tok_dir):
     model, tok, task = _setup(tok_dir)
     train(_cfg(tmp_path / "a", steps=4, checkpoint_every=10), model, tok, task, progress=False)
     full = [p.detach().clone() for p in lora_parameters(model)]
@@ -144,7 +143,7 @@ def test_sigterm_checkpoints_the_step_and_stops_then_resume_finishes_equal(tmp_p
     assert max(float((a - b).abs().max()) for a, b in zip(full, lora_parameters(m2))) < 1e-5
 
 
-def test_sigterm_through_the_cli_exits_143(tmp_path, tok_dir):  # noqa: F811
+def test_sigterm_through_the_cli_exits_143(tmp_path, tok_dir):
     import subprocess
     from rftkit.loading import save_model_folder
     model = tiny_model(vocab_size=258, max_seq_len=512)
@@ -165,7 +164,7 @@ def test_sigterm_through_the_cli_exits_143(tmp_path, tok_dir):  # noqa: F811
     assert latest_checkpoint(out / "checkpoints").name == "step-0000001"
 
 
-def test_a_reward_calling_sys_exit_is_an_error_not_a_clean_exit(tmp_path, tok_dir):  # noqa: F811
+def test_a_reward_calling_sys_exit_is_an_error_not_a_clean_exit(tmp_path, tok_dir):
     def quits(completion, sample):
         sys.exit(0)
     with pytest.raises(RewardError, match=r"reward 'quits' called sys.exit\(0\)"):

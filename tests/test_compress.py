@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rftkit.compress import CompressConfig, compress, count_params, load_compressed, save_compressed, validate
-from rftkit.quantize import (QuantLinear, kernel_available, pack_int4, quantize, quantize_int4, quantize_int8,
-                             unpack_int4)
+from rftkit.compress.folder import load_compressed, save_compressed
+from rftkit.compress.transforms import CompressConfig, compress, count_params, validate
+from rftkit.compress.quantize import (QuantLinear, kernel_available, pack_int4, quantize, quantize_int4, quantize_int8,
+                                      unpack_int4)
 from tests.conftest import tiny_model
 
 torch.set_num_threads(1)
@@ -88,7 +89,7 @@ def test_kernel_equals_reference_path(bits, rows):
 def test_many_rows_dequantize_in_chunks(bits, monkeypatch):
     """Prefill / large batches dequantize CHUNK_BYTES of weight rows at a time: chunks that do not divide the
     rows give the same product as the whole dequantized weight."""
-    import rftkit.quantize as qmod
+    import rftkit.compress.quantize as qmod
     torch.manual_seed(2)
     q = QuantLinear.from_linear(nn.Linear(128, 40, bias=False), bits, 32)
     x = torch.randn(24, 128)
@@ -189,7 +190,7 @@ COMPRESSED = [("int4", {}), ("int8", {}), ("wanda", {}), ("svd", {"rank": 8}), (
 @pytest.mark.parametrize("method,kw", COMPRESSED)
 def test_lora_applies_unmerged_on_compressed_layers(method, kw, tmp_path):
     from rftkit.lora import load_lora, lora_modules, merge_lora
-    from rftkit.adapters import read_adapter
+    from rftkit.peft_format import read_adapter
     shape = dict(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
     model, _ = compress(tiny_model(**shape), method, calib=torch.randint(0, 96, (2, 16)), **kw)
     kinds = {p: type(m) for p, m in model.named_modules() if p.endswith("gate_proj")}
@@ -238,7 +239,7 @@ def test_count_params_counts_tied_once():
 def _folder_with_tokenizer(tmp_path):
     """A tiny model folder with a byte-level tokenizer and a chat template, as `rft compress --model` takes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from rftkit.loading import save_model_folder
+    from rftkit.loading.weights import save_model_folder
     d = tmp_path / "base"
     vocab = {c: i for i, c in enumerate(sorted(set(pre_tokenizers.ByteLevel.alphabet())))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -255,7 +256,7 @@ def _folder_with_tokenizer(tmp_path):
 
 def test_rft_compress_and_sweep_report_what_was_written(tmp_path):
     from rftkit.cli import main
-    from rftkit.compress import perplexity, text_tokens
+    from rftkit.compress.transforms import perplexity, text_tokens
     from rftkit.tokenizer import Tokenizer
     base = _folder_with_tokenizer(tmp_path)
     ad = _adapter(tmp_path, vocab_size=264, dim=64, head_dim=16, ffn_dim=128, eos_token_id=[257])
@@ -282,7 +283,7 @@ def test_rft_compress_and_sweep_report_what_was_written(tmp_path):
 
 
 def test_a_sweep_setting_the_model_does_not_take_is_skipped_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
-    from rftkit import compress_report
+    from rftkit.compress import report as compress_report
     from rftkit.cli import main
     base = _folder_with_tokenizer(tmp_path)
     monkeypatch.setitem(compress_report.GRID, "int4", [{"group_size": 96}, {"group_size": 32}])   # 96 ∤ 64
@@ -296,7 +297,7 @@ def test_a_sweep_setting_the_model_does_not_take_is_skipped_and_the_sweep_goes_o
 
 
 def test_pareto_front():
-    from rftkit.compress_report import pareto
+    from rftkit.compress.report import pareto
     pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.9), (3.0, 0.8), (0.5, 0.1)]
     assert pareto(pts) == [4, 0, 2]
 
@@ -382,7 +383,7 @@ def test_layers_sharing_an_input_run_in_one_call_as_they_would_alone(bits):
     layer's rows) gives each layer exactly its own output, with its own bias and LoRA; a LoRA switched off adds
     nothing; a mixed group (a plain layer among them) is left to the caller."""
     from rftkit.lora import LoRALinear
-    from rftkit.quantize import linear_many
+    from rftkit.compress.quantize import linear_many
     torch.manual_seed(4)
     mods = [LoRALinear(QuantLinear.from_linear(nn.Linear(96, n, bias=b), bits, 32), r, 0.5)
             for n, b, r in ((40, True, 16), (24, False, 4), (56, True, 8))]
@@ -416,13 +417,13 @@ def test_a_fresh_lora_on_a_quantized_model_wraps_every_quantized_layer_and_train
     ids = torch.randint(0, 96, (1, 1))
     with torch.no_grad():
         grouped = model(ids)[0]
-        import rftkit.model as rm
-        alone = rm.quantize.linear_many
-        rm.quantize.linear_many = lambda mods, x: None          # every layer on its own
+        import rftkit.compress.quantize as rq
+        alone = rq.linear_many
+        rq.linear_many = lambda mods, x: None                   # every layer on its own
         try:
             separate = model(ids)[0]
         finally:
-            rm.quantize.linear_many = alone
+            rq.linear_many = alone
     assert torch.equal(grouped, separate)
     loss = model(torch.randint(0, 96, (2, 8)))[0].logsumexp(-1).mean()
     loss.backward()

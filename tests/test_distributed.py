@@ -226,7 +226,7 @@ def test_fsdp_on_two_processes_gives_the_one_process_gradients_and_parameters(tm
 
 
 def _model_folder(tmp_path, tok_dir):
-    from rftkit.loading import save_model_folder
+    from rftkit.loading.weights import save_model_folder
     model = tiny_model(vocab_size=258, max_seq_len=512)
     model.cfg.eos_token_id = [257]
     save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)
@@ -235,7 +235,7 @@ def _model_folder(tmp_path, tok_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
-def test_rft_sft_under_torchrun_matches_one_process(tmp_path, tok_dir, fsdp):  # noqa: F811
+def test_rft_sft_under_torchrun_matches_one_process(tmp_path, tok_dir, fsdp):
     from safetensors.torch import load_file
     from rftkit.sft import SFTConfig, train
     folder = _model_folder(tmp_path, tok_dir)
@@ -263,7 +263,7 @@ def test_rft_sft_under_torchrun_matches_one_process(tmp_path, tok_dir, fsdp):  #
         assert a["completion_tokens"] == b["completion_tokens"] and a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert rows[-1]["eval_loss"] == pytest.approx(ref[-1]["eval_loss"], rel=1e-5)
-    from rftkit.adapters import read_adapter
+    from rftkit.peft_format import read_adapter
     (_, mine), (_, theirs) = read_adapter(tmp_path / "two/adapter"), read_adapter(tmp_path / "one/adapter")
     for k, (A, B) in theirs.items():                                # the final adapter, gathered if sharded
         torch.testing.assert_close(mine[k][0], A, rtol=1e-5, atol=1e-7)
@@ -289,7 +289,7 @@ def _rft_files(tmp_path, sleepy: bool = False):
 
 
 @pytest.mark.slow
-def test_rft_train_on_two_processes_writes_once_and_resumes_on_one(tmp_path, tok_dir):  # noqa: F811
+def test_rft_train_on_two_processes_writes_once_and_resumes_on_one(tmp_path, tok_dir):
     folder = _model_folder(tmp_path, tok_dir)
     common = [f"--model={folder}", *_rft_files(tmp_path), f"--output={tmp_path / 'run'}"]
     r = _torchrun(["-m", "rftkit.cli", "train", *common, "--steps=2"])
@@ -326,7 +326,7 @@ def test_rft_train_on_two_processes_writes_once_and_resumes_on_one(tmp_path, tok
 
 
 @pytest.mark.slow
-def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, tok_dir):  # noqa: F811
+def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, tok_dir):
     folder = _model_folder(tmp_path, tok_dir)
     t0 = time.perf_counter()
     r = _torchrun(["-m", "rftkit.cli", "train", f"--model={folder}", *_rft_files(tmp_path, sleepy=True),
@@ -336,8 +336,6 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, tok_
     assert "rank(s) 1 did not reach step 1's rollouts within 10 s" in r.stderr, r.stderr[-3000:]
     assert wall < 60, wall                # 20 s here with startup; rank 1 sleeps 600 s
 
-
-from tests.test_tokenizer import tok_dir  # noqa: E402,F401  (fixture: byte-level tokenizer with a chat template)
 
 if __name__ == "__main__":              # torchrun worker: CASE OUTDIR
     torch.set_num_threads(1)

@@ -4,16 +4,7 @@ import torch
 
 from rftkit.engine import Engine
 from rftkit.sampling import SamplingParams
-from tests.conftest import tiny_model
-
-
-def reference_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits, _ = model(torch.tensor([ids]))
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+from tests.conftest import reference_greedy, tiny_model
 
 
 def test_greedy_equals_full_forward_argmax_with_joins_and_chunked_prefill():
@@ -198,8 +189,7 @@ def _randomise_lora(model, std: float) -> None:
 def _decode_logits(model, prompts, fused: bool, monkeypatch, max_batch: int = 8, every_step: bool = False):
     """Logits of the second decode step of each prompt (a batch of mixed lengths; every step's with every_step),
     with the block stack in one kernel call or op by op; and the rows of each fused call (0: it declined)."""
-    import rftkit.model as model_mod
-    from rftkit import kernels
+    from rftkit import decode_stack, kernels
     calls = []
     real = kernels.decode_layers
 
@@ -209,7 +199,7 @@ def _decode_logits(model, prompts, fused: bool, monkeypatch, max_batch: int = 8,
         return ok
     monkeypatch.setattr(kernels, "decode_layers", counted)
     if not fused:
-        monkeypatch.setattr(model_mod, "_decode_fused", lambda *a: False)
+        monkeypatch.setattr(decode_stack, "run", lambda *a: False)
     seen = []
     orig = model.forward
 
@@ -295,9 +285,32 @@ def test_a_large_batch_with_lora_decodes_in_one_call_as_op_by_op(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_the_decode_stack_plan_is_built_once_and_kept_over_the_steps(monkeypatch):
+    """The one-call stack's pointer tables are built at the first decode step and kept while nothing they were
+    built from changes (later steps only check them); a module swapped in rebuilds them, and the new plan runs."""
+    from rftkit import decode_stack, kernels
+    from rftkit.lora import LoRAConfig, apply_lora
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    model = tiny_model(seed=3)
+    apply_lora(model, LoRAConfig(r=4, targets=["q_proj", "down_proj"]))
+    builds, real = [], decode_stack._build
+    monkeypatch.setattr(decode_stack, "_build", lambda *a: builds.append(real(*a)) or builds[-1])
+    engine = Engine(model, max_seq_len=64, max_batch=4)
+    prompts = [[3, 4, 5], [7, 8]]
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    assert len(builds) == 1 and builds[0] is not None and builds[0][0] is None      # plain blocks with LoRA
+    assert [o[0].token_ids for o in outs] == [reference_greedy(model, p, 6) for p in prompts]
+    model.model.layers[0].mlp.up_proj = torch.nn.Linear(32, 64)                      # a module swapped in
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    assert len(builds) == 2 and builds[1] is not None
+    assert [o[0].token_ids for o in outs] == [reference_greedy(model, p, 6) for p in prompts]
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_quantized_model_with_lora_decodes_its_stack_in_one_call_as_op_by_op(bits, monkeypatch):
-    from rftkit import quantize
+    from rftkit import kernels
+    from rftkit.compress import quantize
     from rftkit.lora import LoRAConfig, apply_lora
     if not quantize.kernel_available():
         pytest.skip(quantize.kernel_status())
@@ -311,8 +324,8 @@ def test_a_quantized_model_with_lora_decodes_its_stack_in_one_call_as_op_by_op(b
     assert calls == [] and none == []        # the quantized stack is not kernels.decode_layers
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     ran = []
-    real = quantize.decode_layers
-    monkeypatch.setattr(quantize, "decode_layers", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    real = kernels.decode_layers_q
+    monkeypatch.setattr(kernels, "decode_layers_q", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
     outs = Engine(model, max_seq_len=128, max_batch=8).generate(prompts, SamplingParams(temperature=0, max_tokens=5))
     assert ran and all(ran)
     assert [o[0].token_ids for o in outs] == [reference_greedy(model, p, 5) for p in prompts]

@@ -11,7 +11,6 @@ from rftkit.rewards import RewardError
 from rftkit.tasks import Task, arithmetic
 from rftkit.tokenizer import Tokenizer
 from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 2, 1), (5, 2, 2), (6, 1, 3), (4, 0, 2), (4, 3, 2), (3, 3, 3)])
@@ -31,7 +30,7 @@ def _greedy(model, prompt, max_tokens, eos):
     return ids[len(prompt):]
 
 
-def test_greedy_accuracy_equals_an_independent_decode(tok_dir):  # noqa: F811
+def test_greedy_accuracy_equals_an_independent_decode(tok_dir):
     tok = Tokenizer.from_dir(tok_dir)
     model = tiny_model(vocab_size=258, max_seq_len=512)
     base = arithmetic()
@@ -49,10 +48,10 @@ def test_greedy_accuracy_equals_an_independent_decode(tok_dir):  # noqa: F811
         evaluate(model, tok, task, "test", n=2, max_tokens=4, progress=False)
 
 
-def test_train_task_reward_replaces_the_tasks_own_reward(tmp_path, tok_dir):  # noqa: F811
+def test_train_task_reward_replaces_the_tasks_own_reward(tmp_path, tok_dir):
     from rftkit.grpo import GRPOConfig, train
-    from tests.test_grpo import _setup
-    model, tok, task = _setup(tok_dir)
+    from tests.conftest import grpo_setup
+    model, tok, task = grpo_setup(tok_dir)
     (tmp_path / "r.py").write_text("def quarter(completion, sample):\n    return 0.25\n")
     cfg = GRPOConfig(output=str(tmp_path / "run"), steps=1, prompts_per_step=2, group_size=2, max_tokens=4,
                      task_reward=f"{tmp_path / 'r.py'}:quarter")

@@ -5,9 +5,8 @@ import sys
 import pytest
 import torch
 
-from rftkit.loading import save_model_folder
+from rftkit.loading.weights import save_model_folder
 from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
 
 
 def _rft(*args, stdin=None):
@@ -28,7 +27,7 @@ def _hf_greedy(folder, messages, max_new_tokens):
 
 
 @pytest.fixture
-def tiny_folder(tmp_path, tok_dir):  # noqa: F811
+def tiny_folder(tmp_path, tok_dir):
     model = tiny_model(vocab_size=258)          # 256 byte tokens + 2 specials
     model.cfg.eos_token_id = [257]
     save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)
@@ -58,7 +57,7 @@ def test_generate_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_generate_on_the_embedded_model_matches_transformers():
-    from rftkit.loading import ensure_embedded
+    from rftkit.loading.embedded import ensure_embedded
     prompt = "What is 12 + 34? Answer with just the number."
     out = _rft("generate", "--prompt", prompt, "--max-tokens", "32")
     assert out == _hf_greedy(ensure_embedded(), [{"role": "user", "content": prompt}], 32) + "\n"

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from rftkit.compress import compress, save_compressed
-from rftkit.gguf_export import permute_qk, write_gguf
-from rftkit.loading import _unpermute, read_gguf
+from rftkit.compress.folder import save_compressed
+from rftkit.compress.transforms import compress
+from rftkit.loading.gguf_file import permute_qk, write_gguf
+from rftkit.loading.gguf_file import _unpermute, read_gguf
 from tests.conftest import tiny_model
 
 torch.set_num_threads(1)
@@ -107,6 +108,18 @@ def test_refusals(tok_dir, tmp_path):
         write_gguf(_model(), tmp_path / "a.gguf", tmp_path)
     with pytest.raises(ValueError, match="does not fit the model's vocab_size 97"):
         write_gguf(tiny_model(), tmp_path / "a.gguf", tok_dir)
+
+
+def test_an_unmerged_adapter_is_refused(tok_dir, tmp_path):
+    """The writer (in rftkit.loading, below LoRA) tells an unmerged adapter by its parameters' names; merged,
+    the same model writes."""
+    from rftkit.lora import LoRAConfig, apply_lora, merge_lora
+    model = apply_lora(_model(), LoRAConfig(r=2, targets=["q_proj"]))
+    with pytest.raises(ValueError, match="merge the adapter first"):
+        write_gguf(model, tmp_path / "a.gguf", tok_dir)
+    assert not (tmp_path / "a.gguf").exists()
+    merge_lora(model)
+    assert write_gguf(model, tmp_path / "a.gguf", tok_dir).is_file()
 
 
 @pytest.mark.slow

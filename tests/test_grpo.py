@@ -4,41 +4,22 @@ import torch
 
 from rftkit.grpo import GRPOConfig, train
 from rftkit.lora import lora_parameters
-from rftkit.tasks import Task, arithmetic
-from rftkit.tokenizer import Tokenizer
-from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401
+from tests.conftest import digit_share, grpo_config, grpo_setup
 
 
-def digit_share(completion: str, sample: dict) -> float:
-    return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
-
-
-def _setup(tok_dir):  # noqa: F811
-    base = arithmetic()
-    task = Task("tiny", {k: v[:40] for k, v in base.problems.items()}, digit_share)
-    return tiny_model(vocab_size=258, max_seq_len=512), Tokenizer.from_dir(tok_dir), task
-
-
-def _cfg(tmp_path, **kw):
-    kw = {"checkpoint_every": 2, "prompts_per_step": 2, "group_size": 4, "max_tokens": 6, "lr": 5e-2, "lora_r": 4,
-          "micro_batch_groups": 1, "seed": 3, **kw}
-    return GRPOConfig(output=str(tmp_path), **kw)
-
-
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tok_dir):  # noqa: F811
-    model, tok, task = _setup(tok_dir)
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tok_dir):
+    model, tok, task = grpo_setup(tok_dir)
     base = {n: p.clone() for n, p in model.named_parameters()}
-    train(_cfg(tmp_path / "a", steps=4), model, tok, task, progress=False)
+    train(grpo_config(tmp_path / "a", steps=4), model, tok, task, progress=False)
     full = [p.detach().clone() for p in lora_parameters(model)]
     for n, p in model.named_parameters():       # the base weights never move
         if "lora_" not in n:
             assert torch.equal(p, base[n.replace(".base.", ".")]), n
 
-    m1, _, _ = _setup(tok_dir)
-    train(_cfg(tmp_path / "b", steps=2), m1, tok, task, progress=False)      # "killed" after step 2
-    m2, _, _ = _setup(tok_dir)
-    train(_cfg(tmp_path / "b", steps=4, resume=True), m2, tok, task, progress=False)
+    m1, _, _ = grpo_setup(tok_dir)
+    train(grpo_config(tmp_path / "b", steps=2), m1, tok, task, progress=False)      # "killed" after step 2
+    m2, _, _ = grpo_setup(tok_dir)
+    train(grpo_config(tmp_path / "b", steps=4, resume=True), m2, tok, task, progress=False)
     resumed = lora_parameters(m2)
     init_B_zero = [p for p in full if p.abs().sum() > 0]
     assert len(init_B_zero) == len(full)            # every LoRA tensor moved away from its B = 0 start
@@ -47,10 +28,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tok_dir):  # noqa
     assert max(float(p.abs().max()) for p in full[1::2]) > 1e-2   # B matrices moved far beyond tolerance
 
 
-def test_metrics_and_adapter_written(tmp_path, tok_dir):  # noqa: F811
+def test_metrics_and_adapter_written(tmp_path, tok_dir):
     import json
-    model, tok, task = _setup(tok_dir)
-    train(_cfg(tmp_path, steps=2), model, tok, task, progress=False)
+    model, tok, task = grpo_setup(tok_dir)
+    train(grpo_config(tmp_path, steps=2), model, tok, task, progress=False)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "reward_std", "accuracy", "zero_std_frac", "completion_len", "clip_frac", "kl",
@@ -73,9 +54,9 @@ def test_bad_configs_are_refused():
         GRPOConfig(loss_type="ppo")
 
 
-def test_a_raising_reward_stops_the_run_and_keeps_its_progress(tmp_path, tok_dir):  # noqa: F811
+def test_a_raising_reward_stops_the_run_and_keeps_its_progress(tmp_path, tok_dir):
     from rftkit.rewards import RewardError
-    model, tok, task = _setup(tok_dir)
+    model, tok, task = grpo_setup(tok_dir)
     calls = {"n": 0}
 
     def flaky(completion, sample):
@@ -85,10 +66,10 @@ def test_a_raising_reward_stops_the_run_and_keeps_its_progress(tmp_path, tok_dir
         return digit_share(completion, sample)
     task.default_reward = flaky
     with pytest.raises(RewardError, match=r"reward 'task' raised ZeroDivisionError: bad sample on sample"):
-        train(_cfg(tmp_path, steps=5, checkpoint_every=100), model, tok, task, progress=False)
+        train(grpo_config(tmp_path, steps=5, checkpoint_every=100), model, tok, task, progress=False)
     assert (tmp_path / "checkpoints" / "step-0000002").is_dir()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     task.default_reward = digit_share
-    m2, _, _ = _setup(tok_dir)
-    train(_cfg(tmp_path, steps=3, resume=True), m2, tok, task, progress=False)
+    m2, _, _ = grpo_setup(tok_dir)
+    train(grpo_config(tmp_path, steps=3, resume=True), m2, tok, task, progress=False)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3

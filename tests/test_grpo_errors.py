@@ -9,8 +9,7 @@ from rftkit.cli import main
 from rftkit.grpo import GRPOConfig, train
 from rftkit.rewards import RewardError, code_execution
 from rftkit.tasks import Task
-from tests.test_grpo import _cfg, _setup
-from tests.test_tokenizer import tok_dir  # noqa: F401
+from tests.conftest import grpo_config, grpo_setup
 
 
 def test_rft_train_names_a_reward_file_that_fails_to_import(tmp_path, capsys):
@@ -35,14 +34,14 @@ def test_rft_train_names_an_unknown_task(tmp_path, capsys):
     assert "missing.jsonl does not exist" in capsys.readouterr().err
 
 
-def test_a_reward_file_returning_a_non_number_stops_the_run_and_keeps_its_data(tmp_path, tok_dir):  # noqa: F811
-    model, tok, task = _setup(tok_dir)
+def test_a_reward_file_returning_a_non_number_stops_the_run_and_keeps_its_data(tmp_path, tok_dir):
+    model, tok, task = grpo_setup(tok_dir)
     reward_file = tmp_path / "rewards.py"
     reward_file.write_text("import itertools\n_calls = itertools.count()\n\n"
                            "def score(completion, sample):\n"
                            "    return 0.5 if next(_calls) < 16 else 'high'   # 8 completions per step\n")
     spec = f"{reward_file}:score"
-    cfg = _cfg(tmp_path / "run", steps=5, checkpoint_every=100, reward=[spec])
+    cfg = grpo_config(tmp_path / "run", steps=5, checkpoint_every=100, reward=[spec])
     with pytest.raises(RewardError, match=r"reward '.*rewards.py:score' returned 'high' \(must be a finite int "
                                           r"or float\) for sample \{'answer': \d+, 'id': '\d+\+\d+'\}"):
         train(cfg, model, tok, task, progress=False)
@@ -51,9 +50,9 @@ def test_a_reward_file_returning_a_non_number_stops_the_run_and_keeps_its_data(t
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "weights.safetensors").is_file()
 
     # counted instead: the run goes on and every step reports how many values were bad
-    m2, _, _ = _setup(tok_dir)
+    m2, _, _ = grpo_setup(tok_dir)
     reward_file.write_text("def score(completion, sample):\n    return None\n")
-    train(_cfg(tmp_path / "count", steps=2, reward=[spec], on_reward_error="count"), m2, tok, task, progress=False)
+    train(grpo_config(tmp_path / "count", steps=2, reward=[spec], on_reward_error="count"), m2, tok, task, progress=False)
     rows = [json.loads(l) for l in (tmp_path / "count" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward_errors"][spec]["count"] for r in rows] == [8, 16]
     assert "returned None" in rows[0]["reward_errors"][spec]["first"]
@@ -65,8 +64,8 @@ HOSTILE = {"loop": "while True:\n    pass\n",
            "benign": "print('done')\n"}
 
 
-def test_hostile_programs_in_a_code_reward_get_bounded_scores_and_the_run_goes_on(tmp_path, tok_dir):  # noqa: F811
-    model, tok, _ = _setup(tok_dir)
+def test_hostile_programs_in_a_code_reward_get_bounded_scores_and_the_run_goes_on(tmp_path, tok_dir):
+    model, tok, _ = grpo_setup(tok_dir)
     # the tiny model writes bytes, not programs: each sample carries the program the code reward runs
     samples = [{"messages": [{"role": "user", "content": f"write {name}"}], "program": code,
                 "tests": [{"stdout": "done"}], "id": name} for name, code in HOSTILE.items()]
@@ -74,7 +73,7 @@ def test_hostile_programs_in_a_code_reward_get_bounded_scores_and_the_run_goes_o
     task = Task("hostile", {"train": samples, "validation": samples, "test": samples},
                 lambda completion, sample: code(sample["program"], sample))
     out = tmp_path / "run"
-    result = train(_cfg(out, steps=2, prompts_per_step=2, group_size=2), model, tok, task, progress=False)
+    result = train(grpo_config(out, steps=2, prompts_per_step=2, group_size=2), model, tok, task, progress=False)
     assert result["steps"] == 2
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -26,7 +26,7 @@ def test_gemv_equals_f_linear(M, N, K):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-_LANES = (8, 16) if " avx512f" in kernels._cpuinfo() else (8,)
+_LANES = (8, 16) if " avx512f" in kernels.build._cpuinfo() else (8,)
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ def test_gemv_takes_many_rows_in_chunks(lanes, monkeypatch):
     """Where the kernel takes every row count (AMD Zen 5), more than 64 rows run in chunks of 64: each row's
     result equals F.linear and is bit-equal to the same row in a one-row call."""
     with _at_lanes(lanes):
-        monkeypatch.setattr(kernels, "_all_rows", True)
+        monkeypatch.setattr(kernels.build, "_all_rows", True)
         g = _gen(100 + lanes)
         W, b = torch.randn(45, 96, generator=g), torch.randn(45, generator=g)
         x = torch.randn(150, 96, generator=g)
@@ -82,7 +82,7 @@ def test_frozen_linear_under_autograd_takes_the_kernel_and_its_gradient(lanes, m
     x = torch.randn(3, 71, 112, generator=g, requires_grad=True)               # 213 rows = 35 x 6 + 3
     dy = torch.randn(3, 71, 40, generator=g)
     with _at_lanes(lanes):
-        monkeypatch.setattr(kernels, "_all_rows", True)
+        monkeypatch.setattr(kernels.build, "_all_rows", True)
         for bias in (None, b):
             y = kernels.linear(x, W, bias)
             assert y.grad_fn is not None and "FrozenLinear" in type(y.grad_fn).__name__
@@ -104,7 +104,7 @@ def test_matmul_nn_and_linear_into_equal_torch(lanes, monkeypatch):
     W = torch.randn(2100, 48, generator=g_)
     g, x = torch.randn(7, 2100, generator=g_), torch.randn(9, 48, generator=g_)
     with _at_lanes(lanes):
-        monkeypatch.setattr(kernels, "_all_rows", True)
+        monkeypatch.setattr(kernels.build, "_all_rows", True)
         torch.testing.assert_close(kernels.matmul_nn(g, W), g @ W, rtol=1e-5, atol=1e-4)
         out = torch.empty(9, 2100)
         assert kernels.linear_into(x, W, out) is out
@@ -118,11 +118,11 @@ def test_matmul_nn_and_linear_into_equal_torch(lanes, monkeypatch):
     ("vendor_id : GenuineIntel\ncpu family : 6\nflags : avx2 fma", False),
 ])
 def test_default_lanes(cpuinfo, want):
-    assert kernels._default_lanes16(cpuinfo) is want
+    assert kernels.build._default_lanes16(cpuinfo) is want
 
 
 def test_set_lanes16_refuses_a_cpu_without_avx512(monkeypatch):
-    monkeypatch.setattr(kernels, "_cpuinfo", lambda: "flags : fpu avx2 fma")
+    monkeypatch.setattr(kernels.build, "_cpuinfo", lambda: "flags : fpu avx2 fma")
     with pytest.raises(ValueError, match="no AVX-512"):
         kernels.set_lanes16(True)
 
@@ -138,7 +138,7 @@ def test_linear_falls_back_where_the_kernel_does_not_apply():
     x16 = torch.randn(kernels.GEMV_MAX_ROWS + 1, 16, generator=g)    # more rows than the GEMV kernel takes
     W16 = torch.randn(5, 16, generator=g)
     torch.testing.assert_close(kernels.linear(x16, W16), F.linear(x16, W16))
-    assert not kernels._gemv_rows_ok(kernels.GEMV_MAX_ROWS + 1, 16, 5) or kernels._all_rows
+    assert not kernels.gemv._gemv_rows_ok(kernels.GEMV_MAX_ROWS + 1, 16, 5) or kernels.build._all_rows
 
 
 def _paged_case(seed, B, H, Hkv, hd, bs, lengths):
@@ -322,8 +322,7 @@ def test_without_a_compiler_everything_runs_on_the_reference_path(tmp_path):
         "from rftkit import kernels\n"
         "from rftkit.engine import Engine\n"
         "from rftkit.sampling import SamplingParams\n"
-        "from tests.conftest import tiny_model\n"
-        "from tests.test_engine import reference_greedy\n"
+        "from tests.conftest import reference_greedy, tiny_model\n"
         "assert not kernels.available(), kernels.status()\n"
         "print(kernels.status())\n"
         "model = tiny_model()\n"
@@ -350,7 +349,7 @@ def test_linear_many_equals_one_f_linear_each(M, monkeypatch):
         torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     # rows go three at a time, the last one, two or four in pairs (13 = 3 + 3 + 3 + 2 + 2, 8 = 3 + 3 + 2); past
     # GEMV_MAX_ROWS (or GEMV_MAX_ROWS_LONG_K at K > 1024) the caller runs them one by one (except on AMD Zen 5)
-    monkeypatch.setattr(kernels, "_all_rows", False)
+    monkeypatch.setattr(kernels.build, "_all_rows", False)
     assert kernels.linear_many(torch.randn(kernels.GEMV_MAX_ROWS + 1, K), ws, bs) is None
     long_k = [torch.randn(12, 1032, generator=g)]
     assert kernels.linear_many(torch.randn(kernels.GEMV_MAX_ROWS_LONG_K + 1, 1032), long_k, [None]) is None
@@ -368,3 +367,43 @@ def test_sampling_at_the_top_of_the_cdf_stays_in_the_vocabulary():
             tok, logp = kernels.sample_rows(logits, torch.ones(256), torch.full((256,), u))
             assert int(tok.max()) < V and int(tok.min()) >= 0
             assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dlayer", "qlayer", "qblock"])
+def test_the_ctypes_structs_match_the_c_layout(name):
+    """Each ctypes mirror (DecodeLayer, QLayer, QBlock) has the size and field offsets the compiler gave its C
+    struct in kernels.h (the library reports them): one field out of step would be silent memory corruption."""
+    import ctypes
+    mirror = kernels.decode.STRUCTS[name][1]
+    want = [ctypes.sizeof(mirror)] + [getattr(mirror, f).offset for f, _ in mirror._fields_]
+    assert kernels.struct_layout(name) == want
+    with pytest.raises(ValueError, match="unknown kernel struct"):
+        kernels.struct_layout("dlayers")
+
+
+def test_every_entry_point_of_the_header_has_one_ctypes_signature():
+    """kernels.h declares each exported function once; each has its argtypes declared once, in its family's
+    Python module (set_wide by the loader), with as many arguments as the C declaration."""
+    import re
+    from pathlib import Path
+    header = (Path(kernels.__file__).parent / "kernels.h").read_text()
+    decls = dict(re.findall(r"^(?:void|int) (\w+)\(([^)]*)\);", header, re.M))
+    assert "decode_layers" in decls and "qlinear_many" in decls
+    sigs = kernels.build._signatures
+    assert set(decls) == set(sigs) | {"set_wide"}
+    for name, (argtypes, _) in sigs.items():
+        assert len(argtypes) == len(decls[name].split(",")), name
+
+
+def test_the_kernels_import_nothing_from_rftkit_and_no_c_hides_in_python():
+    import ast
+    from pathlib import Path
+    root = Path(kernels.__file__).parent.parent
+    for f in (root / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for n in names:
+                assert not n.startswith("rftkit") or n.startswith("rftkit.kernels"), (f.name, n)
+    for f in root.rglob("*.py"):
+        assert "#include <" not in f.read_text(), f"C source inside a Python string in {f}"

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from rftkit.loading import save_model_folder
 from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
 
 KILLS = 10
 
@@ -74,7 +73,7 @@ def _same(a: dict, b: dict) -> float:
 
 
 @pytest.fixture
-def tiny_folder(tmp_path, tok_dir):  # noqa: F811
+def tiny_folder(tmp_path, tok_dir):
     model = tiny_model(vocab_size=258, max_seq_len=512)
     model.cfg.eos_token_id = [257]
     save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)

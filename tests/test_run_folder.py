@@ -15,10 +15,9 @@ from rftkit.sft import train as sft_train
 from rftkit.tasks import Task, arithmetic
 from rftkit.tokenizer import Tokenizer
 from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
 
 
-def _grpo(tok_dir, out, **kw):  # noqa: F811
+def _grpo(tok_dir, out, **kw):
     base = arithmetic()
     task = Task("tiny", {k: v[:40] for k, v in base.problems.items()}, lambda c, s: float(len(c) % 2))
     kw = {"steps": 2, "prompts_per_step": 2, "group_size": 2, "max_tokens": 4, "lora_r": 2, "micro_batch_groups": 1,
@@ -32,7 +31,7 @@ def _steps(out):
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_second_train_into_a_used_folder_is_refused_unless_resume_or_overwrite(tmp_path, tok_dir):  # noqa: F811
+def test_a_second_train_into_a_used_folder_is_refused_unless_resume_or_overwrite(tmp_path, tok_dir):
     out = tmp_path / "run"
     _grpo(tok_dir, out)
     assert _steps(out) == [1, 2]
@@ -80,7 +79,7 @@ def test_cli_train_on_a_used_folder_exits_2_naming_the_flags(tmp_path, capsys):
 
 
 @pytest.fixture
-def tiny_folder(tmp_path, tok_dir):  # noqa: F811
+def tiny_folder(tmp_path, tok_dir):
     model = tiny_model(vocab_size=258, max_seq_len=512)
     model.cfg.eos_token_id = [257]
     save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
+from tests.conftest import tok_dir  # the fixture's body builds the module-scoped server's tokenizer
 
 KEY = "test-key"
 MSG = [{"role": "user", "content": "hello there"}]
@@ -102,7 +102,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from rftkit.serve import ServeConfig, Server, build_app
+    from rftkit.serve.app import ServeConfig, Server, build_app
     root = tmp_path_factory.mktemp("serve")
     (root / "tok").mkdir()
     base = _base_folder(root, tok_dir.__wrapped__(root / "tok"))    # the fixture's body, module-scoped here
@@ -392,7 +392,7 @@ def test_adapter_directory_is_live_and_refusals_name_the_adapter(served):
 
 
 def test_api_key_from_the_environment(served, monkeypatch):
-    from rftkit.serve import ServeConfig, Server
+    from rftkit.serve.app import ServeConfig, Server
     model, tok = served.server.engine.model, served.server.tok
     monkeypatch.setenv("RFTKIT_API_KEY", "from-env")
     assert Server(ServeConfig(kv_budget_mb=1, max_batch=2), model=model, tok=tok).api_key == "from-env"
@@ -411,7 +411,7 @@ def test_slot_loads_on_arrival_never_evict_what_the_queue_needs(served, tmp_path
     from rftkit.engine import Engine
     from rftkit.loading import load
     from rftkit.sampling import SamplingParams
-    from rftkit.serve_worker import EngineWorker, Metrics, Stream
+    from rftkit.serve.worker import EngineWorker, Metrics, Stream
     for name in ("alpha", "beta"):
         shutil.copytree(served.root / "adapters" / name, tmp_path / name)
     shutil.copytree(served.root / "adapters" / "alpha", tmp_path / "gamma")

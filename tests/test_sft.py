@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from rftkit.loading import load, save_model_folder
+from rftkit.loading import load
+from rftkit.loading.weights import save_model_folder
 from rftkit.lora import LoRAConfig, apply_lora, lora_parameters
 from rftkit.sft import SFTConfig, batch_backward, completion_nll, encode_dataset, encode_example, read_jsonl, train
 from rftkit.tokenizer import Tokenizer
 from tests.conftest import tiny_model
-from tests.test_tokenizer import tok_dir  # noqa: F401  (fixture: a byte-level tokenizer with a chat template)
 
 FACTS = [("capital of France?", "Paris"), ("2 + 2 =", "4"), ("colour of the sky?", "blue"),
          ("opposite of hot?", "cold"), ("first letter?", "A"), ("largest planet?", "Jupiter"),
@@ -19,7 +19,7 @@ FACTS = [("capital of France?", "Paris"), ("2 + 2 =", "4"), ("colour of the sky?
 
 
 @pytest.fixture
-def folder(tmp_path, tok_dir):  # noqa: F811
+def folder(tmp_path, tok_dir):
     model = tiny_model(vocab_size=258, dim=48, ffn_dim=96, head_dim=12)   # 256 bytes + <|im_start|>, <|im_end|>
     model.cfg.eos_token_id = [257]
     with torch.no_grad():          # embeddings ~N(0, 0.3): tied logits large enough to become confident

@@ -7,14 +7,12 @@ import shutil
 import jinja2
 import pytest
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers import decoders, models, normalizers
 
 from rftkit.tokenizer import IncrementalDecoder, Tokenizer, find_stop
+from tests.conftest import CHAT_TEMPLATE
 
-TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-            "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
-            "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEMPLATE = CHAT_TEMPLATE
 
 # exercises what transformers sets up: trim/lstrip blocks, namespace, loop controls, raise_exception, tojson
 # without HTML escaping, the {% generation %} tag, named special tokens, None keys dropped, reasoning aliases
@@ -40,21 +38,6 @@ KITCHEN_SINK = """{%- set ns = namespace(system=none, n=0) -%}
 {% if add_generation_prompt %}<|im_start|>assistant{% if enable_thinking is false %} /no_think{% endif %}
 {% endif %}
 {{ pad_token }}|{{ unk_token is defined }}|{{ strftime_now('%Y') }}|{{ dict(a=1) | tojson }}"""
-
-
-@pytest.fixture
-def tok_dir(tmp_path):
-    # byte-level BPE with an empty merge list: every byte is a token (so UTF-8 splits across tokens)
-    vocab = {c: i for i, c in enumerate(sorted(set(pre_tokenizers.ByteLevel.alphabet())))}
-    backend = Backend(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE,
-         "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return tmp_path
 
 
 def _metaspace_dir(path):
@@ -191,7 +174,7 @@ def test_bad_messages_and_missing_files_named(tok_dir, tmp_path):
 
 @pytest.mark.slow
 def test_real_tokenizer_matches_transformers():
-    from rftkit.loading import ensure_embedded
+    from rftkit.loading.embedded import ensure_embedded
     folder = ensure_embedded()
     ours, ref = Tokenizer.from_dir(folder), _ref(folder)
     msgs = [{"role": "user", "content": "What is 12 + 34? Answer with just the number."}]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rftkit.cli import main
-from rftkit.loading import load_model, save_model_folder
+from rftkit.loading import load_model
+from rftkit.loading.weights import save_model_folder
 from rftkit.moe import moe_modules
 from rftkit.upcycle import UpcycleConfig, parameter_counts, run_upcycle
 from tests.conftest import tiny_model
@@ -74,7 +75,7 @@ def test_bad_settings_are_refused(dense_dir, tmp_path):
     with pytest.raises(ValueError, match="--out is required"):
         run_upcycle(UpcycleConfig(model=str(dense_dir)))
     moe = load_model(str(run_upcycle(UpcycleConfig(out=str(tmp_path / "m"), model=str(dense_dir), experts=2))))
-    from rftkit.moe import upcycle_dense
+    from rftkit.upcycle import upcycle_dense
     with pytest.raises(ValueError, match="needs a dense model"):
         upcycle_dense(moe, 2, 1)
     assert not (tmp_path / "m2").exists()

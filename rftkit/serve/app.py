@@ -9,8 +9,8 @@ exist is a 404 naming it, never the base model in disguise; a half-written or in
 saying what is wrong with it. Adapters load on first use and when their files change, so dropping a folder
 into the directory makes it servable without a restart.
 
-Layers: this module is HTTP only (FastAPI + uvicorn, imported nowhere else); `serve_api` checks bodies and
-turns engine tokens into text; `serve_worker` is the one thread that owns the engine. Endpoints:
+Layers: this module is HTTP only (FastAPI + uvicorn, imported nowhere else); `serve.requests` checks bodies and
+turns engine tokens into text; `serve.worker` is the one thread that owns the engine. Endpoints:
 `/v1/completions`, `/v1/chat/completions` (SSE with `stream`), `/v1/models`, LoRAX's `/generate` and
 `/generate_stream` (`parameters.adapter_id`), `/v1/adapters` (+ `/load`, `/unload`), `/health`, `/metrics`.
 """
@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from rftkit.serve_api import APIError, Request, accept, deltas, parse_chat, parse_completion, parse_lorax
-from rftkit.serve_worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
+from rftkit.serve.requests import APIError, Request, accept, deltas, parse_chat, parse_completion, parse_lorax
+from rftkit.serve.worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
 
 
 @dataclass

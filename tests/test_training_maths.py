@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rftkit.train_utils import (MetricsLog, get_rng_state, hidden_logprobs, latest_checkpoint, load_checkpoint, lr_at,
-                                masked_mean, masked_sum, plot_curves, save_checkpoint, set_rng_state, set_seed,
-                                token_logprobs)
+from rftkit.loading.checkpoint import (get_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                       set_rng_state, set_seed)
+from rftkit.logprobs import hidden_logprobs, masked_mean, masked_sum, token_logprobs
+from rftkit.lr_schedule import lr_at
+from rftkit.metrics import MetricsLog, plot_curves
 
 
 def test_token_logprobs_equal_log_softmax():
@@ -63,7 +65,7 @@ def test_hidden_logprobs_entropy_equals_the_distributions_entropy(recompute, ker
 def test_hidden_logprobs_workspace_is_not_reused_while_a_graph_keeps_it(kernel_or_torch):
     """The logits workspace kept with the lm_head: a second graph built before the first one's backward, and a
     no-grad call in between, must not overwrite what the first keeps; after the backwards it is reused."""
-    import rftkit.train_utils as tu
+    import rftkit.logprobs as tu
     g = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(16, 40, bias=False)
     h1, h2 = (torch.randn(11, 16, generator=g, requires_grad=True) for _ in range(2))
@@ -86,7 +88,7 @@ def test_hidden_logprobs_workspace_is_not_reused_while_a_graph_keeps_it(kernel_o
 
 def test_keep_freed_memory_takes_on_glibc():
     import platform
-    from rftkit.train_utils import keep_freed_memory
+    from rftkit.memory import keep_freed_memory
     ok = keep_freed_memory()
     assert keep_freed_memory() is ok                         # once per process
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -96,7 +98,7 @@ def test_keep_freed_memory_takes_on_glibc():
 def test_hidden_logprobs_recomputes_by_default_only_above_the_byte_limit(monkeypatch):
     """Default: keep the chunk logits for backward while N·V·4 bytes <= RECOMPUTE_BYTES (each chunk computed
     once), recompute them in backward above it (each chunk computed twice)."""
-    import rftkit.train_utils as tu
+    import rftkit.logprobs as tu
     calls = {"n": 0}
     real = tu._chunk_logits
 

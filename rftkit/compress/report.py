@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from rftkit.compress import (CompressConfig, calibration_batches, compress, count_params, folder_bytes,
-                             load_compressed, perplexity, save_compressed, text_tokens, validate)
-from rftkit.train_utils import drawing
+from rftkit.compress.folder import folder_bytes, load_compressed, save_compressed
+from rftkit.compress.transforms import (CompressConfig, calibration_batches, compress, count_params, perplexity,
+                                        text_tokens, validate)
+from rftkit.metrics import drawing
 
 STRUCTURAL = ("structured", "distill")
 COLUMNS = ("params", "nonzero", "perplexity", "perplexity_adapter", "accuracy", "accuracy_adapter")
@@ -112,7 +113,7 @@ def distill_text(teacher, tok, cfg: CompressConfig, task, calib: torch.Tensor) -
     the task (short rows: a step's cost grows with the longest row of its batch)."""
     rows = [c.tolist() for r in calib for c in r.split(128)]
     if cfg.distill_samples:
-        from rftkit.distill import teacher_samples
+        from rftkit.compress.distill import teacher_samples
         convs = [s["messages"] for s in task.samples("train", cfg.distill_samples, seed=cfg.seed)]
         rows += teacher_samples(teacher, tok, convs)
     return rows
@@ -168,7 +169,7 @@ def run_one(cfg: CompressConfig, ctx: dict | None = None) -> dict:
     c = measure(model, tok, cfg, task, None if merged else cfg.adapter, ppl_ids=ctx["ppl_ids"])
     if merged:                                         # the specialist: compare with the original pair
         c = {k if k in ("params", "nonzero") else k + "_adapter": v for k, v in c.items()}
-    from rftkit.quantize import kernel_status
+    from rftkit.compress.quantize import kernel_status
     report: dict = {"method": cfg.method, "settings": {k: v for k, v in record["settings"].items() if k != "log_every"},
                     "compress_seconds": record["seconds"], "adapter": cfg.adapter, "adapter_merged": merged,
                     "kernel": kernel_status(), "bytes": {"original": ctx["bytes"], "compressed": folder_bytes(out)},
@@ -293,3 +294,8 @@ def plot_pareto(rows: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def run_compress(cfg: CompressConfig) -> dict:
+    """rft compress: one method (or `--sweep`), measured against the original."""
+    return run_sweep(cfg) if cfg.sweep else run_one(cfg)

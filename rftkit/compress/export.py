@@ -6,11 +6,11 @@ converter, ...) load as a plain model, or as a GGUF file that llama.cpp runs.
     run_export(ExportConfig(adapter="runs/sft/adapter", out="merged-model"))
 
 `--model` may also be a folder written by `rft compress`: it is rebuilt with its compressed modules and
-exported dequantized (rftkit.gguf_export says what that means for GGUF).
+exported dequantized (rftkit.loading.gguf_file says what that means for GGUF).
 
-The folder holds config.json (`ModelConfig.to_hf()`), model.safetensors (W + s·B·A folded into each adapted
-weight) and the base model's tokenizer files. It is written to a temporary folder and renamed, so a reader
-never sees half an export.
+The folder holds config.json (`rftkit.loading.hf.config_to_hf`), model.safetensors (W + s·B·A folded into
+each adapted weight) and the base model's tokenizer files. It is written to a temporary folder and renamed,
+so a reader never sees half an export.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rftkit.adapters import CONFIG_FILE
+from rftkit.peft_format import CONFIG_FILE
 
 
 @dataclass
@@ -44,7 +44,7 @@ def base_of(adapter: str | Path) -> str | None:
 
 def export(model, out: str | Path, tokenizer_dir: Path | None, overwrite: bool = False) -> Path:
     """Write `model` (LoRA merged if it has any) as an HF folder at `out`, atomically."""
-    from rftkit.loading import save_model_folder
+    from rftkit.loading.weights import save_model_folder
     from rftkit.lora import lora_modules, merge_lora
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -61,13 +61,13 @@ def export(model, out: str | Path, tokenizer_dir: Path | None, overwrite: bool =
 
 
 def run_export(cfg: ExportConfig) -> Path:
-    from rftkit.compress import densify, is_compressed, load_compressed
+    from rftkit.compress.folder import densify, is_compressed, load_compressed
     from rftkit.loading import load_model, resolve
     from rftkit.lora import load_lora, merge_lora
     if not cfg.out and not cfg.gguf:
         raise ValueError("--out (an HF folder) or --gguf (a GGUF file) is required")
     if cfg.gguf:
-        from rftkit.gguf_export import DTYPES
+        from rftkit.loading.gguf_file import DTYPES
         if cfg.gguf_type not in DTYPES:
             raise ValueError(f"--gguf-type must be one of {', '.join(DTYPES)}, got {cfg.gguf_type!r}")
         if Path(cfg.gguf).exists() and not cfg.overwrite:
@@ -79,7 +79,7 @@ def run_export(cfg: ExportConfig) -> Path:
         load_lora(model, cfg.adapter)
     result = None
     if cfg.gguf:
-        from rftkit.gguf_export import write_gguf
+        from rftkit.loading.gguf_file import write_gguf
         if cfg.adapter is not None:
             merge_lora(model)
         result = write_gguf(model, cfg.gguf, folder, cfg.gguf_type, cfg.gguf_pre)

@@ -1,7 +1,7 @@
 """Prompt-once-per-group log-probs equal the naive per-row forward, in values and gradients."""
 import torch
 
-from rftkit.grpo_forward import group_logprobs
+from rftkit.group_logprobs import group_logprobs
 from rftkit.model import ModelConfig, Transformer
 
 

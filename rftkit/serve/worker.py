@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rftkit.adapters import CONFIG_FILE, WEIGHTS_FILE, safe_adapter_path
+from rftkit.peft_format import CONFIG_FILE, WEIGHTS_FILE, safe_adapter_path
 from rftkit.engine import Engine
 from rftkit.sampling import SamplingParams
 

@@ -177,19 +177,19 @@ def validate_adapter(cfg: AdapterConfig, weights: dict, model, source: str = "ad
                              f"not rank {cfg.rank(module)} as adapter_config.json says")
         m = modules.get(module)
         base = getattr(m, "base", m)      # LoRALinear wraps the original linear
-        if not isinstance(base, _linear_kinds()):
+        if not _is_linear(base):
             raise ValueError(f"{source}: module {module} is not a linear layer of this model")
         if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
             raise ValueError(f"{source}: module {module} is {base.out_features}x{base.in_features} in the model "
                              f"but the adapter has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
 
 
-def _linear_kinds() -> tuple[type, ...]:
-    """Layers LoRA wraps unmerged: plain linears and the compressed ones (rftkit.quantize / rftkit.factorize),
-    which all take x [.., in] to y [.., out] and expose a (read-only for quantized) `weight`."""
-    from rftkit.factorize import LowRankLinear, SharedLinear
-    from rftkit.quantize import QuantLinear
-    return (torch.nn.Linear, QuantLinear, LowRankLinear, SharedLinear)
+def _is_linear(m) -> bool:
+    """Whether LoRA can wrap `m` unmerged: nn.Linear, or a layer that stands in for one and says so with integer
+    `in_features` / `out_features` (the quantized, low-rank and shared linears of rftkit.compress), mapping
+    x [.., in] to y [.., out]. A protocol, not a list of classes, so this file format imports no layer above it."""
+    return isinstance(m, torch.nn.Linear) or (isinstance(getattr(m, "in_features", None), int)
+                                              and isinstance(getattr(m, "out_features", None), int))
 
 
 def _validate_expert(cfg: AdapterConfig, module: str, A, B, model, source: str) -> None:

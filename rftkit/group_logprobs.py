@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from rftkit.logprobs import hidden_logprobs
 from rftkit.model import KVCache, Transformer
-from rftkit.train_utils import hidden_logprobs
 
 
 def _pad(rows: list[list[int]], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
