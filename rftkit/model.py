@@ -351,5 +351,5 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.inv_freq.device             # a buffer: a quantized lm_head's .weight would dequantize it
 
-    def num_parameters(self) -> int:
+    def parameter_count(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -108,7 +108,7 @@ def max_logit_difference(a, b, n_tokens: int, seed: int = 0) -> float:
 
 def parameter_counts(model) -> dict[str, int]:
     """Total parameters and those active per token (router + K of the E experts in MoE layers)."""
-    total = model.num_parameters()
+    total = model.parameter_count()
     active = total
     for m in moe_modules(model).values():
         per_expert = m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel()

@@ -233,7 +233,7 @@ def test_compressed_models_run_in_engine(method, kw, tmp_path):
 def test_count_params_counts_tied_once():
     model, _ = _quant_model(8)
     ref = tiny_model(vocab_size=96, dim=64, head_dim=16, ffn_dim=128)
-    assert count_params(model)[0] == ref.num_parameters()
+    assert count_params(model)[0] == ref.parameter_count()
 
 
 def _folder_with_tokenizer(tmp_path):

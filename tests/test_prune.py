@@ -85,7 +85,7 @@ def test_structured_activation_ranking_beats_random():
     rand = [_mse(prune_structured(base, 0.5, calib, rank="random", seed=s)[0], dense, ids) for s in range(5)]
     assert act < 0.5 * min(rand), (act, rand)
     assert (m.cfg.ffn_dim, m.cfg.n_heads, m.cfg.n_kv_heads) == (64, 2, 2)
-    assert rec["params"][1] == m.num_parameters() < base.num_parameters()
+    assert rec["params"][1] == m.parameter_count() < base.parameter_count()
 
 
 def test_structured_equals_original_with_removed_units_zeroed():
@@ -176,10 +176,10 @@ def test_saved_size_shrinks_as_promised_and_reload_is_identical(method, kw, tmp_
     size = (tmp_path / "m" / "model.safetensors").stat().st_size
     lins = {p: m for p, m in full.named_modules() if type(m) is nn.Linear and p != "lm_head"}
     nk = sum(m.in_features * m.out_features for m in lins.values())
-    rest = 4 * (full.num_parameters() - nk)                  # embedding + norms, fp32
+    rest = 4 * (full.parameter_count() - nk)                  # embedding + norms, fp32
     expect = {"magnitude": rest + nk * (0.5 * 4 + 1 / 8),  # non-zero values + 1-bit mask
               "wanda": rest + nk * (0.5 * 4 + 1 / 8),
-              "structured": 4 * model.num_parameters(), "distill": 4 * model.num_parameters(),
+              "structured": 4 * model.parameter_count(), "distill": 4 * model.parameter_count(),
               "svd": rest + 4 * sum(8 * (m.in_features + m.out_features) for m in lins.values()),
               "kmeans": rest + nk * 0.5 + 4 * 16 * len(lins)}[method]
     assert expect <= size < expect + 8192                     # + the safetensors header

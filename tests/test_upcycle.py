@@ -45,7 +45,7 @@ def test_upcycled_folder_equals_dense_in_ours_and_transformers(dense_dir, tmp_pa
         assert len({tuple(r) for r in (x @ router.T).topk(2).indices.sort(-1).values.tolist()}) > 1
     n = parameter_counts(moe)
     per_expert = 3 * 32 * 64
-    assert n["total"] == dense.num_parameters() + 2 * (3 * per_expert + 4 * 32)
+    assert n["total"] == dense.parameter_count() + 2 * (3 * per_expert + 4 * 32)
     assert n["active"] == n["total"] - 2 * 2 * per_expert
 
 

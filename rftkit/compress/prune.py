@@ -260,5 +260,5 @@ def prune_structured(model: Transformer, ratio: float = 0.25, calib: torch.Tenso
     record = {"modules": {}, "ratio": ratio, "head_ratio": head_ratio, "rank": rank,
               "ffn_dim": [cfg.ffn_dim, F_keep], "n_heads": [cfg.n_heads, new_cfg.n_heads],
               "kept_neurons": kept_neurons, "kept_heads": kept_heads,
-              "params": [model.num_parameters(), new.num_parameters()]}
+              "params": [model.parameter_count(), new.parameter_count()]}
     return new.eval(), record
