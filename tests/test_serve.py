@@ -69,7 +69,8 @@ class Running:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = server
-        self.uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        from rftkit.serve_limits import uvicorn_config
+        self.uv = uvicorn.Server(uvicorn_config(app, server.cfg, log_level="warning", timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         for _ in range(200):
