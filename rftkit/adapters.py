@@ -226,7 +226,7 @@ def read_adapter(folder: str | Path, confined: bool = False, files: tuple[bytes,
     except Exception as e:
         raise ValueError(f"{w_path}: not a readable safetensors file ({str(e)[:200]})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+    for key, t in sorted(tensors.items()):
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         if m is None:
             raise ValueError(f"{w_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")

@@ -458,3 +458,46 @@ def test_engine_thread_death_exits_non_zero_and_fails_waiting_calls(robust):
 def test_a_large_body_is_parsed_off_the_loop_and_answered(robust):
     r = robust.post("/v1/completions", {**C, "metadata": {"pad": "x" * 1_500_000}})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine thread, without HTTP
+
+def test_rows_count_against_max_pending_and_a_dead_engine_fails_calls_at_once():
+    import asyncio
+
+    from rftkit.engine import Engine
+    from rftkit.sampling import SamplingParams
+    from rftkit.serve_worker import EngineWorker
+    from tests.conftest import tiny_model
+    engine = Engine(tiny_model(), max_seq_len=64, max_batch=4)
+    worker = EngineWorker(engine, None, max_pending=10)
+    died = []
+    worker.on_death = died.append
+    row = ([1, 2, 3], SamplingParams(max_tokens=50, n=4))
+
+    async def main():
+        worker.start(asyncio.get_running_loop())
+        with pytest.raises(OverflowError, match="this request adds 12"):
+            worker.submit([row] * 3, None)                           # 3 prompts x n=4 = 12 rows > 10
+        first = worker.submit([row] * 2, None)
+        with pytest.raises(OverflowError):
+            worker.submit([row] * 2, None)                           # 8 + 8 > 10, however far the engine got
+        real = engine.step
+
+        def broken():
+            raise RuntimeError("simulated engine bug")
+        engine.step = broken
+        await asyncio.sleep(0.5)
+        assert not worker.alive and died
+        t = time.perf_counter()
+        with pytest.raises(RuntimeError, match="the engine thread"):
+            await worker.call(len, [])
+        items = [first.queue.get_nowait() for _ in range(first.queue.qsize())]
+        assert any(isinstance(v, RuntimeError) for _, v in items)
+        with pytest.raises(RuntimeError, match="not running"):
+            worker.submit([row], None)
+        assert time.perf_counter() - t < 1
+        engine.step = real
+        worker.stop()
+    asyncio.run(main())
