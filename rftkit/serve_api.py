@@ -81,7 +81,8 @@ class APIError(Exception):
         kind = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
                 408: "timeout", 413: "request_too_large", 500: "server_error",
                 503: "server_overloaded"}.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        safe = lambda t: t if t is None else t.encode("utf-8", "backslashreplace").decode()  # noqa: E731
+        return {"error": {"message": safe(self.message), "type": kind, "param": safe(self.param), "code": self.code}}
 
 
 class ClientGone(Exception):
@@ -340,7 +341,7 @@ def _logprob(lp: float) -> float:
 
 
 def _tops(top):
-    return None if top is None else [(t, _logprob(lp)) for t, lp in top]
+    return None if top is None else tuple((t, _logprob(lp)) for t, lp in top)     # tuples: see serve._chat_logprobs
 
 
 async def accept(stream) -> None:
