@@ -479,6 +479,7 @@ def test_a_large_body_is_parsed_off_the_loop_and_answered(robust):
 # ----------------------------------------------------------------------------------------------------------
 # the engine thread, without HTTP
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the thread is meant to die
 def test_rows_count_against_max_pending_and_a_dead_engine_fails_calls_at_once():
     import asyncio
 
