@@ -119,13 +119,14 @@ class AdapterBank:
                 raise ValueError(f"{source}: module {module} is {layer.out_features}x{layer.in_features} in "
                                  f"the model but the adapter has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
 
-    def register(self, name: str, folder: str | Path, confined: bool = False) -> str:
+    def register(self, name: str, folder: str | Path, confined: bool = False,
+                 files: tuple[bytes, bytes] | None = None) -> str:
         """Make `name` servable from `folder` (re-registering replaces it; a loaded copy is dropped). Returns the
         content digest of the files registered: a slot load later reads the folder again and refuses files
         whose digest differs (the folder changed since). `confined`: symbolic links in it are refused
-        (rftkit.adapters.adapter_files)."""
+        (rftkit.adapters.adapter_files); `files`: their bytes, when the caller has read them already."""
         self._wrap()
-        files = adapter_files(folder, confined)
+        files = files if files is not None else adapter_files(folder, confined)
         cfg, weights = read_adapter(folder, files=files)
         self._check(name, cfg, weights, str(folder))
         if name in self.registered:

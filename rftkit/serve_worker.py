@@ -314,7 +314,7 @@ class EngineWorker:
         self.versions[name] = self.versions.get(name, 0) + 1
         key = name if self.versions[name] == 1 else f"{name}@{self.versions[name]}"
         try:
-            digest = self.engine.adapters.register(key, path, confined=True)
+            digest = self.engine.adapters.register(key, path, confined=True, files=files)
         except Exception as e:             # noqa: BLE001 - whatever the folder holds, it is this request's 400
             raise AdapterError(400, f"adapter {name!r} is invalid: {self._public(str(e))}") from None
         finally:
