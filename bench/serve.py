@@ -3,6 +3,8 @@
     python bench/serve.py                                   # 1,000 adapters on disk, 2,000 requests per phase
     python bench/serve.py --requests 200 --distinct 100     # smoke test
     python bench/serve.py --soak                            # + 10,000 requests, Zipf over all 1,000 adapters
+    python bench/serve.py --soak-only --soak-requests 200 --adapters 50 --max-loaded-adapters 8 --model DIR
+                                                            # the soak alone, small, on any model folder
 
 The server is `rft serve` in its own process (a real uvicorn on 127.0.0.1) on the embedded SmolLM2-135M, with
 `--adapters` pointing at N random PEFT-format adapters (r=8 on q_proj, v_proj; written once into the cache and
@@ -18,6 +20,13 @@ Throughput = generated tokens / wall time of the phase (first send to last answe
 number the issue asks for (target >= 0.8). Each phase checks zero errors (non-200, error events, exceptions)
 and zero lost (every request answered with exactly `--tokens` tokens). Adapter registration and slot-load
 latency, slot loads/evictions come from the server's /metrics, as deltas over each phase.
+
+soak:  `--soak-requests` (10,000) requests at `--concurrency`, Zipf over all adapters on disk (1,000 against
+       128 device slots: thousands of evictions). It first sends one request to every adapter (warm-up: each
+       is registered once, its metadata part of the steady state), then reads the server's RSS, runs the soak,
+       reads it again. It fails unless there are zero errors, zero lost answers, evictions happened (when there
+       are more adapters than slots), nothing is left running, no request was counted 5xx by the server, and
+       the RSS at the end is within `--soak-rss-tolerance` (5%) of the RSS after warm-up.
 """
 from __future__ import annotations
 
@@ -39,20 +48,21 @@ RANK, TARGETS = 8, ("q_proj", "v_proj")
 # ----------------------------------------------------------------------------------------------------------
 # adapters on disk
 
-def make_adapters(root: Path, n: int, seed: int = 0) -> Path:
+def make_adapters(root: Path, n: int, seed: int = 0, model: str | None = None) -> Path:
     """N random PEFT-format LoRA adapters (r=8, q_proj + v_proj) for the embedded model, `a0000`..; written once
     (a `.complete` marker records the recipe), reused on later runs."""
     import torch
 
     from rftkit.peft_format import AdapterConfig, write_adapter
     from rftkit.loading import EMBEDDED, load_config, resolve
-    recipe = {"n": n, "rank": RANK, "targets": list(TARGETS), "seed": seed, "model": EMBEDDED}
+    recipe = {"n": n, "rank": RANK, "targets": list(TARGETS), "seed": seed, "model": model or EMBEDDED}
     marker = root / ".complete"
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return root
-    cfg = load_config(resolve(None))
+    cfg = load_config(resolve(model))
     shapes = {"q_proj": (cfg.n_heads * cfg.head_dim, cfg.dim), "v_proj": (cfg.n_kv_heads * cfg.head_dim, cfg.dim)}
-    acfg = AdapterConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS), base_model_name_or_path=EMBEDDED)
+    acfg = AdapterConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS),
+                         base_model_name_or_path=model or EMBEDDED)
     t = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     for i in range(n):
@@ -83,6 +93,8 @@ def start_server(args, adapters: Path, log) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "rftkit.cli", "serve", "--adapters", str(adapters), "--port", str(port),
            "--max-loaded-adapters", str(args.max_loaded_adapters), "--max-batch", str(args.max_batch),
            "--max-seq-len", "512", "--max-pending", str(max(4096, args.concurrency * 4)), "--device", "cpu"]
+    if args.model:
+        cmd += ["--model", args.model]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                          os.environ.get("PYTHONPATH", "")])}
     env.pop("RFTKIT_API_KEY", None)
@@ -267,6 +279,30 @@ def run_phase(name: str, url: str, pid: int, specs: list[dict], args) -> dict:
     return out
 
 
+def run_soak(url: str, pid: int, names: list[str], rng, args) -> dict:
+    """Warm-up (one request per adapter), RSS, `--soak-requests` requests Zipf over the adapters, RSS."""
+    pool = names if args.soak_distinct is None else names[:args.soak_distinct]
+    warm = run_phase("warm", url, pid, specs_for(pool, offset=3 * 10**6), args)
+    rss0 = rss_mb(pid)
+    soak_models = zipf_models(rng, [pool[i] for i in rng.permutation(len(pool))], args.zipf_s, args.soak_requests)
+    soak = run_phase("soak", url, pid, specs_for(soak_models, offset=2 * 10**6), args)
+    rss1 = rss_mb(pid)
+    growth = rss1 / rss0 - 1
+    five = sum(v for k, v in read_metrics(url).items() if k.startswith("rftkit_requests_total{") and 'status="5' in k)
+    failed = [f"warm-up: {warm['errors']} errors, {warm['lost']} lost"] if warm["errors"] or warm["lost"] else []
+    if growth > args.soak_rss_tolerance:
+        failed.append(f"RSS grew {growth:.1%} over the soak (limit {args.soak_rss_tolerance:.0%})")
+    if len(pool) > args.max_loaded_adapters and not soak["evictions"]:
+        failed.append("no evictions: the soak did not exercise slot reuse")
+    if five:
+        failed.append(f"{five:.0f} requests answered 5xx by the server")
+    print(f" soak: {soak['requests']} requests over {soak['adapters']} adapters ({len(pool)} on disk, "
+          f"{args.max_loaded_adapters} slots): errors {soak['errors']}, lost {soak['lost']}, evictions "
+          f"{soak['evictions']:.0f}; server RSS {rss0:.0f} MB after warm-up, {rss1:.0f} MB at the end "
+          f"({growth:+.1%}); 5xx {five:.0f}; {'ok' if not failed else 'FAILED: ' + '; '.join(failed)}", flush=True)
+    return {**soak, "rss_warm_mb": rss0, "rss_end_mb": rss1, "rss_growth": growth, "failed": failed}
+
+
 def specs_for(models: list[str], offset: int = 0) -> list[dict]:
     return [{"model": m, "prompt": f"Q{offset + i}: write one sentence about the number {offset + i}.",
              "seed": offset + i, "stream": i % 2 == 0} for i, m in enumerate(models)]
@@ -291,13 +327,17 @@ def main() -> int:
     ap.add_argument("--soak", action="store_true", help="then 10,000 requests, Zipf over all adapters (slow)")
     ap.add_argument("--soak-requests", type=int, default=10_000)
     ap.add_argument("--soak-distinct", type=int, default=None, help="adapters the soak draws from (default: all)")
+    ap.add_argument("--soak-only", action="store_true", help="skip the one / zipf phases: warm-up and soak only")
+    ap.add_argument("--soak-rss-tolerance", type=float, default=0.05, help="allowed RSS growth over the soak")
+    ap.add_argument("--model", default=None, help="model folder to serve (default: the embedded SmolLM2-135M)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds before an unanswered request is lost")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.distinct > args.adapters:
         ap.error(f"--distinct {args.distinct} exceeds --adapters {args.adapters}")
-    folder = args.adapter_dir or cache_dir() / "bench" / f"serve-adapters-{args.adapters}-r{RANK}"
-    make_adapters(folder, args.adapters)
+    tag = "" if args.model is None else "-" + Path(args.model).name
+    folder = args.adapter_dir or cache_dir() / "bench" / f"serve-adapters-{args.adapters}-r{RANK}{tag}"
+    make_adapters(folder, args.adapters, model=args.model)
     names = [f"a{i:04d}" for i in range(args.adapters)]
     rng = np.random.default_rng(args.seed)
     popular = [names[i] for i in rng.permutation(args.adapters)[:args.distinct]]   # popularity rank order
@@ -312,20 +352,20 @@ def main() -> int:
     try:
         warm = specs_for([popular[0]] * args.concurrency, offset=10**6)
         asyncio.run(drive(url, warm, args.concurrency, args.tokens, args.timeout))
-        one = run_phase("one", url, proc.pid, specs_for([popular[0]] * args.requests), args)
-        many = run_phase("zipf", url, proc.pid, specs_for(zipf), args)
-        phases = [one, many]
-        ratio = many["tok_s"] / one["tok_s"]
-        print(f"ratio zipf/one: {ratio:.4f} tok/s, {many['req_s'] / one['req_s']:.4f} req/s, server CPU per token "
-              f"{one['cpu_ms_per_token'] / many['cpu_ms_per_token']:.3f} (target >= 0.8: "
-              f"{'met' if ratio >= 0.8 else 'NOT met'}); load {os.getloadavg()}", flush=True)
-        if args.soak:
-            rss0 = rss_mb(proc.pid)
-            pool = names if args.soak_distinct is None else names[:args.soak_distinct]
-            soak = zipf_models(rng, [pool[i] for i in rng.permutation(len(pool))], args.zipf_s, args.soak_requests)
-            phases.append(run_phase("soak", url, proc.pid, specs_for(soak, offset=2 * 10**6), args))
-            print(f" soak: server RSS {rss0:.0f} MB before, {rss_mb(proc.pid):.0f} MB after", flush=True)
-        failed = [p["name"] for p in phases if p["errors"] or p["lost"] or p["running_after"] != 0]
+        phases = []
+        if not args.soak_only:
+            one = run_phase("one", url, proc.pid, specs_for([popular[0]] * args.requests), args)
+            many = run_phase("zipf", url, proc.pid, specs_for(zipf), args)
+            phases += [one, many]
+            ratio = many["tok_s"] / one["tok_s"]
+            print(f"ratio zipf/one: {ratio:.4f} tok/s, {many['req_s'] / one['req_s']:.4f} req/s, server CPU per "
+                  f"token {one['cpu_ms_per_token'] / many['cpu_ms_per_token']:.3f} (target >= 0.8: "
+                  f"{'met' if ratio >= 0.8 else 'NOT met'}); load {os.getloadavg()}", flush=True)
+        soak_failed = []
+        if args.soak or args.soak_only:
+            phases.append(soak := run_soak(url, proc.pid, names, rng, args))
+            soak_failed = soak["failed"]
+        failed = [p["name"] for p in phases if p["errors"] or p["lost"] or p["running_after"] != 0] + soak_failed
         if proc.poll() is not None:
             failed.append(f"the server exited with {proc.returncode}")
     finally:

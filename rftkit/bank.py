@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rftkit import kernels
-from rftkit.peft_format import AdapterConfig, read_adapter
-from rftkit.loading.weights import aligned
 from rftkit.layers import linear
+from rftkit.loading.weights import aligned
+from rftkit.peft_format import AdapterConfig, adapter_digest, adapter_files, read_adapter
 
 
 class BankLinear(nn.Module):
@@ -124,15 +124,22 @@ class AdapterBank:
                 raise ValueError(f"{source}: module {module} is {layer.out_features}x{layer.in_features} in "
                                  f"the model but the adapter has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
 
-    def register(self, name: str, folder: str | Path) -> None:
-        """Make `name` servable from `folder` (re-registering replaces it; a loaded copy is dropped)."""
+    def register(self, name: str, folder: str | Path, confined: bool = False,
+                 files: tuple[bytes, bytes] | None = None) -> str:
+        """Make `name` servable from `folder` (re-registering replaces it; a loaded copy is dropped). Returns the
+        content digest of the files registered: a slot load later reads the folder again and refuses files
+        whose digest differs (the folder changed since). `confined`: symbolic links in it are refused
+        (rftkit.peft_format.adapter_files); `files`: their bytes, when the caller has read them already."""
         self._wrap()
-        cfg, weights = read_adapter(folder)
+        files = files if files is not None else adapter_files(folder, confined)
+        cfg, weights = read_adapter(folder, files=files)
         self._check(name, cfg, weights, str(folder))
         if name in self.registered:
             self.unload(name)
+        digest = adapter_digest(files)
         self.registered[name] = {"path": str(folder), "cfg": cfg, "rank": max(A.shape[0] for A, _ in weights.values()),
-                                 "modules": sorted(weights)}
+                                 "modules": sorted(weights), "digest": digest, "confined": confined}
+        return digest
 
     def bind_live(self, name: str, modules: dict[str, nn.Module]) -> int:
         """Point a slot at live LoRA parameters ({module path: LoRALinear}, e.g. `lora_modules(trainer_model)`):
@@ -185,11 +192,12 @@ class AdapterBank:
 
     # ------------------------------------------------------------------ slots
     def _clear(self, slot: int) -> None:
+        """Empty the slot in every layer: whatever an earlier owner (or a load that failed half-way) left in it
+        would otherwise be added to the rows of the next adapter placed here, in the modules it does not set."""
+        for layer in self.layers.values():
+            if layer.slots.tensors[slot] is not None:
+                layer.slots.clear(slot)
         name = self.owner[slot]
-        info = self.registered.get(name)
-        modules = info["modules"] if info is not None else self.layers        # only the layers it set
-        for module in modules:
-            self.layers[module].slots.clear(slot)
         self.owner[slot], self.pins[slot] = None, 0
         self.slot_of.pop(name, None)
 
@@ -222,14 +230,25 @@ class AdapterBank:
             slot = self._free_slot()
             if slot is None:
                 return None
-            cfg, weights = read_adapter(self.registered[name]["path"])
-            self._check(name, cfg, weights, self.registered[name]["path"])
-            device = next(self.model.parameters()).device
-            for module, (A, B) in weights.items():
-                layer = self.layers[module]
-                dtype = layer.inner.weight.dtype if layer.inner.weight.is_floating_point() else torch.float32
-                layer.slots.set(slot, aligned(A.to(device, dtype).contiguous()), B.to(device, dtype).contiguous(),
-                                cfg.scaling(module))
+            info = self.registered[name]
+            try:
+                files = adapter_files(info["path"], info["confined"])
+                if adapter_digest(files) != info["digest"]:
+                    raise ValueError(f"{info['path']}: the files changed after the adapter was registered")
+                cfg, weights = read_adapter(info["path"], files=files)
+                self._check(name, cfg, weights, info["path"])
+                device = next(self.model.parameters()).device
+                tensors = {}                   # everything converted first: a failure leaves the slot untouched
+                for module, (A, B) in weights.items():
+                    layer = self.layers[module]
+                    dtype = layer.inner.weight.dtype if layer.inner.weight.is_floating_point() else torch.float32
+                    tensors[module] = (aligned(A.to(device, dtype).contiguous()), B.to(device, dtype).contiguous(),
+                                       float(cfg.scaling(module)))
+                for module, (A, B, scale) in tensors.items():
+                    self.layers[module].slots.set(slot, A, B, scale)
+            except BaseException:
+                self._clear(slot)              # nothing of a failed load stays in the (ownerless) slot
+                raise
             self._occupy(name, slot)
             self.stats["loads"] += 1
         self.pins[slot] += 1

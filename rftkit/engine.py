@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -295,18 +296,26 @@ class Engine:
         self.waiting.append(seqs)
         return rid
 
-    def abort(self, request_id: int) -> None:
-        self.waiting = deque(g for g in self.waiting if g[0].request_id != request_id)
-        if self.prefilling and self.prefilling[0].request_id == request_id:
+    def abort(self, request_ids: int | Iterable[int]) -> None:
+        """Drop these requests wherever they are (waiting, prefilling, running); one pass over the queues
+        whatever their number, so a client aborting thousands of prompts costs one rebuild, not one each."""
+        ids = {request_ids} if isinstance(request_ids, int) else set(request_ids)
+        if not ids:
+            return
+        if any(g[0].request_id in ids for g in self.waiting):
+            self.waiting = deque(g for g in self.waiting if g[0].request_id not in ids)
+        if self.prefilling and self.prefilling[0].request_id in ids:
             for s in self.prefilling:
                 self._free(s)
             self.prefilling = None
-        for s in [s for s in self.running if s.request_id == request_id]:
+        gone = [s for s in self.running if s.request_id in ids]
+        for s in gone:
             s.finish_reason = "abort"
             self._pending.append(StepOutput(s.request_id, s.index, [], [], True, "abort"))
             self._free(s)
-            self.running.remove(s)
-        self.stats["aborted"] += 1
+        if gone:
+            self.running = [s for s in self.running if s.request_id not in ids]
+        self.stats["aborted"] += len(ids)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
@@ -353,7 +362,7 @@ class Engine:
         if first.adapter is not None:
             try:
                 slot = self.adapters.acquire(first.adapter)
-            except (OSError, ValueError, KeyError) as e:
+            except Exception as e:     # noqa: BLE001 - any failure to load it fails this request alone
                 self.waiting.remove(group)
                 for s in group:
                     s.finish_reason = "error"

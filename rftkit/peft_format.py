@@ -13,8 +13,11 @@ loading them silently would serve a different model than the one trained.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,52 +94,148 @@ class AdapterConfig:
 
     @classmethod
     def from_peft(cls, d: dict, source: str = "adapter_config.json") -> "AdapterConfig":
+        """Every field type-checked here, at the boundary: a string alpha or a dict of targets fails now,
+        naming the field, not later inside a batch (where `scaling()` would raise on the engine thread)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: must be a JSON object, got {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{source}: peft_type {d['peft_type']!r} is not LORA")
+            raise ValueError(f"{source}: peft_type {_show(d['peft_type'])} is not LORA")
         for name, ok in UNSUPPORTED.items():
             value = d.get(name, ok)
             if value != ok and not (ok is None and not value):
-                raise ValueError(f"{source}: unsupported PEFT feature {name}={value!r}")
+                raise ValueError(f"{source}: unsupported PEFT feature {name}={_show(value)}")
         known = {f for f in cls.__dataclass_fields__} | set(UNSUPPORTED) | HARMLESS
         for name, value in d.items():
-            if name not in known and value:
-                raise ValueError(f"{source}: unknown adapter field {name}={value!r}")
+            if name not in known and value:      # the name only: a value could be anything the file links to
+                raise ValueError(f"{source}: unknown adapter field {_show(name)}")
         # which modules are adapted is read from the weights; target_modules is kept for writing back
-        targets = d.get("target_modules") or []
-        r = d.get("r", 8)
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"{source}: r must be a positive int, got {r!r}")
-        return cls(r=r, lora_alpha=d.get("lora_alpha", 8),
-                   target_modules=targets if isinstance(targets, str) else list(targets),
-                   use_rslora=bool(d.get("use_rslora", False)), rank_pattern=d.get("rank_pattern") or {},
-                   alpha_pattern=d.get("alpha_pattern") or {}, lora_dropout=d.get("lora_dropout", 0.0),
-                   base_model_name_or_path=d.get("base_model_name_or_path"),
-                   target_parameters=list(d.get("target_parameters") or []) or None)
+        r = _field(d, "r", 8, _is_int, "a positive integer", source, lambda v: v >= 1)
+        alpha = _field(d, "lora_alpha", 8, _is_number, "a finite number", source)
+        targets = _field(d, "target_modules", None, lambda v: isinstance(v, str) or _is_str_list(v),
+                         "a string (regex) or a list of strings", source)
+        _field(d, "lora_dropout", 0.0, _is_number, "a finite number", source)
+        use_rslora = _field(d, "use_rslora", False, lambda v: isinstance(v, bool), "true or false", source)
+        base = _field(d, "base_model_name_or_path", None, lambda v: isinstance(v, str), "a string", source)
+        params = _field(d, "target_parameters", None, _is_str_list, "a list of strings", source)
+        rank_pattern = _patterns(d, "rank_pattern", lambda v: _is_int(v) and v >= 1, "a positive integer", source)
+        alpha_pattern = _patterns(d, "alpha_pattern", _is_number, "a finite number", source)
+        return cls(r=r, lora_alpha=alpha, target_modules=[] if targets is None else
+                   targets if isinstance(targets, str) else list(targets),
+                   use_rslora=use_rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                   lora_dropout=d.get("lora_dropout") or 0.0, base_model_name_or_path=base,
+                   target_parameters=list(params or []) or None)
 
 
-def read_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    from safetensors.torch import load_file
+def _show(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 31
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and abs(v) < 1e30)
+
+
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _field(d: dict, name: str, default, ok, what: str, source: str, extra=lambda v: True):
+    v = d.get(name)
+    if v is None:
+        return default
+    if not ok(v) or not extra(v):
+        raise ValueError(f"{source}: {name} must be {what}, got {_show(v)}")
+    return v
+
+
+def _patterns(d: dict, name: str, ok, what: str, source: str) -> dict:
+    """rank_pattern / alpha_pattern: {regex: value}; each key must compile (it is matched at every load)."""
+    v = d.get(name) or {}
+    if not isinstance(v, dict):
+        raise ValueError(f"{source}: {name} must be an object of pattern -> value, got {_show(v)}")
+    for key, value in v.items():
+        if not ok(value):
+            raise ValueError(f"{source}: {name}[{_show(key)}] must be {what}, got {_show(value)}")
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise ValueError(f"{source}: {name} key {_show(key)} is not a valid regex ({e})") from None
+    return dict(v)
+
+
+def adapter_files(folder: str | Path, confined: bool = False) -> tuple[bytes, bytes]:
+    """The raw bytes of (adapter_config.json, adapter_model.safetensors). `confined`: the server's mode, where
+    the folder's writer is not trusted with the rest of the disk: a file that is a symbolic link is refused
+    (a config linked to /etc/something would otherwise be read, and echoed in errors), and the folder itself
+    must not be a link. Read once into memory, so what is parsed is what is hashed."""
+    folder = Path(folder)
+    out = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = folder / name
+        if not path.is_file():
+            if name == CONFIG_FILE:
+                raise FileNotFoundError(f"{folder}: not an adapter folder (no {CONFIG_FILE})")
+            raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (only safetensors adapters are loaded)")
+        if not confined:
+            out.append(path.read_bytes())
+            continue
+        if folder.is_symlink():
+            raise ValueError(f"{folder}: the adapter folder is a symbolic link; copy the files instead")
+        try:                             # O_NOFOLLOW: a link swapped in after the check is refused too
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ValueError(f"{path.name} is a symbolic link; adapter files must be regular files in "
+                                 f"the adapter folder") from None
+            raise
+        with os.fdopen(fd, "rb") as f:
+            out.append(f.read())
+    return out[0], out[1]
+
+
+def adapter_digest(files: tuple[bytes, bytes]) -> str:
+    """What identifies a version of an adapter: a hash of its two files' contents (not their mtime or size,
+    which `cp -p`, `rsync -a` and `tar` keep across a replacement)."""
+    h = hashlib.blake2b(digest_size=16)
+    for data in files:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def read_adapter(folder: str | Path, confined: bool = False, files: tuple[bytes, bytes] | None = None
+                 ) -> tuple[AdapterConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The config and {module: (A [R, in], B [out, R])} of a PEFT folder; `files` (from `adapter_files`) parses
+    bytes already read. Errors name the file, the module and the bad value (ValueError / FileNotFoundError)."""
+    from safetensors.torch import load as load_bytes
     folder = Path(folder)
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder}: not an adapter folder (no {CONFIG_FILE})")
-    if not w_path.is_file():
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (only safetensors adapters are loaded)")
+    cfg_bytes, w_bytes = files if files is not None else adapter_files(folder, confined)
     try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        raw = json.loads(cfg_bytes, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:     # JSONDecodeError, bad UTF-8, NaN, 5000-digit ints, nesting
+        raise ValueError(f"{cfg_path}: not valid JSON ({str(e)[:200]})") from None
     cfg = AdapterConfig.from_peft(raw, str(cfg_path))
     try:
-        tensors = load_file(str(w_path))
+        tensors = load_bytes(w_bytes)
     except Exception as e:
-        raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from None
+        raise ValueError(f"{w_path}: not a readable safetensors file ({str(e)[:200]})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+    for key, t in sorted(tensors.items()):
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         if m is None:
             raise ValueError(f"{w_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = t.float()
+        if t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{w_path}: tensor {key!r} is {t.dim()}-D {t.dtype}; LoRA weights are 2-D floats")
+        t = t.float()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{w_path}: tensor {key!r} holds NaN or infinite values")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
     weights = {}
     for module, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
@@ -148,6 +247,10 @@ def read_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[str, tuple[tor
                              f"{tuple(B.shape)}, not rank {cfg.rank(module)}")
         weights[module] = (A, B)
     return cfg, weights
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def write_adapter(folder: str | Path, cfg: AdapterConfig, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):

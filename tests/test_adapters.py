@@ -108,7 +108,7 @@ def test_refusals_name_the_problem(tmp_path):
                                   ("bias", "all", "bias='all'"),
                                   ("layers_to_transform", [0], "layers_to_transform"),
                                   ("peft_type", "IA3", "not LORA"),
-                                  ("some_future_option", 3, "unknown adapter field some_future_option=3")]:
+                                  ("some_future_option", 3, "unknown adapter field 'some_future_option'$")]:
         (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
         with pytest.raises(ValueError, match=message):
             read_adapter(tmp_path / "ad")
@@ -169,3 +169,72 @@ def test_exported_merged_folder_gives_peft_logits_in_transformers(tmp_path, arch
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert tok("héllo")["input_ids"] == transformers.AutoTokenizer.from_pretrained(tok_dir)("héllo")["input_ids"]
     assert main(["export", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")]) == 2  # exists
+
+
+def test_every_config_field_is_type_checked_and_weights_are_2d_finite(tmp_path):
+    """What would otherwise fail later, inside a batch (a string alpha in scaling(), a dict of targets in
+    to_peft(), a bad regex at every load), or load a different model (NaN weights), is refused at read time,
+    naming the field; an unknown field is named without its value (it may hold anything)."""
+    from safetensors.torch import load_file, save_file
+    _, ours = _pair(tmp_path)
+    apply_lora(ours, LoRAConfig(r=2, targets=["q_proj"]))
+    save_lora(ours, tmp_path / "ad")
+    cfg_path, w_path = tmp_path / "ad" / "adapter_config.json", tmp_path / "ad" / "adapter_model.safetensors"
+    cfg, weights = json.loads(cfg_path.read_text()), load_file(str(w_path))
+    for edit, message in [(lambda c: [c], "must be a JSON object, got list"),
+                          (lambda c: {**c, "lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
+                          (lambda c: {**c, "lora_alpha": 1e300}, "lora_alpha must be a finite number"),
+                          (lambda c: {**c, "r": 2.0}, "r must be a positive integer"),
+                          (lambda c: {**c, "r": True}, "r must be a positive integer"),
+                          (lambda c: {**c, "target_modules": 5}, "target_modules must be a string"),
+                          (lambda c: {**c, "target_modules": [1]}, "target_modules must be a string"),
+                          (lambda c: {**c, "use_rslora": "false"}, "use_rslora must be true or false"),
+                          (lambda c: {**c, "rank_pattern": [1]}, "rank_pattern must be an object"),
+                          (lambda c: {**c, "rank_pattern": {"q": 0}}, "rank_pattern\\['q'\\] must be a positive"),
+                          (lambda c: {**c, "alpha_pattern": {"q": "2"}}, "alpha_pattern\\['q'\\] must be"),
+                          (lambda c: {**c, "alpha_pattern": {"[q": 2}}, "is not a valid regex"),
+                          (lambda c: {**c, "target_parameters": "x"}, "target_parameters must be a list"),
+                          (lambda c: {**c, "base_model_name_or_path": 3}, "base_model_name_or_path must be"),
+                          (lambda c: {**c, "token": "s3cr3t-value"}, "unknown adapter field 'token'$")]:
+        cfg_path.write_text(json.dumps(edit(cfg)))
+        with pytest.raises(ValueError, match=message) as e:
+            read_adapter(tmp_path / "ad")
+        assert "s3cr3t" not in str(e.value)
+    for text in ('{"r": NaN}', "[" * 5000 + "]" * 5000, '{"r": 1' + "0" * 5000 + "}"):
+        cfg_path.write_text(text)
+        with pytest.raises(ValueError, match="not valid JSON"):
+            read_adapter(tmp_path / "ad")
+    cfg_path.write_bytes(b'{"r": "\xff"}')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_adapter(tmp_path / "ad")
+    cfg_path.write_text(json.dumps(cfg))
+    for edit, message in [(lambda t: t.flatten(), "is 1-D torch.float32; LoRA weights are 2-D floats"),
+                          (lambda t: t[None], "is 3-D"),
+                          (lambda t: t.to(torch.int32), "LoRA weights are 2-D floats"),
+                          (lambda t: t * float("inf"), "NaN or infinite values")]:
+        save_file({k: edit(v) for k, v in weights.items()}, str(w_path))
+        with pytest.raises(ValueError, match=message):
+            read_adapter(tmp_path / "ad")
+
+
+def test_confined_reads_refuse_symbolic_links(tmp_path):
+    """The server reads adapter folders confined: a file linked elsewhere (here: a JSON file with a secret) is
+    refused, not read; trainers loading from a Hub cache (links into its blobs) read unconfined."""
+    from rftkit.peft_format import adapter_digest, adapter_files
+    _, ours = _pair(tmp_path)
+    apply_lora(ours, LoRAConfig(r=2, targets=["q_proj"]))
+    save_lora(ours, tmp_path / "ad")
+    files = adapter_files(tmp_path / "ad", confined=True)
+    (tmp_path / "secret.json").write_text('{"password": "hunter2"}')
+    (tmp_path / "ad" / "adapter_config.json").rename(tmp_path / "real.json")
+    (tmp_path / "ad" / "adapter_config.json").symlink_to(tmp_path / "secret.json")
+    with pytest.raises(ValueError, match="adapter_config.json is a symbolic link") as e:
+        read_adapter(tmp_path / "ad", confined=True)
+    assert "hunter2" not in str(e.value)
+    (tmp_path / "ad" / "adapter_config.json").unlink()
+    (tmp_path / "ad" / "adapter_config.json").symlink_to(tmp_path / "real.json")
+    read_adapter(tmp_path / "ad")                                  # unconfined: links followed
+    assert adapter_digest(adapter_files(tmp_path / "ad")) == adapter_digest(files)
+    (tmp_path / "link").symlink_to(tmp_path / "ad")
+    with pytest.raises(ValueError, match="the adapter folder is a symbolic link"):
+        adapter_files(tmp_path / "link", confined=True)

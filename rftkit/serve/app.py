@@ -21,13 +21,18 @@ import gc
 import hmac
 import json
 import os
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from rftkit.serve.requests import APIError, Request, accept, deltas, parse_chat, parse_completion, parse_lorax
+from rftkit.serve.requests import (APIError, ClientGone, NonFiniteError, Request, accept, deltas, parse_chat,
+                                   parse_completion, parse_json, parse_lorax)
 from rftkit.serve.worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -37,21 +42,30 @@ class ServeConfig:
     host: str = "127.0.0.1"             # address to listen on
     port: int = 8000                    # port to listen on
     api_key: str | None = None          # require `Authorization: Bearer KEY` (default: $RFTKIT_API_KEY)
+    no_auth: bool = False               # serve without an API key on a non-loopback host (never implied by "")
     max_loaded_adapters: int = 128      # adapters in device slots (LRU eviction of idle ones); keep >= max_batch
     max_batch: int = 64                 # sequences decoded together
     max_seq_len: int = 2048             # context per sequence: prompt + completion
     kv_budget_mb: int = 1024            # KV-cache memory
     max_n: int = 16                     # most samples (`n`) per request
     max_body_bytes: int = 1 << 20       # largest request body
-    max_pending: int = 4096             # requests waiting for the engine before 503s
+    max_pending: int = 4096             # sequences (prompts x n) waiting for the engine before 503s
+    max_prompts: int = 64               # prompts in one /v1/completions request
+    max_connections: int = 1024         # open HTTP connections; more are answered 503 and closed
+    header_timeout: float = 10.0        # seconds a client may take to send a request's headers (and its body)
     served_model_name: str | None = None  # the base model's id (default: its folder name)
     device: str = "auto"                # cpu, cuda, or auto (cuda when present)
 
     def __post_init__(self):
-        for name in ("port", "max_loaded_adapters", "max_batch", "max_seq_len",
-                     "kv_budget_mb", "max_n", "max_body_bytes", "max_pending"):
-            if getattr(self, name) < (0 if name == "port" else 1):
+        for name in ("port", "max_loaded_adapters", "max_batch", "max_seq_len", "kv_budget_mb", "max_n",
+                     "max_body_bytes", "max_pending", "max_prompts", "max_connections", "header_timeout"):
+            if getattr(self, name) <= (-1 if name == "port" else 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.api_key == "" and not self.no_auth:
+            raise ValueError('api_key is empty: an empty key would turn authentication off; pass a key, or '
+                             '--no-auth to serve without one')
+        if self.api_key and self.no_auth:
+            raise ValueError("both an api_key and no_auth given: pick one")
 
 
 class Server:
@@ -70,13 +84,45 @@ class Server:
             raise FileNotFoundError(f"{cfg.adapters}: no such adapter directory")
         self.tok = tok
         self.base_id = cfg.served_model_name or (EMBEDDED if cfg.model is None else Path(cfg.model).name)
-        self.api_key = cfg.api_key or os.environ.get("RFTKIT_API_KEY") or None
+        env = os.environ.get("RFTKIT_API_KEY")
+        if env == "" and cfg.api_key is None and not cfg.no_auth:
+            raise ValueError("RFTKIT_API_KEY is set but empty: that would turn authentication off; set a key, "
+                             "unset it, or pass --no-auth")
+        self.api_key = None if cfg.no_auth else (cfg.api_key or env or None)
+        if self.api_key is None and not cfg.no_auth and cfg.host not in LOOPBACK:
+            raise ValueError(f"--host {cfg.host} without an API key would serve anyone who can reach it: pass "
+                             f"--api-key (or $RFTKIT_API_KEY), or --no-auth to mean it")
         self.engine = Engine(model, kv_budget_bytes=cfg.kv_budget_mb << 20, max_seq_len=cfg.max_seq_len,
                              max_batch=cfg.max_batch, adapter_slots=cfg.max_loaded_adapters)
         self.metrics = Metrics()
         self.worker = EngineWorker(self.engine, cfg.adapters, cfg.max_pending, self.metrics)
+        self.worker.on_death = self._engine_died
         self.eos = list(tok.eos_token_ids)
         self.created = int(time.time())
+        # a token covers at most this many characters of text (its vocabulary string, byte-level or not); a
+        # prompt longer than 2x that per context token cannot fit, and is refused before it is tokenized
+        # (tokenizers holds the GIL while it encodes: 1 MB of text would stall every thread for ~0.2 s)
+        longest = max(map(len, tok.backend.get_vocab(with_added_tokens=True)), default=1)
+        self.max_prompt_chars = 2 * self.engine.max_seq_len * max(longest, 1)
+        # tokenizing, chat templates and building large answers: off the event loop (a 1 MB prompt takes
+        # ~0.2 s to tokenize, an answer with 20 alternatives per token as long), so /health and the streams of
+        # everyone else never wait behind one request. The incremental detokenization of each engine step
+        # (a token or two per sequence, a few microseconds) stays on the loop: a thread hop costs more.
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rftkit-text")
+        self.texts: dict[int, str] = {}     # token id -> its text (log-prob answers)
+        self.uvicorn = None                 # set by run_serve: told to exit if the engine thread dies
+        self.exit_code = 0
+
+    def _engine_died(self, e: BaseException) -> None:
+        """The engine thread raised: nothing can be served any more. Waiting calls were failed; the process
+        exits non-zero so that a supervisor restarts it (a server answering 503 forever is worse)."""
+        print(f"rft serve: the engine thread died: {e!r}; exiting", file=sys.stderr, flush=True)
+        self.exit_code = 1
+        if self.uvicorn is not None:
+            self.uvicorn.should_exit = True
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ------------------------------------------------------------------ request -> engine jobs
     def adapter_of(self, model: str) -> str | None:
@@ -89,7 +135,7 @@ class Server:
         except ValueError as e:
             raise APIError(400, f"model {model!r}: {e}", "model") from None
         except AdapterError:
-            where = f"no adapter {name!r} in {self.cfg.adapters}" if self.cfg.adapters else "no adapter directory"
+            where = f"no adapter folder named {name!r}" if self.cfg.adapters else "no adapter directory"
             raise APIError(404, f"model {model!r} not found: not the base model {self.base_id!r} and {where}",
                            "model", "model_not_found") from None
         return name
@@ -97,13 +143,21 @@ class Server:
     def jobs(self, req: Request) -> list:
         ctx, vocab, out = self.engine.max_seq_len, self.engine.model.cfg.vocab_size, []
         for p in req.prompts:
+            chars = sum(len(m["content"]) for m in p) if req.chat else len(p) if isinstance(p, str) else 0
+            if chars > self.max_prompt_chars:
+                raise APIError(400, f"the prompt ({chars} characters) cannot fit the context of {ctx} tokens",
+                               "messages" if req.chat else "prompt")
             if req.chat:
                 try:
                     ids = self.tok.encode_chat(p)
                 except Exception as e:          # noqa: BLE001 - the template's own error (raise_exception)
-                    raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
+                    raise APIError(400, f"messages: the chat template refused them: {str(e)[:200]}",
+                                   "messages") from None
             elif isinstance(p, str):
-                ids = self.tok.encode(p, add_special_tokens=True)
+                try:
+                    ids = self.tok.encode(p, add_special_tokens=True)
+                except Exception as e:          # noqa: BLE001 - whatever the tokenizer cannot take
+                    raise APIError(400, f"prompt: the tokenizer refused it: {str(e)[:200]}", "prompt") from None
             else:
                 ids = p
                 if any(not 0 <= t < vocab for t in ids):
@@ -120,24 +174,32 @@ class Server:
 
     async def start(self, req: Request, t0: float):
         """Submit `req` and wait until the engine thread accepted it: errors become HTTP errors here,
-        before any streamed byte."""
+        before any streamed byte. Whatever fails after the submit releases the stream (no bookkeeping left
+        behind for a request that is gone)."""
         adapter = self.adapter_of(req.model)
-        jobs = self.jobs(req)
+        rows = len(req.prompts) * req.params.n
+        if rows > self.cfg.max_pending:
+            raise APIError(400, f"{len(req.prompts)} prompts x n={req.params.n} = {rows} sequences exceed the "
+                           f"queue limit of {self.cfg.max_pending}", "prompt")
+        jobs = await self.off_loop(self.jobs, req)
         try:
             stream = self.worker.submit(jobs, adapter)
         except OverflowError as e:
-            raise APIError(503, str(e)) from None
+            raise APIError(503, str(e), headers={"Retry-After": "1"}) from None
         except RuntimeError as e:
-            raise APIError(503, str(e)) from None
+            raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
         stream.t_submit = t0
         try:
             await accept(stream)
-        except AdapterError as e:
+        except BaseException as e:
             self.worker.release(stream, stream.rids)
-            raise APIError(e.status, str(e), "model", "invalid_adapter" if e.status == 400 else None) from None
-        except (ValueError, KeyError) as e:
-            self.worker.release(stream, stream.rids)
-            raise APIError(400, str(e)) from None
+            if isinstance(e, AdapterError):
+                raise APIError(e.status, str(e), "model", "invalid_adapter" if e.status == 400 else None) from None
+            if isinstance(e, (ValueError, KeyError)):
+                raise APIError(400, str(e)) from None
+            if isinstance(e, RuntimeError) and not self.worker.alive:
+                raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
+            raise
         self.metrics.inc("prompt_tokens_total", sum(len(ids) for ids, _ in jobs))
         return stream, [len(ids) for ids, _ in jobs]
 
@@ -153,6 +215,12 @@ class Server:
                 yield d
         except AdapterError as e:         # its adapter failed to load at admission: this request's 4xx
             raise APIError(e.status, str(e), "model", "invalid_adapter") from None
+        except NonFiniteError as e:       # an adapter's weights overflow: its 400; the base model's: our 500
+            if stream.adapter is not None:
+                raise APIError(400, f"adapter {stream.adapter!r}: {e}", "model", "invalid_adapter") from None
+            raise APIError(500, str(e)) from None
+        except ConnectionAbortedError:
+            raise ClientGone() from None
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -167,7 +235,10 @@ class Server:
         stream.queue.put_nowait((stream.rids[0], ConnectionAbortedError("client disconnected")))
 
     def token_text(self, t: int) -> str:
-        return self.tok.decode([t], skip_special_tokens=False)
+        text = self.texts.get(t)           # memoized: an answer with 20 alternatives per token asks ~10^5 times
+        if text is None:
+            text = self.texts[t] = self.tok.decode([t], skip_special_tokens=False)
+        return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,12 +252,53 @@ def _usage(prompt_lens: list[int], n: int, completion: int) -> dict:
     return {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
 
 
+def _dumps(obj) -> bytes:
+    """JSON of an answer, encoded in pieces: json.dumps holds the GIL for its whole call (~0.1 s for 6,000
+    tokens with 20 alternatives each), which would stall the event loop as surely as running it there."""
+    return _encode(obj).encode()
+
+
+def _encode(obj, chunk: int = 256) -> str:
+    """Containers with large parts are joined from the JSON of their parts, lists in runs of `chunk`."""
+    if isinstance(obj, dict) and _large(obj):
+        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _encode(v, chunk) for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)) and len(obj) > chunk:
+        return "[" + ",".join(_encode(obj[i:i + chunk], chunk)[1:-1]
+                              for i in _yielding(range(0, len(obj), chunk), 1)) + "]"
+    if isinstance(obj, (list, tuple)) and _large(obj):
+        return "[" + ",".join(_encode(x, chunk) for x in obj) + "]"
+    return json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def _large(x, size: int = 64) -> bool:
+    """More than `size` items anywhere below x (looking inside small containers only: bounded work)."""
+    if not isinstance(x, (dict, list, tuple)):
+        return False
+    if len(x) > size:
+        return True
+    return any(map(_large, x.values() if isinstance(x, dict) else x))
+
+
+def _yielding(items, every: int = 64):
+    """`items`, pausing 0.2 ms every `every` of them. A thread building a large answer holds the GIL for as long
+    as the interpreter lets it; the event loop waiting for it then gets it only when the 5 ms switch interval
+    forces a hand-over, and may lose it to another greedy thread again (loop stalls of 0.1 s were measured
+    here while two answers of 6,000 tokens x 20 alternatives were built). `sleep(0)` is not enough: it takes
+    the GIL back before a waiting thread wakes; a short real sleep lets the loop in."""
+    for i, x in enumerate(items):
+        if i % every == every - 1:
+            time.sleep(0.0002)
+        yield x
+
+
 def _chat_logprobs(server: Server, tokens: list) -> dict:
     def entry(t, lp):
         s = server.token_text(t)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top or []]}
-                        for t, lp, top in tokens]}
+        return {"token": s, "logprob": lp, "bytes": tuple(s.encode())}
+    # tuples, not lists (JSON arrays alike): the collector untracks tuples of atoms, so the 10^5 containers of a
+    # large answer do not make every full collection walk them (0.1-0.4 s with the GIL held, measured here)
+    return {"content": [{**entry(t, lp), "top_logprobs": tuple(entry(a, b) for a, b in top or ())}
+                        for t, lp, top in _yielding(tokens)]}
 
 
 def _completion_logprobs(server: Server, tokens: list, offset: int) -> dict:
@@ -196,7 +308,7 @@ def _completion_logprobs(server: Server, tokens: list, offset: int) -> dict:
         offsets.append(offset)
         offset += len(s)
     return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens],
-            "top_logprobs": [{server.token_text(a): b for a, b in top or []} for _, _, top in tokens],
+            "top_logprobs": [{server.token_text(a): b for a, b in top or []} for _, _, top in _yielding(tokens)],
             "text_offset": offsets}
 
 
@@ -222,7 +334,8 @@ def build_app(server: Server):
 
     from fastapi import Depends, FastAPI
     from fastapi import Request as HTTPRequest
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
     @asynccontextmanager
     async def lifespan(app):
@@ -234,13 +347,19 @@ def build_app(server: Server):
         server.worker.start(asyncio.get_running_loop())
         yield
         server.worker.stop()
+        server.pool.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()
 
     app = FastAPI(title="rftkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_, e: ClientGone):
+        # nobody reads this answer; 499 (nginx's "client closed request") keeps it out of the 5xx counts
+        return Response(status_code=499)
 
     async def auth(request: HTTPRequest):
         if server.api_key is None:
@@ -254,21 +373,22 @@ def build_app(server: Server):
     async def body_of(request: HTTPRequest) -> dict:
         limit = server.cfg.max_body_bytes
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
+        if size is not None and size.isdigit() and len(size) < 20 and int(size) > limit:
             raise APIError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
         chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"malformed JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
-        return body
+            async with asyncio.timeout(server.cfg.header_timeout):   # a body trickled in byte by byte
+                async for chunk in request.stream():
+                    n += len(chunk)
+                    if n > limit:
+                        raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {server.cfg.header_timeout:g} s") from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        raw = b"".join(chunks)
+        return parse_json(raw) if len(raw) < 1 << 16 else await server.off_loop(parse_json, raw)
 
     def sse(data) -> str:
         return f"data: {json.dumps(data)}\n\n"
@@ -278,7 +398,8 @@ def build_app(server: Server):
     async def openai(request: HTTPRequest, chat: bool):
         t0 = time.perf_counter()
         body = await body_of(request)
-        req = (parse_chat if chat else parse_completion)(body, server.cfg.max_n)
+        req = parse_chat(body, server.cfg.max_n) if chat else \
+            parse_completion(body, server.cfg.max_n, server.cfg.max_prompts)
         stream, prompt_lens = await server.start(req, t0)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": ("chat.completion" if chat else "text_completion"), "created": int(time.time()),
@@ -308,8 +429,12 @@ def build_app(server: Server):
             texts[d.index].append(d.text)
             tokens[d.index] += d.tokens
             finish[d.index] = d.finish or finish[d.index]
-        choices = [_choice(server, req, i, "".join(texts[i]), tokens[i], finish[i], False) for i in range(n)]
-        return {**head, "choices": choices, "usage": _usage(prompt_lens, req.params.n, sum(map(len, tokens)))}
+
+        def answer() -> bytes:          # off the loop: thousands of tokens x 20 alternatives take a while
+            choices = [_choice(server, req, i, "".join(texts[i]), tokens[i], finish[i], False) for i in range(n)]
+            return _dumps({**head, "choices": choices,
+                           "usage": _usage(prompt_lens, req.params.n, sum(map(len, tokens)))})
+        return Response(await server.off_loop(answer), media_type="application/json")
 
     @app.post("/v1/completions", dependencies=protected)
     async def completions(request: HTTPRequest):
@@ -352,10 +477,13 @@ def build_app(server: Server):
             text.append(d.text)
             tokens += d.tokens
             finish = d.finish or finish
-        out = {"generated_text": "".join(text)}
-        if req.details:
-            out["details"] = details(finish, len(tokens), tokens)
-        return out
+
+        def answer() -> bytes:
+            out = {"generated_text": "".join(text)}
+            if req.details:
+                out["details"] = details(finish, len(tokens), tokens)
+            return _dumps(out)
+        return Response(await server.off_loop(answer), media_type="application/json")
 
     @app.post("/generate", dependencies=protected)
     async def generate(request: HTTPRequest):
@@ -375,14 +503,18 @@ def build_app(server: Server):
         body = await body_of(request)
         name = body.get("name")
         if not isinstance(name, str):
-            raise APIError(400, f"name must be a string (an adapter folder in {server.cfg.adapters}), "
-                           f"got {json.dumps(name)}", "name")
+            raise APIError(400, f"name must be a string (an adapter folder's name), got {json.dumps(name)[:60]}",
+                           "name")
         try:
             return await server.worker.call(fn, name)
         except ValueError as e:
             raise APIError(400, str(e), "name") from None
         except AdapterError as e:
             raise APIError(e.status, str(e), "name") from None
+        except RuntimeError as e:
+            if server.worker.alive:
+                raise
+            raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
 
     @app.get("/v1/adapters", dependencies=protected)
     async def adapters():
@@ -407,7 +539,8 @@ def build_app(server: Server):
     async def health():
         snap = server.worker.snapshot
         if not server.worker.alive:
-            return JSONResponse({"status": "error", "error": repr(server.worker.error)}, status_code=503)
+            return JSONResponse({"status": "error", "error": repr(server.worker.error)}, status_code=503,
+                                headers={"Retry-After": "5"})
         return {"status": "ok", "model": server.base_id, "running": snap.get("running", 0),
                 "waiting": server.worker.pending()}
 
@@ -445,9 +578,14 @@ class _Counted:
 
 
 def run_serve(cfg: ServeConfig) -> int:
+    """Serve until stopped: 0 after a normal shutdown, 1 if the engine thread died (so a supervisor restarts
+    the process instead of leaving a server that answers 503 forever)."""
     import uvicorn
+
+    from rftkit.serve.limits import uvicorn_config
     server = Server(cfg)
     print(f"rft serve: {server.base_id} on http://{cfg.host}:{cfg.port}/v1 (adapters: {cfg.adapters or 'none'}"
           f"{', API key required' if server.api_key else ''})", flush=True)
-    uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
-    return 0
+    server.uvicorn = uvicorn.Server(uvicorn_config(build_app(server), cfg, host=cfg.host, port=cfg.port))
+    server.uvicorn.run()
+    return server.exit_code

@@ -7,11 +7,15 @@
 Every field is checked at this boundary and a bad one is refused with its name and value: OpenAI fields we do
 not implement (tools, response_format, logit_bias, penalties, ...) are a 400 naming them, never ignored.
 A field may still be sent with its neutral value (`frequency_penalty: 0`, `logit_bias: {}`), as clients do.
+Numbers must be finite and in range (a NaN temperature, a 4000-digit seed or a temperature of 1e-30 would reach
+the sampler as garbage), strings valid Unicode (no lone surrogates), bodies at most MAX_DEPTH deep: each is a
+400 here, never a 500 later.
 Streamed and non-streamed answers come from the same `deltas`: joined, the stream is the answer.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,17 +23,70 @@ from rftkit.sampling import SamplingParams
 from rftkit.tokenizer import IncrementalDecoder, find_stop
 
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000                   # per stop string (each is searched for in every delta)
+MAX_DEPTH = 32                          # JSON nesting of a body (OpenAI's bodies need 5)
+INT64 = 1 << 63                         # seeds and other integers live in [-2**63, 2**63)
+MIN_TEMPERATURE = 0.01                  # below it (but not 0), logits / T overflow float32 log-probs
+MAX_TEMPERATURE = 1e4
+
+
+def parse_json(raw: bytes):
+    """Body bytes -> a JSON object; every way it can be malformed is a 400: syntax, bad UTF-8, NaN/Infinity
+    (not JSON), integers of more digits than Python converts (4300), nesting deeper than MAX_DEPTH, strings
+    with lone surrogates (\\ud800: not Unicode, no tokenizer takes them)."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"malformed JSON body: nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError) as e:         # JSONDecodeError, int digit limit, NaN
+        raise APIError(400, f"malformed JSON body: {str(e)[:200]}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    _check_tree(body)
+    return body
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _check_tree(body: dict) -> None:
+    stack = [(body, 1, "")]
+    while stack:
+        v, depth, where = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(400, f"malformed JSON body: nested more than {MAX_DEPTH} levels deep", where or None)
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, x in items:
+            path = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
+            for text, what in ((k, "key"), (x, "value")):
+                if isinstance(text, str) and not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise APIError(400, f"{path}: the {what} holds a lone surrogate (\\u{ord(text[e.start]):04x}) "
+                                       f"at index {e.start}: not valid Unicode", path) from None
+            if isinstance(x, (dict, list)):
+                stack.append((x, depth + 1, path))
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers                  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
-                413: "request_too_large", 503: "server_overloaded"}.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+                408: "timeout", 413: "request_too_large", 500: "server_error",
+                503: "server_overloaded"}.get(self.status, "invalid_request_error")
+        safe = lambda t: t if t is None else t.encode("utf-8", "backslashreplace").decode()  # noqa: E731
+        return {"error": {"message": safe(self.message), "type": kind, "param": safe(self.param), "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer: not the server's error (counted as 499)."""
 
 
 @dataclass
@@ -51,7 +108,12 @@ class Request:
 # field checks
 
 def _show(v) -> str:
-    s = json.dumps(v)
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10 ** 60:
+        return f"an integer of {len(str(abs(v)))} digits"
+    try:
+        s = json.dumps(v)
+    except (ValueError, RecursionError):
+        s = f"a {type(v).__name__}"
     return s if len(s) <= 60 else s[:57] + "..."
 
 
@@ -67,6 +129,8 @@ def _get(body: dict, name: str, kind: str, default=None, lo=None, hi=None, where
         what = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
                 "dict": "an object"}[kind]
         raise APIError(400, f"{label} must be {what}, got {_show(v)}", label)
+    if kind == "number" and not math.isfinite(v) or kind in ("int", "number") and not -INT64 <= v < INT64:
+        raise APIError(400, f"{label} must be a finite number within 64 bits, got {_show(v)}", label)
     if lo is not None and v < lo or hi is not None and v > hi:
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise APIError(400, f"{label} must be {rng}, got {_show(v)}", label)
@@ -81,6 +145,8 @@ def _stops(v, label: str = "stop") -> list[str]:
         raise APIError(400, f"{label} must be a non-empty string or a list of them, got {_show(v)}", label)
     if len(stops) > MAX_STOPS:
         raise APIError(400, f"{label} has {len(stops)} strings; at most {MAX_STOPS}", label)
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"{label}: a stop string has more than {MAX_STOP_CHARS} characters", label)
     return stops
 
 
@@ -105,7 +171,7 @@ def _sampling(body: dict, max_n: int, where: str = "") -> SamplingParams:
     n = _get(body, "n", "int", 1, 1, where=where)
     if n > max_n:
         raise APIError(400, f"{where}n={n} exceeds the limit of {max_n} samples per request", where + "n")
-    return SamplingParams(temperature=float(_get(body, "temperature", "number", 1.0, 0, where=where)),
+    return SamplingParams(temperature=_temperature(_get(body, "temperature", "number", 1.0, 0, where=where), where),
                           top_p=float(_check_top_p(_get(body, "top_p", "number", 1.0, where=where), where)),
                           top_k=_get(body, "top_k", "int", 0, 0, where=where),
                           min_p=float(_get(body, "min_p", "number", 0.0, 0, 0.999, where=where)),
@@ -113,10 +179,22 @@ def _sampling(body: dict, max_n: int, where: str = "") -> SamplingParams:
                           ignore_eos=_get(body, "ignore_eos", "bool", False, where=where))
 
 
+def _temperature(v, where="") -> float:
+    if v != 0 and not MIN_TEMPERATURE <= v <= MAX_TEMPERATURE:
+        raise APIError(400, f"{where}temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}], "
+                       f"got {_show(v)}", where + "temperature")
+    return float(v)
+
+
 def _check_top_p(v, where=""):
     if not 0 < v <= 1:
         raise APIError(400, f"{where}top_p must be in (0, 1], got {_show(v)}", where + "top_p")
     return v
+
+
+def _ids(v) -> bool:
+    """A non-empty list of token ids (integers; true/false are not token ids)."""
+    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
 
 def _model(body: dict) -> str:
@@ -134,16 +212,18 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
     return stream, _get(opts, "include_usage", "bool", False, where="stream_options.")
 
 
-def parse_completion(body: dict, max_n: int) -> Request:
+def parse_completion(body: dict, max_n: int, max_prompts: int = 64) -> Request:
     _unsupported(body, SAMPLING | IGNORED | {"prompt", "logprobs"}, NEUTRAL)      # echo / suffix: refused
     prompt = body.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+    if isinstance(prompt, str) or _ids(prompt):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(
-            isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)) for p in prompt):
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _ids(p) for p in prompt):
         prompts = list(prompt)
     else:
         raise APIError(400, f"prompt must be a string, a list of strings, or token ids, got {_show(prompt)}",
+                       "prompt")
+    if len(prompts) > max_prompts:
+        raise APIError(400, f"prompt has {len(prompts)} prompts; at most {max_prompts} per request (--max-prompts)",
                        "prompt")
     if body.get("best_of") not in (None, 1, body.get("n", 1)):
         raise APIError(400, f"best_of={_show(body['best_of'])} is not supported (only best_of = n)", "best_of")
@@ -165,6 +245,8 @@ def _messages(v) -> list[dict]:
             raise APIError(400, f"{where}.role must be system, developer, user or assistant, got {_show(role)}",
                            f"{where}.role")
         _unsupported(m, {"role", "content", "name"}, {})
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise APIError(400, f"{where}.name must be a string, got {_show(m['name'])}", f"{where}.name")
         content = m.get("content")
         if isinstance(content, list):
             texts = []
@@ -213,7 +295,7 @@ def parse_lorax(body: dict, base_id: str) -> Request:
     sample = _get(p, "do_sample", "bool", False, where=where) or any(
         p.get(k) is not None for k in ("temperature", "top_p", "top_k"))
     temperature = _get(p, "temperature", "number", 1.0, 0, where=where) if sample else 0.0
-    params = SamplingParams(temperature=float(temperature),
+    params = SamplingParams(temperature=_temperature(temperature, where),
                             top_p=float(_check_top_p(_get(p, "top_p", "number", 1.0, where=where), where)),
                             top_k=_get(p, "top_k", "int", 0, 0, where=where),
                             seed=_get(p, "seed", "int", None, where=where),
@@ -242,6 +324,24 @@ class _Seq:
         self.tokens: list = []          # not yet handed out with a delta
         self.count = 0
         self.done = False
+
+
+LOGPROB_FLOOR = -9999.0                 # OpenAI's value for "effectively impossible": JSON has no -Infinity
+
+
+class NonFiniteError(ValueError):
+    """The model produced a NaN (or +inf) log-prob: its weights, or its adapter's, overflow."""
+
+
+def _logprob(lp: float) -> float:
+    if lp != lp or lp == math.inf:
+        raise NonFiniteError(f"the model produced a non-finite log-prob ({lp}); its weights (or its adapter's) "
+                             f"overflow float32")
+    return lp if lp > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def _tops(top):
+    return None if top is None else tuple((t, _logprob(lp)) for t, lp in top)     # tuples: see serve._chat_logprobs
 
 
 async def accept(stream) -> None:
@@ -279,7 +379,7 @@ async def deltas(stream, tok, n: int, stops: list[str], metrics, counts: dict):
         ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids   # the EOS is not text
         s.count += len(out.token_ids)
         tops = out.top_logprobs or [None] * len(out.token_ids)
-        s.tokens += list(zip(out.token_ids, out.logprobs, tops))
+        s.tokens += [(t, _logprob(lp), _tops(top)) for t, lp, top in zip(out.token_ids, out.logprobs, tops)]
         s.pending += s.decoder.add(ids) + (s.decoder.flush() if out.finished else "")
         finish = None
         hit, hold = find_stop(s.pending, stops) if stops else (None, 0)

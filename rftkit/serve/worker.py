@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rftkit.peft_format import CONFIG_FILE, WEIGHTS_FILE, safe_adapter_path
+from rftkit.peft_format import CONFIG_FILE, WEIGHTS_FILE, adapter_digest, adapter_files, safe_adapter_path
 from rftkit.engine import Engine
 from rftkit.sampling import SamplingParams
 
@@ -49,7 +49,7 @@ def adapter_folder(root: str | Path | None, name: str) -> Path:
         raise AdapterError(404, f"adapter {name!r} not found: the server was started without --adapters")
     path = safe_adapter_path(root, name)
     if not path.is_dir():
-        raise AdapterError(404, f"adapter {name!r} not found in {root}")
+        raise AdapterError(404, f"adapter {name!r} not found in the adapter directory")
     return path
 
 
@@ -61,13 +61,18 @@ def list_adapters(root: str | Path | None) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and os.path.isfile(os.path.join(e.path, CONFIG_FILE)))
 
 
+RACY_NS = 2_000_000_000     # files changed this recently may change again within one timestamp tick
+
+
 def _signature(path: Path) -> tuple:
-    """What identifies the adapter's files on disk: a changed signature means re-register."""
+    """A cheap check of the adapter's files (inode, size, mtime, ctime): unchanged means unchanged content,
+    except within a timestamp tick of a write (see `_ensure`). ctime and the inode change on every write or
+    rename, and no tool can set them back, unlike the mtime that `cp -p`, `rsync -a` and `tar` restore."""
     sig = []
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         try:
-            st = os.stat(path / name)
-            sig.append((st.st_mtime_ns, st.st_size))
+            st = os.lstat(path / name)
+            sig.append((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         except FileNotFoundError:
             sig.append(None)
     return tuple(sig)
@@ -81,6 +86,10 @@ class Stream:
     adapter: str | None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     t_submit: float = field(default_factory=time.perf_counter)
+
+    @property
+    def rows(self) -> int:          # sequences: prompts x n
+        return sum(params.n for _, params in self.jobs)
 
 
 class EngineWorker:
@@ -96,9 +105,12 @@ class EngineWorker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None      # set if the engine thread died
+        self.on_death = None                           # called on the event loop if it does (rft serve exits)
         self._stop = False
+        self._lock = threading.Lock()                  # inbox puts vs the dying thread's last drain
+        self._inbox_rows = 0                           # rows submitted, not yet counted in the engine's queue
         # engine-thread state
-        self.registered: dict[str, tuple[str, tuple]] = {}         # name -> (engine key, file signature)
+        self.registered: dict[str, tuple] = {}     # name -> (engine key, file signature, digest, racy)
         self.versions: dict[str, int] = {}                         # name -> registrations so far
         self.stale: list[str] = []                                 # engine keys of replaced files, to unload
         self.active: dict[int, tuple[str | None, int]] = {}        # rid -> (adapter, sequences not finished)
@@ -121,32 +133,53 @@ class EngineWorker:
         return self.thread is not None and self.thread.is_alive() and self.error is None
 
     def pending(self) -> int:
-        return self.snapshot.get("waiting", 0) + self.inbox.qsize()
+        """Sequences (prompts x n) waiting for a batch row: in the engine's queue or still in the inbox."""
+        return self.snapshot.get("waiting", 0) + self._inbox_rows
+
+    def _put(self, cmd) -> None:
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError(f"the engine thread is not running ({self.error!r})")
+            self.inbox.put(cmd)
 
     def submit(self, jobs: list[tuple[list[int], SamplingParams]], adapter: str | None) -> Stream:
         if not self.alive:
             raise RuntimeError(f"the engine thread is not running ({self.error!r})")
-        if self.pending() >= self.max_pending:
-            raise OverflowError(f"{self.pending()} requests are waiting (limit {self.max_pending}); retry later")
+        rows = sum(params.n for _, params in jobs)
+        if self.pending() + rows > self.max_pending:
+            raise OverflowError(f"{self.pending()} sequences are waiting and this request adds {rows} (limit "
+                                f"{self.max_pending}); retry later")
         rids = list(range(self.next_rid, self.next_rid + len(jobs)))
         self.next_rid += len(jobs)
         stream = Stream(rids, jobs, adapter)
         for rid in rids:
             self.streams[rid] = stream
-        self.inbox.put(("add", stream))
+        with self._lock:
+            self._inbox_rows += rows
+        try:
+            self._put(("add", stream))
+        except RuntimeError:
+            self.release(stream, [])
+            raise
         return stream
 
     def release(self, stream: Stream, abort) -> None:
-        """The HTTP request is done with `stream`: forget it, and abort the engine requests in `abort`."""
+        """The HTTP request is done with `stream`: forget it, and abort the engine requests in `abort` (one
+        command for all of them: the engine drops them in one pass)."""
         for rid in stream.rids:
             self.streams.pop(rid, None)
-        for rid in abort:
-            self.inbox.put(("abort", rid))
+        abort = list(abort)
+        if abort and self.error is None:
+            try:
+                self._put(("abort", abort))
+            except RuntimeError:            # it died meanwhile: nothing left to abort
+                pass
 
     def call(self, fn, *args) -> asyncio.Future:
-        """Run fn(*args) on the engine thread between steps; await the result."""
+        """Run fn(*args) on the engine thread between steps; await the result (at once an error if the thread
+        is dead: nothing waits on a thread that will never answer)."""
         fut: Future = Future()
-        self.inbox.put(("call", fut, fn, args))
+        self._put(("call", fut, fn, args))
         return asyncio.wrap_future(fut)
 
     def _deliver(self, outs) -> None:
@@ -173,24 +206,40 @@ class EngineWorker:
                     except queue.Empty:
                         break
                 replies: list = []
+                handled = 0
                 for cmd in cmds:
+                    handled += cmd[1].rows if cmd[0] == "add" else 0
                     self._handle(cmd, replies)
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
-                        replies.append((out.request_id, out if out.error is None else AdapterError(400, out.error)))
+                        replies.append((out.request_id, out if out.error is None else
+                                        AdapterError(400, self._public(out.error))))
                         if out.finished:
                             self._finished(out.request_id)
-                self._publish()
+                self._publish(handled)
                 if replies:
                     self.loop.call_soon_threadsafe(self._deliver, replies)
         except BaseException as e:          # a dead engine must not look alive: /health turns 503
-            self.error = e
+            with self._lock:                # nothing can be queued after this: calls fail at once
+                self.error = e
+                left = []
+                while True:
+                    try:
+                        left.append(self.inbox.get_nowait())
+                    except queue.Empty:
+                        break
+            failure = RuntimeError(f"the engine thread failed: {e!r}")
+            for cmd in left:
+                if cmd[0] == "call":
+                    cmd[1].set_exception(failure)
             self.loop.call_soon_threadsafe(self._fail_all, e)
             raise
 
     def _fail_all(self, e: BaseException) -> None:
         for rid, stream in list(self.streams.items()):
-            stream.queue.put_nowait((rid, RuntimeError(f"the engine failed: {e!r}")))
+            stream.queue.put_nowait((rid, RuntimeError(f"the engine thread failed: {e!r}")))
+        if self.on_death is not None:
+            self.on_death(e)
 
     def _handle(self, cmd, replies: list) -> None:
         kind = cmd[0]
@@ -205,15 +254,17 @@ class EngineWorker:
                     self.active[rid] = (key, params.n)
                     replies.append((rid, "accepted"))
             except Exception as e:             # noqa: BLE001 - handed to the request that caused it
+                added = [rid for rid in stream.rids if rid in self.active]
+                self.engine.abort(added)
+                for rid in added:
+                    self.active.pop(rid)
                 for rid in stream.rids:
-                    if rid in self.active:
-                        self.engine.abort(rid)
-                        self.active.pop(rid)
                     replies.append((rid, e))
         elif kind == "abort":
-            if cmd[1] in self.active:
-                self.engine.abort(cmd[1])
-                self.active.pop(cmd[1])
+            ids = [rid for rid in cmd[1] if rid in self.active]
+            self.engine.abort(ids)
+            for rid in ids:
+                self.active.pop(rid)
         elif kind == "call":
             fut, fn, args = cmd[1:]
             try:
@@ -236,28 +287,48 @@ class EngineWorker:
     # gets its own engine key (`name`, then `name@2`, ...): requests running on the old files finish on them,
     # and nothing cached for the old weights (prefix-cache blocks are keyed by adapter) serves the new ones.
     def _ensure(self, name: str) -> str:
-        """The engine key of DIR/name, registering it if new or changed on disk; errors name the problem."""
+        """The engine key of DIR/name, registering it if new or changed on disk; errors name the problem.
+        A version is its content digest: the files are re-read and hashed when their signature (inode, size,
+        mtime, ctime) changes, and while they are "racy" (changed within RACY_NS of the last check: a rewrite
+        in the same timestamp tick keeps every field of the signature, as git's racy-clean index entries do);
+        a re-read that finds the same digest keeps the version."""
         path = adapter_folder(self.adapters_dir, name)
         sig = _signature(path)
-        key, old = self.registered.get(name, (None, None))
-        if old == sig:
+        key, old, digest, racy = self.registered.get(name, (None, None, None, True))
+        if old == sig and not racy:
             return key
         if sig[0] is None:
-            raise AdapterError(400, f"adapter {name!r} is incomplete: {path} has no {CONFIG_FILE}")
+            raise AdapterError(400, f"adapter {name!r} is incomplete: its folder has no {CONFIG_FILE}")
+        now = time.time_ns()
+        racy = any(s is not None and now - s[4] < RACY_NS for s in sig)
+        t = time.perf_counter()
+        try:
+            files = adapter_files(path, confined=True)
+        except (ValueError, OSError) as e:
+            raise AdapterError(400, f"adapter {name!r} is invalid: {self._public(str(e))}") from None
+        if key is not None and adapter_digest(files) == digest:
+            self.registered[name] = (key, sig, digest, racy)
+            return key
         if key is not None:
             self.stale.append(self.registered.pop(name)[0])
         self.versions[name] = self.versions.get(name, 0) + 1
         key = name if self.versions[name] == 1 else f"{name}@{self.versions[name]}"
-        t = time.perf_counter()
         try:
-            self.engine.adapters.register(key, path)
-        except (ValueError, FileNotFoundError) as e:
-            raise AdapterError(400, f"adapter {name!r} is invalid: {e}") from None
+            digest = self.engine.adapters.register(key, path, confined=True, files=files)
+        except Exception as e:             # noqa: BLE001 - whatever the folder holds, it is this request's 400
+            raise AdapterError(400, f"adapter {name!r} is invalid: {self._public(str(e))}") from None
         finally:
             self._drop_stale()
         self.metrics.observe("adapter_load_seconds", time.perf_counter() - t)
-        self.registered[name] = (key, sig)
+        self.registered[name] = (key, sig, digest, racy)
         return key
+
+    def _public(self, message: str) -> str:
+        """`message` without the server's filesystem layout: paths inside DIR become relative to it."""
+        if self.adapters_dir is not None:
+            for root in {str(self.adapters_dir.resolve()), str(self.adapters_dir)}:
+                message = message.replace(root + os.sep, "")
+        return message
 
     def _prefetch(self, name: str, key: str) -> None:
         """Copy the adapter into a device slot as its request arrives, timed (`adapter_slot_load_seconds`), so
@@ -273,8 +344,8 @@ class EngineWorker:
         t = time.perf_counter()
         try:
             slot = bank.acquire(key)
-        except (ValueError, OSError) as e:      # the files changed since registration: this request's error
-            raise AdapterError(400, f"adapter {name!r} is invalid: {e}") from None
+        except Exception as e:     # noqa: BLE001 - the files changed since registration: this request's error
+            raise AdapterError(400, f"adapter {name!r} is invalid: {self._public(str(e))}") from None
         if slot is not None:
             bank.release(key)
             self.metrics.observe("adapter_slot_load_seconds", time.perf_counter() - t)
@@ -305,10 +376,15 @@ class EngineWorker:
         del self.registered[name]
 
     def adapter_info(self) -> list[dict]:
-        public = {key: name for name, (key, _) in self.registered.items()}
-        return [{**i, "name": public[i["name"]]} for i in self.engine.adapters.info() if i["name"] in public]
+        """Name, rank, slot and last use of each registered adapter; no filesystem path (clients need none)."""
+        public = {v[0]: name for name, v in self.registered.items()}
+        return [{k: v for k, v in i.items() if k != "path"} | {"name": public[i["name"]]}
+                for i in self.engine.adapters.info() if i["name"] in public]
 
-    def _publish(self) -> None:
+    def _publish(self, handled: int = 0) -> None:
+        if handled:
+            with self._lock:
+                self._inbox_rows -= handled
         e = self.engine
         snap = {"running": e.num_running, "waiting": sum(len(g) for g in e.waiting) + bool(e.prefilling),
                 "requests_active": len(self.active), "registered": len(self.registered),
