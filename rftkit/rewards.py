@@ -398,7 +398,7 @@ def score_batch(rewards: dict[str, Reward], completions: list[str], samples: lis
         except Exception as e:
             if on_error == "raise":
                 raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e} on {_show(c, s)}") from e
-            failure = f"{type(e).__name__}: {e}"
+            failure = f"{type(e).__name__}: {e} on {_show(c, s)}"
         if errors is not None:
             entry = errors.setdefault(name, {"count": 0, "first": failure})
             entry["count"] += 1

@@ -102,6 +102,16 @@ class Cache:
             self.db.commit()
 
 
+def _limiter(per_minute: float):
+    """A leaky bucket holding at most a second's worth (so a minute's quota is not spent in one burst), or a
+    1-request bucket over 60/per_minute seconds for rates under one a second; None for no limit."""
+    if per_minute <= 0:
+        return None
+    from aiolimiter import AsyncLimiter
+    period = max(1.0, 60.0 / per_minute)
+    return AsyncLimiter(per_minute * period / 60.0, period)
+
+
 def _run(coro):
     """asyncio.run, from a thread that may already run an event loop (then in a thread of its own)."""
     try:
@@ -168,8 +178,7 @@ class JudgeClient:
     def _many(self, jobs: list[tuple], call, where: str | None = None) -> list:
         """Run `call(client, request)` for each (cache key or None, request, token estimate) job, paced, retried
         and cached; `where` set: plain HTTP to that URL instead of the openai client."""
-        from aiolimiter import AsyncLimiter
-        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
         o = self.options
         out: list = [None] * len(jobs)
         todo = []
@@ -195,8 +204,7 @@ class JudgeClient:
 
         async def main():
             sem = asyncio.Semaphore(o.concurrency)
-            rpm = AsyncLimiter(o.rpm, 60) if o.rpm > 0 else None
-            tpm = AsyncLimiter(o.tpm, 60) if o.tpm > 0 else None
+            rpm, tpm = _limiter(o.rpm), _limiter(o.tpm)
             if http:
                 import httpx
                 client = httpx.AsyncClient(timeout=o.timeout_s)
@@ -211,14 +219,14 @@ class JudgeClient:
                     async with sem:
                         async for attempt in AsyncRetrying(
                                 stop=stop_after_attempt(o.max_retries + 1), reraise=True,
-                                wait=wait_exponential_jitter(initial=o.retry_wait_s, max=60, jitter=o.retry_wait_s),
+                                wait=wait_exponential(multiplier=o.retry_wait_s, max=60) + wait_random(0, o.retry_wait_s),
                                 retry=retry_if_exception(transient),
                                 before_sleep=lambda _: self._count(judge_retries=1)):
                             with attempt:
                                 if rpm is not None:
                                     await rpm.acquire()
                                 if tpm is not None:
-                                    await tpm.acquire(min(est, o.tpm))
+                                    await tpm.acquire(min(est, tpm.max_rate))
                                 self._count(judge_requests=1)
                                 value, (p, c) = await call(client, req)
                     self._count(judge_prompt_tokens=p, judge_completion_tokens=c)
@@ -227,7 +235,9 @@ class JudgeClient:
                     out[i] = value
                 except Exception as e:
                     self._count(judge_failures=1)
-                    out[i] = RuntimeError(f"request to {where or o.base_url or 'the default endpoint'} failed: {type(e).__name__}: {e}")
+                    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    out[i] = RuntimeError(f"request to {where or o.base_url or 'the default endpoint'} failed: "
+                                          f"{type(e).__name__}: {first_line}")
             try:
                 await asyncio.gather(*(one(i) for i in todo))
             finally:
