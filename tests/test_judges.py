@@ -143,6 +143,14 @@ def stub_app(reply):
                              "message": {"role": "assistant", "content": reply(body["messages"])}}],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):     # letter counts: an embedding whose cosine is easy to compute
+        body = await request.json()
+        text = body["input"]
+        return {"object": "list", "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                "data": [{"object": "embedding", "index": 0,
+                          "embedding": [float(text.count(c)) for c in "abcdefghijklmnopqrstuvwxyz"]}]}
+
     @app.post("/score")
     async def score(request: Request):
         body = await request.json()
@@ -228,3 +236,12 @@ def test_a_dead_endpoint_is_an_error_after_the_retries(tmp_path):
     out = client.chat_many([{"model": "m", "messages": [{"role": "user", "content": "x"}]}])
     assert isinstance(out[0], RuntimeError) and "APIConnectionError" in str(out[0])
     assert client.usage["judge_requests"] == 3 and client.usage["judge_retries"] == 2 and client.usage["judge_failures"] == 1
+
+
+def test_text_similarity_cosine_uses_the_endpoint_embeddings(stub):
+    grader = load_grader({"type": "text_similarity", "name": "cos", "evaluation_metric": "cosine",
+                          "input": "{{ sample.output_text }}", "reference": "{{ item.ref }}"},
+                         JudgeOptions(base_url=stub.url + "/v1", cache_dir=""))
+    got = grader.batch(["abc", "ab", "aab"], [{"ref": "abc"}, {"ref": "cd"}, {"ref": "ab"}])
+    # letter-count vectors: abc.abc = 3 / (sqrt3 sqrt3); ab.cd = 0; aab.ab = (2 + 1) / (sqrt5 sqrt2)
+    assert got == pytest.approx([1.0, 0.0, 3 / (5 ** 0.5 * 2 ** 0.5)])
