@@ -139,8 +139,9 @@ def stub_app(reply):
         app.state.bodies.append(body)
         await asyncio.sleep(0.05)
         return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": reply(body["messages"])}}],
+                "choices": [{"index": k, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": reply(body["messages"])}}
+                            for k in range(body.get("n") or 1)],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
 
     @app.post("/v1/embeddings")
@@ -245,3 +246,16 @@ def test_text_similarity_cosine_uses_the_endpoint_embeddings(stub):
     got = grader.batch(["abc", "ab", "aab"], [{"ref": "abc"}, {"ref": "cd"}, {"ref": "ab"}])
     # letter-count vectors: abc.abc = 3 / (sqrt3 sqrt3); ab.cd = 0; aab.ab = (2 + 1) / (sqrt5 sqrt2)
     assert got == pytest.approx([1.0, 0.0, 3 / (5 ** 0.5 * 2 ** 0.5)])
+
+
+def test_rft_grade_samples_from_an_endpoint(stub, tmp_path):
+    from rftkit.graders.grade import GradeConfig, grade
+    (tmp_path / "g.json").write_text(json.dumps({"type": "string_check", "name": "says_score", "operation": "like",
+                                                 "input": "{{ sample.output_text }}", "reference": "{{ item.want }}"}))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "want": w}) + "\n"
+                                                 for i, w in enumerate(["Score", "8", "nine"])))
+    out = grade(GradeConfig(grader=str(tmp_path / "g.json"), data=str(tmp_path / "rows.jsonl"),
+                            base_url=stub.url + "/v1", served_model="policy", samples=2, temperature=1.0))
+    assert out["texts"] == [["Score: 8"] * 2] * 3 and out["scores"] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert [b["model"] for b in stub.app.state.bodies] == ["policy"] * 3
+    assert stub.app.state.bodies[0]["n"] == 2 and "mean 0.667" in out["report"]
