@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sft": ("rftkit.sft", "SFTConfig", "run_sft", "supervised fine-tuning on JSONL"),
     "train": ("rftkit.grpo", "GRPOConfig", "run_grpo", "reinforcement fine-tuning (GRPO family) on a task"),
     "eval": ("rftkit.evaluate", "EvalConfig", "run_eval", "accuracy / pass@k on a task split"),
+    "grade": ("rftkit.graders.grade", "GradeConfig", "run_grade", "try a grader (OpenAI grader JSON) on samples"),
     "serve": ("rftkit.serve.app", "ServeConfig", "run_serve", "OpenAI-compatible server with many adapters"),
     "compress": ("rftkit.compress.report", "CompressConfig", "run_compress", "quantize, prune, factorize, distill"),
     "export": ("rftkit.compress.export", "ExportConfig", "run_export", "merge an adapter and write an HF folder or GGUF"),
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     module, _, run_name, _ = COMMANDS[ns.command]
     import rftkit.compress.folder  # noqa: F401  registers the compressed folder format with rftkit.loading
+    import rftkit.graders  # noqa: F401  registers grader:, judge-api:, judge-group: and http(s) reward specs
     try:
         cfg = config_from_args(cls, ns)
         result = getattr(importlib.import_module(module), run_name)(cfg)

@@ -49,6 +49,8 @@ class GRPOConfig:
     model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
     task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
     task_reward: str = ""                # replaces the task's own reward (e.g. "code" for a JSONL of tests)
+    grader: str = ""                     # OpenAI grader JSON file: replaces the task's own reward (try it with
+                                         # rft grade; judge endpoint from $RFTKIT_JUDGE_BASE_URL: docs/graders.md)
     reward: list[str] = field(default_factory=list)   # extra rewards (built-in names or file.py:fn), added to
                                          # the task's
     reward_weights: list[float] = field(default_factory=list)  # weights of the extra rewards (default 1)
@@ -95,6 +97,9 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps <= 0 and self.time_budget <= 0:
             raise ValueError("set steps > 0 or time_budget > 0, or training never ends")
+        if self.grader and self.task_reward:
+            raise ValueError(f"grader {self.grader!r} and task_reward {self.task_reward!r} both replace the task's "
+                             f"reward: give one")
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards")
         self.spec()  # validates loss settings
@@ -248,7 +253,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     """Run GRPO; returns {"steps", "seconds", "adapter"}. `on_step(step, row)` is called after each step."""
     from rftkit.engine import Engine
     from rftkit.loading import load
-    from rftkit.rewards import load_reward
+    from rftkit.rewards import load_reward, reward_metrics
     from rftkit.tasks import get_task
     rank, world = dist.init(cfg.dist_timeout)          # (0, 1) outside torchrun
     main = rank == 0                                    # only rank 0 writes
@@ -258,7 +263,10 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                          f"needs at least one prompt per step")
     mine = dist.shard(list(range(cfg.prompts_per_step)))   # this process's prompts, whole groups
     task = task or get_task(cfg.task)                      # task and rewards first: a bad name fails in seconds
+    import rftkit.graders  # registers the grader:, judge-api:, judge-group: and http(s) reward specs
     rewards = {"task": load_reward(cfg.task_reward) if cfg.task_reward else task.default_reward}
+    if cfg.grader:
+        rewards["task"] = rftkit.graders.load_grader(cfg.grader)
     weights = {"task": 1.0}
     for i, spec in enumerate(cfg.reward):
         rewards[spec] = load_reward(spec)
@@ -330,6 +338,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                        **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
                        "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
                                    for i in range(min(cfg.log_samples, len(texts)))]}
+                row.update(reward_metrics(rewards))   # judges: requests, cache hits, tokens (this process's)
                 if all_errors:
                     row["reward_errors"] = {k: dict(v) for k, v in all_errors.items()}
                 if main:

@@ -189,6 +189,10 @@ class BatchReward:
     def batch(self, completions: list[str], samples: list[dict]) -> list:
         raise NotImplementedError
 
+    def metrics(self) -> dict:
+        """Counters for the metrics log (a judge's requests, cache hits, tokens); none by default."""
+        return {}
+
     def __call__(self, completion: str, sample: dict) -> float:
         value = self.batch([completion], [sample])[0]
         if isinstance(value, Exception):
@@ -299,17 +303,31 @@ BUILTIN: dict[str, Reward] = {"last_integer": last_integer, "numeric": numeric_m
                               "math": math_equivalence, "json_schema": json_schema_valid, "code": code_execution()}
 
 
+# "PREFIX:..." specs that a room above registers (rftkit.graders: grader:FILE.json, judge-api:MODEL,
+# judge-group:MODEL, http(s)://URL); importing rftkit.graders fills it
+SPEC_LOADERS: dict[str, Callable[[str], Reward]] = {}
+GRADER_PREFIXES = ("grader", "judge-api", "judge-group", "http", "https")
+
+
 def load_reward(spec: str) -> Reward:
     """A built-in name, "judge:MODEL" (LLMJudge with the default template; MODEL a folder, .gguf, or
-    "embedded"), or "path/to/file.py:function" (any callable there, e.g. an LLMJudge instance)."""
+    "embedded"), "path/to/file.py:function" (any callable there, e.g. an LLMJudge instance), or, once
+    rftkit.graders is imported, "grader:FILE.json", "judge-api:MODEL", "judge-group:MODEL" or an http(s) URL."""
     if spec in BUILTIN:
         return BUILTIN[spec]
+    prefix = spec.split(":", 1)[0]
+    if prefix in SPEC_LOADERS:
+        return SPEC_LOADERS[prefix](spec)
+    if prefix in GRADER_PREFIXES:
+        raise ValueError(f"reward {spec!r} needs rftkit.graders: `import rftkit.graders` first (the rft command "
+                         f"does)")
     if spec.startswith("judge:"):
         from rftkit.loading import load
         name = spec[len("judge:"):]
         return LLMJudge(*load(None if name == "embedded" else name))
     if ":" not in spec:
-        raise ValueError(f"unknown reward {spec!r}: use one of {sorted(BUILTIN)}, 'judge:MODEL' or "
+        raise ValueError(f"unknown reward {spec!r}: use one of {sorted(BUILTIN)}, 'judge:MODEL', "
+                         f"'grader:FILE.json', 'judge-api:MODEL', 'judge-group:MODEL', an http(s) URL or "
                          f"'file.py:function'")
     path, name = spec.rsplit(":", 1)
     file = Path(path)
@@ -326,6 +344,12 @@ def load_reward(spec: str) -> Reward:
         defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ValueError(f"reward file {file} has no function {name!r}; it defines {defined}")
     return fn
+
+
+def reward_metrics(rewards: dict[str, Reward]) -> dict:
+    """{"NAME/counter": value} of every batch reward's metrics() (judges' requests, cache hits, tokens)."""
+    return {f"{name}/{k}": v for name, fn in rewards.items() if isinstance(fn, BatchReward)
+            for k, v in fn.metrics().items()}
 
 
 class RewardError(ValueError):
@@ -374,7 +398,7 @@ def score_batch(rewards: dict[str, Reward], completions: list[str], samples: lis
         except Exception as e:
             if on_error == "raise":
                 raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e} on {_show(c, s)}") from e
-            failure = f"{type(e).__name__}: {e}"
+            failure = f"{type(e).__name__}: {e} on {_show(c, s)}"
         if errors is not None:
             entry = errors.setdefault(name, {"count": 0, "first": failure})
             entry["count"] += 1
