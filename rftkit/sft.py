@@ -285,6 +285,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and world > 1:
         device = f"cuda:{dist.local_rank()}"
+    rows = read_rows(cfg.data, cfg.columns)                 # a bad file fails before the model loads
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft sft")
     if cfg.tensorboard and main:
         require_tensorboard()
@@ -292,7 +293,6 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     if loaded_here:
         model, tok = load(cfg.model, device=device)
 
-    rows = read_rows(cfg.data, cfg.columns)
     examples, counts = encode_dataset(tok, rows, cfg.data, cfg.max_length, cfg.overlong)
     if cfg.eval_data:
         if cfg.eval_fraction:

@@ -158,3 +158,19 @@ def test_rft_train_uses_every_training_row_and_rft_eval_scores_the_eval_file(tmp
     seen.unlink()
     assert main(["eval", *common, "--test-data", val, "--reward", f"{tmp_path}/r.py:tag", "--n", "2"]) == 0
     assert len(seen.read_text().split()) == 2 and "scoring the test split (2 rows)" in capsys.readouterr().out
+
+
+def test_rft_sft_reads_csv_with_renamed_columns(tmp_path, model_folder, capsys):
+    import datasets
+
+    from rftkit.cli import main
+    rows = [{"instruction": f"say {w}", "output": w} for w in ("one", "two", "three", "four")]
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"), index=False)
+    assert main(["sft", "--model", model_folder, "--data", str(tmp_path / "d.csv"), "--columns",
+                 "prompt=instruction,completion=output", "--steps", "1", "--batch-size", "4", "--lora-r", "2",
+                 "--output", str(tmp_path / "run")]) == 0
+    assert "4 examples, 0 truncated to 1024 tokens, 0 dropped; 4 train / 0 held out (none" in capsys.readouterr().out
+    assert main(["sft", "--model", model_folder, "--data", str(tmp_path / "d.csv"), "--steps", "1",
+                 "--output", str(tmp_path / "run2")]) == 2
+    assert "d.csv row 1: expected 'messages' or 'prompt' and 'completion', got keys ['instruction', 'output'] " \
+           "(rename yours with --columns prompt=COLUMN,completion=COLUMN)" in capsys.readouterr().err
