@@ -145,8 +145,9 @@ def prompt_messages(row: dict, where: str) -> list[dict]:
         if isinstance(msgs, str):
             msgs = [{"role": "user", "content": msgs}]
     else:
-        raise ValueError(f"{where}: no 'messages' or 'prompt' column (the row has {sorted(k for k in row if not k.startswith('_'))}); "
-                         f"rename yours with --columns prompt=COLUMN or messages=COLUMN")
+        have = sorted(k for k in row if not k.startswith("_"))
+        raise ValueError(f"{where}: no 'messages' or 'prompt' column (the row has {have}); rename yours with "
+                         f"--columns prompt=COLUMN or messages=COLUMN")
     if isinstance(msgs, str):               # a chat stored as JSON text (a CSV cell)
         try:
             msgs = json.loads(msgs)

@@ -313,7 +313,8 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     total_steps = cfg.steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
     if main:
         print(f"rft sft: {counts['examples']} examples, {counts['truncated']} truncated to {cfg.max_length} tokens, "
-              f"{counts['dropped']} dropped; {len(train_set)} train / {len(eval_set)} held out ({held}); {total_steps} steps")
+              f"{counts['dropped']} dropped; {len(train_set)} train / {len(eval_set)} held out ({held}); "
+              f"{total_steps} steps")
 
     set_seed(cfg.seed)
     if cfg.full:

@@ -47,8 +47,9 @@ def test_hub_id_loads_from_the_cache_offline(tmp_path, tok_dir, offline_cache):
 
 
 def test_absent_hub_model_offline_names_the_id_and_the_fix(offline_cache):
-    with pytest.raises(FileNotFoundError, match=r"model 'no-org/absent': not in the Hugging Face cache .*"
-                                                r"HF_HUB_OFFLINE is set.*hf download no-org/absent"):
+    with pytest.raises(FileNotFoundError, match=r"model 'no-org/absent': no such local folder, not in the "
+                                                r"Hugging Face cache .*HF_HUB_OFFLINE is set"
+                                                r".*hf download no-org/absent"):
         load("no-org/absent")
     from rftkit.cli import main
     assert main(["generate", "--model", "no-org/absent", "--prompt", "hi"]) == 2
@@ -61,8 +62,9 @@ def test_unreachable_hub_names_the_id_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")         # nothing listens: refused at once
     monkeypatch.setattr(c, "ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(FileNotFoundError, match=r"model 'no-org/absent': not in the Hugging Face cache .*"
-                                                r"could not be reached.*hf download no-org/absent"):
+    with pytest.raises(FileNotFoundError, match=r"model 'no-org/absent': no such local folder, not in the "
+                                                r"Hugging Face cache .*could not be reached"
+                                                r".*hf download no-org/absent"):
         resolve("no-org/absent")
 
 

@@ -71,21 +71,22 @@ def resolve_hub(spec: str) -> Path:
         if folder is not None and any(p.suffix in PICKLES for p in folder.iterdir()):
             raise _pickle_only(repo_id, [p.name for p in folder.iterdir()])
         raise FileNotFoundError(
-            f"model {spec!r}: not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set, so it cannot be "
-            f"downloaded. On a connected machine run `hf download {repo_id}` (with the same HF_HOME / "
-            f"HF_HUB_CACHE), unset HF_HUB_OFFLINE, or pass a local model folder")
+            f"model {spec!r}: no such local folder, not in the Hugging Face cache {cache}, and HF_HUB_OFFLINE is "
+            f"set, so it cannot be downloaded. On a connected machine run `hf download {repo_id}` (with the same "
+            f"HF_HOME / HF_HUB_CACHE), unset HF_HUB_OFFLINE, or pass a local model folder")
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=PATTERNS))
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise FileNotFoundError(
-            f"model {spec!r}: no such model folder here, and the Hub has no model {repo_id!r} that this machine may "
+            f"model {spec!r}: no such local folder, and the Hub has no model {repo_id!r} that this machine may "
             f"read ({type(e).__name__}); check the id, or log in (`hf auth login`) for a gated or private "
             f"model") from None
     except RevisionNotFoundError:
         raise FileNotFoundError(f"model {spec!r}: the Hub model {repo_id!r} has no revision {revision!r}") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise FileNotFoundError(
-            f"model {spec!r}: not in the Hugging Face cache {cache}, and the Hub could not be reached "
+            f"model {spec!r}: no such local folder, not in the Hugging Face cache {cache}, and the Hub could not "
+            f"be reached "
             f"({type(e).__name__}). Connect, or download it on a connected machine with `hf download {repo_id}` "
             f"and copy the cache, or pass a local model folder") from None
     if not _has_weights(folder):
