@@ -266,10 +266,10 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                          f"needs at least one prompt per step")
     mine = dist.shard(list(range(cfg.prompts_per_step)))   # this process's prompts, whole groups
     if task is None:                                       # task and rewards first: a bad name fails in seconds
+        if (cfg.eval_data or cfg.test_data) and not cfg.data:
+            raise ValueError("rft train needs training rows: give --data FILE with --eval-data / --test-data")
         task, about = task_from_flags(cfg.task, "arithmetic", cfg.data, cfg.eval_data, cfg.test_data, cfg.columns,
                                       cfg.eval_fraction, cfg.seed, need_answer=not cfg.task_reward)
-        if cfg.eval_data and not cfg.data or cfg.test_data and not cfg.data:
-            raise ValueError("rft train needs training rows: give --data FILE with --eval-data / --test-data")
         if about and main:
             print(f"rft train: {about}")
     rewards = {"task": load_reward(cfg.task_reward) if cfg.task_reward else task.default_reward}

@@ -124,6 +124,9 @@ def test_a_split_is_made_only_when_asked_and_said(tmp_path):
         task_from_flags("countdown", "arithmetic", data, None, None, [], 0.0, 0, True)
     with pytest.raises(ValueError, match="--columns and --eval-fraction apply to data files"):
         task_from_flags("arithmetic", "arithmetic", None, None, None, ["prompt=q"], 0.0, 0, True)
+    from rftkit.grpo import GRPOConfig, train
+    with pytest.raises(ValueError, match="rft train needs training rows: give --data FILE with --eval-data"):
+        train(GRPOConfig(eval_data=data, output=str(tmp_path / "run")), progress=False)
 
 
 @pytest.fixture

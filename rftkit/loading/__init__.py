@@ -59,8 +59,8 @@ def resolve(spec: str | os.PathLike | None) -> Path:
     if not path.exists() and is_hub_id(str(spec)):
         return resolve_hub(str(spec))
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such model folder or file (use a HF folder, a .gguf file, a Hub id "
-                                f"ORG/NAME, or '{EMBEDDED}')")
+        raise FileNotFoundError(f"{path}: no such model folder or file (use a HF folder, a .gguf file, or "
+                                f"'{EMBEDDED}')")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a model file must be .gguf; a HF model is a folder with config.json")
