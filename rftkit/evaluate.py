@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -20,10 +20,16 @@ from pathlib import Path
 class EvalConfig:
     model: str | None = None             # model folder / .gguf / None = embedded (ignored with --base-url)
     adapter: str | None = None           # LoRA adapter folder (PEFT format)
-    task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
+    task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME (or give data files)
+    data: str | None = None              # rows of the train split: .jsonl/.json/.csv/.parquet or a dataset folder
+    eval_data: str | None = None         # rows of the validation split
+    test_data: str | None = None         # rows of the test split
+    eval_fraction: float = 0.0           # the validation rows `rft train --eval-fraction` held out of --data
+    columns: list[str] = field(default_factory=list)  # column renames NAME=COLUMN, e.g. prompt=question,answer=sol
     reward: str = ""                     # replaces the task's own reward (built-in name or file.py:fn)
-    split: str = "test"                  # train, validation or test
-    n: int = 200                         # problems
+    split: str = ""                      # train, validation or test (default: test; with data files the test
+                                         # rows, else the validation rows, else --data)
+    n: int | None = None                 # problems (default: 200 of a task, every row of a data split)
     samples: int = 1                     # completions per problem (pass@k needs samples >= k)
     k: int = 1                           # pass@k
     temperature: float = 0.0             # 0 = greedy (samples must then be 1)
@@ -100,11 +106,18 @@ def evaluate_remote(base_url: str, served_model: str, task, split="test", n=200,
 
 
 def run_eval(cfg: EvalConfig) -> int:
+    from rftkit.data import task_from_flags
     from rftkit.rewards import load_reward
-    from rftkit.tasks import get_task
-    task = get_task(cfg.task)
+    task, about = task_from_flags(cfg.task, "arithmetic", cfg.data, cfg.eval_data, cfg.test_data, cfg.columns,
+                                  cfg.eval_fraction, cfg.seed, need_answer=not cfg.reward)
     if cfg.reward:
         task.default_reward = load_reward(cfg.reward)
+    split = cfg.split or ("test" if cfg.test_data or not about else
+                          "validation" if cfg.eval_data or cfg.eval_fraction else "train")
+    n = cfg.n if cfg.n is not None else (task.size(split) if about else 200)
+    if about:
+        print(f"rft eval: {about}; scoring the {split} split ({n} rows)")
+    cfg = replace(cfg, split=split, n=n)
     if cfg.base_url:
         if not cfg.served_model:
             raise ValueError("--base-url needs --served-model (the `model` field to send)")

@@ -47,7 +47,15 @@ from rftkit.run_folder import prepare_output
 @dataclass
 class GRPOConfig:
     model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
-    task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME
+    task: str = "arithmetic"             # arithmetic, countdown, jsonl:FILE, rg:NAME (or give --data)
+    data: str | None = None              # training rows, every one trains: .jsonl/.json/.csv/.parquet or a dataset
+                                         # folder, with `messages` or `prompt` (docs/data.md)
+    eval_data: str | None = None         # validation rows (default: none, or --eval-fraction of --data)
+    test_data: str | None = None         # test rows
+    eval_fraction: float = 0.0           # share of --data held out for validation when --eval-data is not given
+    columns: list[str] = field(default_factory=list)  # column renames NAME=COLUMN, e.g. prompt=question,answer=sol
+    init_adapter: str | None = None      # start from this PEFT adapter (SFT -> RFT, RFT -> RFT); its rank, alpha
+                                         # and targets must equal --lora-r, --lora-alpha, --lora-targets
     task_reward: str = ""                # replaces the task's own reward (e.g. "code" for a JSONL of tests)
     grader: str = ""                     # OpenAI grader JSON file: replaces the task's own reward (try it with
                                          # rft grade; judge endpoint from $RFTKIT_JUDGE_BASE_URL: docs/graders.md)
@@ -253,8 +261,8 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     """Run GRPO; returns {"steps", "seconds", "adapter"}. `on_step(step, row)` is called after each step."""
     from rftkit.engine import Engine
     from rftkit.loading import load
+    from rftkit.data import task_from_flags
     from rftkit.rewards import load_reward, reward_metrics
-    from rftkit.tasks import get_task
     rank, world = dist.init(cfg.dist_timeout)          # (0, 1) outside torchrun
     main = rank == 0                                    # only rank 0 writes
     keep_freed_memory()                                 # no page faults re-allocating each step's activations
@@ -262,8 +270,14 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is smaller than the {world} processes: each "
                          f"needs at least one prompt per step")
     mine = dist.shard(list(range(cfg.prompts_per_step)))   # this process's prompts, whole groups
-    task = task or get_task(cfg.task)                      # task and rewards first: a bad name fails in seconds
     import rftkit.graders  # registers the grader:, judge-api:, judge-group: and http(s) reward specs
+    if task is None:                                       # task and rewards first: a bad name fails in seconds
+        if (cfg.eval_data or cfg.test_data) and not cfg.data:
+            raise ValueError("rft train needs training rows: give --data FILE with --eval-data / --test-data")
+        task, about = task_from_flags(cfg.task, "arithmetic", cfg.data, cfg.eval_data, cfg.test_data, cfg.columns,
+                                      cfg.eval_fraction, cfg.seed, need_answer=not (cfg.task_reward or cfg.grader))
+        if about and main:
+            print(f"rft train: {about}")
     rewards = {"task": load_reward(cfg.task_reward) if cfg.task_reward else task.default_reward}
     if cfg.grader:
         rewards["task"] = rftkit.graders.load_grader(cfg.grader)
@@ -277,6 +291,12 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     torch.manual_seed(cfg.seed)
     if not lora_modules(model):
         apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets))
+    if cfg.init_adapter:
+        from rftkit.warm_start import init_from_adapter
+        about = init_from_adapter(model, cfg.init_adapter, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                                                      targets=cfg.lora_targets))
+        if main:
+            print(f"rft train: {about}")
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     log = MetricsLog(out / "metrics.jsonl")
     start, elapsed = 0, 0.0

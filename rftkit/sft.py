@@ -1,10 +1,11 @@
-"""Supervised fine-tuning on JSONL, as one flat loop.
+"""Supervised fine-tuning on the user's rows, as one flat loop.
 
     rft sft --data train.jsonl --output runs/sft --epochs 3
     run_sft(SFTConfig(data="train.jsonl"))                      # -> runs/sft/adapter (PEFT format)
 
-Each line is a chat, `{"messages": [...]}`, or `{"prompt": ..., "completion": ...}` (strings become a user
-and an assistant message; lists of messages are taken as they are). The model's chat template renders the
+Each row (JSONL/JSON/CSV/Parquet or a dataset folder, read by rftkit.data) is a chat, `{"messages": [...]}`, or
+`{"prompt": ..., "completion": ...}` (strings become a user and an assistant message; lists of messages are
+taken as they are); `--columns` renames other column names. The model's chat template renders the
 chat; the loss is on the assistant tokens only. Each assistant turn is tokenized after the prompt it answers
 was tokenized exactly as `rft generate` tokenizes it, so training sees the token ids inference will see.
 
@@ -30,6 +31,7 @@ from typing import Literal
 import torch
 
 from rftkit import distributed as dist
+from rftkit.data import read_rows
 from rftkit.loading.checkpoint import (load_checkpoint, newest_readable_checkpoint, save_checkpoint, set_rng_state,
                                       set_seed)
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
@@ -45,11 +47,15 @@ EMBEDDED = "smollm2-135m-instruct"
 
 @dataclass
 class SFTConfig:
-    data: str = ""                       # training JSONL: {"messages": [...]} or {"prompt", "completion"} per line
+    data: str = ""                       # training rows: .jsonl/.json/.csv/.parquet or a dataset folder, with
+                                         # `messages` or `prompt` + `completion` (docs/data.md)
     model: str | None = None             # model folder / .gguf / None = embedded smollm2-135m-instruct
     output: str = "sft-run"              # run folder: metrics, checkpoints, adapter, loss curve
-    eval_data: str | None = None         # held-out JSONL (default: eval_fraction of data)
-    eval_fraction: float = 0.05          # share of data held out when eval_data is not given
+    eval_data: str | None = None         # held-out rows (default: none, or eval_fraction of data)
+    eval_fraction: float = 0.0           # share of data held out when eval_data is not given (0 = none)
+    columns: list[str] = field(default_factory=list)  # column renames NAME=COLUMN, e.g. prompt=question,completion=a
+    init_adapter: str | None = None      # start from this PEFT adapter (RFT -> SFT, SFT -> SFT); its rank, alpha
+                                         # and targets must equal --lora-r, --lora-alpha, --lora-targets
     eval_every: int = 50                 # steps between held-out evaluations (0 = only at the end)
     epochs: float = 1.0                  # passes over the training data (when steps = 0)
     steps: int = 0                       # optimizer steps (0 = from epochs)
@@ -100,27 +106,6 @@ class SFTConfig:
 Example = tuple[list[int], list[int]]      # ids [T], mask [T]: 1 where the token is a completion token
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such JSONL file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append({**row, "_line": n})
-    if not rows:
-        raise ValueError(f"{path}: no examples")
-    return rows
-
-
 def _messages(row: dict, where: str) -> list[dict]:
     if "messages" in row:
         msgs = row["messages"]
@@ -130,7 +115,8 @@ def _messages(row: dict, where: str) -> list[dict]:
             [{"role": "assistant", "content": c}] if isinstance(c, str) else c)
     else:
         raise ValueError(f"{where}: expected 'messages' or 'prompt' and 'completion', got keys "
-                         f"{sorted(k for k in row if k != '_line')}")
+                         f"{sorted(k for k in row if not k.startswith('_'))} (rename yours with --columns "
+                         f"prompt=COLUMN,completion=COLUMN)")
     if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
         raise ValueError(f"{where}: messages must be a list of {{'role', 'content'}} objects")
     if not any(m["role"] == "assistant" for m in msgs):
@@ -169,7 +155,7 @@ def encode_dataset(tok, rows: list[dict], path: str, max_length: int, overlong: 
     """Encode rows; longer examples are cut to max_length or dropped. Returns the examples and counts."""
     out, counts = [], {"examples": len(rows), "truncated": 0, "dropped": 0}
     for row in rows:
-        ids, mask = encode_example(tok, row, f"{path}:{row['_line']}")
+        ids, mask = encode_example(tok, row, row.get("_where") or f"{path}:{row['_line']}")
         cut = len(ids) > max_length
         if cut and overlong == "truncate":
             ids, mask = ids[:max_length], mask[:max_length]
@@ -299,6 +285,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and world > 1:
         device = f"cuda:{dist.local_rank()}"
+    rows = read_rows(cfg.data, cfg.columns)                 # a bad file fails before the model loads
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft sft")
     if cfg.tensorboard and main:
         require_tensorboard()
@@ -306,22 +293,28 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     if loaded_here:
         model, tok = load(cfg.model, device=device)
 
-    rows = read_jsonl(cfg.data)
     examples, counts = encode_dataset(tok, rows, cfg.data, cfg.max_length, cfg.overlong)
     if cfg.eval_data:
+        if cfg.eval_fraction:
+            raise ValueError(f"give --eval-data or --eval-fraction, not both (got {cfg.eval_data} and "
+                             f"{cfg.eval_fraction})")
         train_set = examples
-        eval_set, eval_counts = encode_dataset(tok, read_jsonl(cfg.eval_data), cfg.eval_data, cfg.max_length,
-                                               cfg.overlong)
+        eval_set, eval_counts = encode_dataset(tok, read_rows(cfg.eval_data, cfg.columns, "validation"),
+                                               cfg.eval_data, cfg.max_length, cfg.overlong)
         counts["eval"] = eval_counts
+        held = f"all of {cfg.eval_data}"
     else:
         train_set, eval_set = _split(examples, cfg.eval_fraction, cfg.seed)
+        held = (f"--eval-fraction {cfg.eval_fraction} of {cfg.data}, seed {cfg.seed}" if cfg.eval_fraction else
+                "none: give --eval-data FILE or --eval-fraction F for a held-out loss")
     if not train_set:
         raise ValueError(f"{cfg.data}: no training examples left ({counts})")
     counts.update(train=len(train_set), held_out=len(eval_set))
     total_steps = cfg.steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
     if main:
         print(f"rft sft: {counts['examples']} examples, {counts['truncated']} truncated to {cfg.max_length} tokens, "
-              f"{counts['dropped']} dropped; {len(train_set)} train / {len(eval_set)} held out; {total_steps} steps")
+              f"{counts['dropped']} dropped; {len(train_set)} train / {len(eval_set)} held out ({held}); "
+              f"{total_steps} steps")
 
     set_seed(cfg.seed)
     if cfg.full:
@@ -330,6 +323,14 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     elif not lora_modules(model):
         apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                      rslora=cfg.rslora, targets=cfg.lora_targets))
+    if cfg.init_adapter:
+        from rftkit.warm_start import init_from_adapter
+        if cfg.full:
+            raise ValueError("--init-adapter starts a LoRA run from an adapter; it does not apply with --full")
+        about = init_from_adapter(model, cfg.init_adapter, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                                                      rslora=cfg.rslora, targets=cfg.lora_targets))
+        if main:
+            print(f"rft sft: {about}")
     fsdp = cfg.fsdp and world > 1
     if fsdp:
         dist.shard_model(model)

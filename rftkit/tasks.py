@@ -2,6 +2,7 @@
 and names a default reward.
 
     task = get_task("arithmetic")                    # or "countdown", "jsonl:data.jsonl", "rg:basic_arithmetic"
+                                                     # (a user's own files: rftkit.data, `--data`)
     batch = [task.sample("train", i, seed=0) for i in range(8)]
 
 One rule for prompts: `sample["messages"]` holds the conversation without the reply; the trainer and the
@@ -142,7 +143,8 @@ def countdown_reward(completion: str, sample: dict) -> float:
 
 
 def jsonl(path: str) -> Task:
-    """Each line: {"prompt": text} or {"messages": [...]}, plus the fields the reward reads (e.g. "answer")."""
+    """Each line: {"prompt": text} or {"messages": [...]}, plus the fields the reward reads (e.g. "answer").
+    The lines are hash-split 70/10/20 like the built-in tasks; `--data FILE` (rftkit.data) trains on every row."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"task file {file} does not exist")

@@ -9,7 +9,8 @@ import torch
 from rftkit.loading import load
 from rftkit.loading.weights import save_model_folder
 from rftkit.lora import LoRAConfig, apply_lora, lora_parameters
-from rftkit.sft import SFTConfig, batch_backward, completion_nll, encode_dataset, encode_example, read_jsonl, train
+from rftkit.data import read_rows as read_jsonl
+from rftkit.sft import SFTConfig, batch_backward, completion_nll, encode_dataset, encode_example, train
 from rftkit.tokenizer import Tokenizer
 from tests.conftest import tiny_model
 

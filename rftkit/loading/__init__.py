@@ -1,6 +1,7 @@
 """Loading models: one entry point over every format rftkit reads, split by format into the modules below.
 
     model, tok = load(None)                      # the embedded SmolLM2-135M-Instruct
+    model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")  # a Hub id: the HF cache, else downloaded (safetensors)
     model = load_model("path/to/hf-folder")      # or a .gguf file, or a folder another layer registered
 
   hf.py         HF folders: config.json <-> ModelConfig, MoE checkpoints' expert tensors (transformers' names)
@@ -8,6 +9,7 @@
   checkpoint.py training checkpoints: trainable weights, optimizer and RNG state (safetensors + JSON)
   gguf_file.py  GGUF files: read (dequantized, converted once into the cache) and write (for llama.cpp)
   embedded.py   the embedded default model: found or fetched, hash-checked, converted once
+  hub.py        Hub ids (ORG/NAME): the Hugging Face cache first, then a safetensors-only download
   cache.py      the cache folder ($RFTKIT_CACHE) and folders built into it atomically
 
 A spec resolves to a folder with config.json (`resolve`). Folders written by higher layers carry a marker file
@@ -27,6 +29,7 @@ from rftkit.loading.cache import cache_dir
 from rftkit.loading.embedded import EMBEDDED, ensure_embedded
 from rftkit.loading.gguf_file import convert_gguf_cached, read_gguf
 from rftkit.loading.hf import convert_hf_state_dict, load_config
+from rftkit.loading.hub import is_hub_id, resolve_hub
 from rftkit.loading.weights import build_model, read_weights, save_model_folder
 from rftkit.model import Transformer
 
@@ -48,13 +51,16 @@ def register_folder_format(marker: str, loader: Callable[[Path, str | torch.devi
 
 
 def resolve(spec: str | os.PathLike | None) -> Path:
-    """A model spec -> a folder with config.json (converting the embedded model or a GGUF on first use)."""
+    """A model spec -> a folder with config.json (converting the embedded model or a GGUF on first use, taking
+    a Hub id ORG/NAME from the Hugging Face cache or the Hub)."""
     if spec is None or str(spec).lower() == EMBEDDED:
         return ensure_embedded()
     path = Path(spec).expanduser()
+    if not path.exists() and is_hub_id(str(spec)):
+        return resolve_hub(str(spec))
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such model folder or file (use a HF folder, a .gguf file, "
-                                f"or '{EMBEDDED}')")
+        raise FileNotFoundError(f"{path}: no such model folder or file (use a HF folder, a .gguf file, or "
+                                f"'{EMBEDDED}')")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a model file must be .gguf; a HF model is a folder with config.json")
@@ -87,5 +93,5 @@ def load_tokenizer(spec: str | None = None) -> "Tokenizer":
 
 
 def load(spec: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a model spec: None / 'smollm2-135m-instruct', a HF folder, or a .gguf file."""
+    """(model, tokenizer) of a model spec: None / 'smollm2-135m-instruct', a HF folder, a .gguf file or a Hub id."""
     return load_model(spec, device, dtype), load_tokenizer(spec)
