@@ -13,7 +13,7 @@ optional installs, checked before the run starts so that a missing one never cos
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 INSTALL = {"tensorboard": "pip install tensorboard", "trackio": "pip install trackio", "wandb": "pip install wandb",
@@ -28,11 +28,9 @@ def check_report_to(names: list[str]) -> list[str]:
         if n not in INSTALL:
             raise ValueError(f"--report-to {n!r}: not a tracking backend; use some of {', '.join(INSTALL)} (or none)")
         try:
-            found = importlib.util.find_spec(n) is not None
-        except (ImportError, ValueError):       # a module set to None in sys.modules, a broken install
-            found = False
-        if not found:
-            raise ValueError(f"--report-to {n} needs the {n} package: {INSTALL[n]}")
+            importlib.import_module(n)          # imported, not just found: an install missing its dependencies
+        except ImportError as e:                # fails here too
+            raise ValueError(f"--report-to {n} needs the {n} package: {INSTALL[n]} ({e})") from None
     return names
 
 

@@ -90,3 +90,62 @@ def test_bad_eval_settings_are_refused():
         GRPOConfig(eval_every=-1)
     with pytest.raises(ValueError, match="eval_n must be >= 1, got 0"):
         GRPOConfig(eval_n=0)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tok_dir):
+    from rftkit.loading import save_model_folder
+    from tests.conftest import tiny_model
+    model = tiny_model(vocab_size=258, max_seq_len=512)
+    model.cfg.eos_token_id = [257]
+    save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)
+    return tmp_path / "tiny"
+
+
+def test_sft_keeps_the_best_by_eval_loss_or_task_accuracy_and_writes_the_summary(tmp_path, tiny_folder):
+    from rftkit.sft import SFTConfig
+    from rftkit.sft import train as sft_train
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} + {a}?", "completion": str(2 * a)}) + "\n"
+                            for a in range(10, 30)))
+    kw = dict(data=str(data), model=str(tiny_folder), eval_fraction=0.2, eval_every=2, steps=6, batch_size=4,
+              micro_batch=4, lr=1e-2, lora_r=4, checkpoint_every=100, device="cpu")
+    result = sft_train(SFTConfig(output=str(tmp_path / "loss"), **kw), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "loss" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert sorted(losses) == [2, 4, 6]
+    step = min(losses, key=lambda s: (losses[s], s))
+    assert result["best"] == {"step": step, "metric": "eval_loss", "value": losses[step]}
+    for name in ("summary.png", "report.md", "adapter-best/adapter_model.safetensors", "adapter-best/best.json"):
+        assert (tmp_path / "loss" / name).is_file(), name
+    assert f"from step {step} (eval_loss" in (tmp_path / "loss" / "report.md").read_text()
+
+    result = sft_train(SFTConfig(output=str(tmp_path / "acc"), eval_task="arithmetic", eval_n=6, eval_max_tokens=4,
+                                 **kw), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6] and all(r["eval/n"] == 6 for r in evals)
+    assert result["best"]["metric"] == "eval/accuracy"
+    assert result["best"]["value"] == max(r["eval/accuracy"] for r in evals)
+
+
+def test_demo_evaluates_on_validation_ships_the_best_adapter_and_reports_its_step(tmp_path, tiny_folder, capsys):
+    from rftkit.demo import DemoConfig, run_demo
+    from rftkit.loading import load
+    from rftkit.lora import load_lora
+    from rftkit.tasks import arithmetic
+    out = tmp_path / "demo"
+    assert run_demo(DemoConfig(model=str(tiny_folder), output=str(out), time_budget=3, eval_n=8, val_n=8,
+                               eval_every=1, prompts_per_step=2, group_size=2, train_max_tokens=4)) == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert evals and all(r["eval/split"] == "validation" for r in evals)
+    best = json.loads((out / "adapter-best" / "best.json").read_text())
+    assert best["value"] == max(r["eval/accuracy"] for r in evals)
+    report = json.loads((out / "report.json").read_text())
+    assert report["adapter_step"] == best["step"] and report["adapter"].endswith("adapter-best")
+    model, tok = load(str(tiny_folder))                  # the table's RFT row is the shipped adapter on test
+    load_lora(model, out / "adapter-best")
+    assert evaluate(model, tok, arithmetic(), "test", 8, max_tokens=32, progress=False)["accuracy"] == report["after"]
+    assert f"from step {best['step']} of" in capsys.readouterr().out
+    assert (out / "summary.png").is_file() and "| RFT |" in (out / "report.md").read_text()
