@@ -101,7 +101,8 @@ class MLflow:
         self.ml.log_metrics(values, step=step)
 
     def table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        self.ml.log_table({c: [r[i] for r in rows] for i, c in enumerate(columns)}, f"{name}/step-{step:07d}.json")
+        # log_dict, not log_table: log_table lists every table in one run tag of at most 5,000 characters
+        self.ml.log_dict({"columns": columns, "data": rows}, f"{name}/step-{step:07d}.json")
 
     def close(self) -> None:
         self.ml.end_run()
