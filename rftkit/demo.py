@@ -36,7 +36,7 @@ class DemoConfig:
     seed: int = 0                        # rollouts and LoRA init
     eval_every: int = 20                 # steps between greedy evaluations on validation problems during training;
                                          # the best adapter is the one shipped (0 = ship the last step's)
-    val_n: int = 200                     # validation problems per evaluation during training
+    val_n: int = 100                     # validation problems per evaluation during training
     report_to: list[str] = field(default_factory=list)   # also log to tensorboard, trackio, wandb, mlflow
     model: str | None = None             # None = the embedded smollm2-135m-instruct
     resume: bool = False                 # continue the run in output from its last checkpoint
