@@ -149,3 +149,17 @@ def test_demo_evaluates_on_validation_ships_the_best_adapter_and_reports_its_ste
     assert evaluate(model, tok, arithmetic(), "test", 8, max_tokens=32, progress=False)["accuracy"] == report["after"]
     assert f"from step {best['step']} of" in capsys.readouterr().out
     assert (out / "summary.png").is_file() and "| RFT |" in (out / "report.md").read_text()
+
+
+def test_rft_train_eval_every_from_the_command_line_logs_rows_and_writes_adapter_best(tmp_path, tiny_folder, capsys):
+    from rftkit.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_folder), "--output", str(out), "--steps", "4", "--eval-every", "2",
+                 "--eval-n", "6", "--prompts-per-step", "2", "--group-size", "2", "--max-tokens", "4",
+                 "--lora-r", "2"]) == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [2, 4]
+    best = json.loads((out / "adapter-best" / "best.json").read_text())
+    assert best["value"] == max(r["eval/accuracy"] for r in rows if "eval/accuracy" in r)
+    assert f"best on validation: step {best['step']}" in capsys.readouterr().out
+    assert (out / "summary.png").is_file() and (out / "report.md").is_file()
