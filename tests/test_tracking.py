@@ -92,3 +92,63 @@ def test_report_to_names_are_checked():
     assert check_report_to([]) == [] and check_report_to(["none"]) == []
     with pytest.raises(ValueError, match="'neptune': not a tracking backend; use some of tensorboard, trackio"):
         check_report_to(["neptune"])
+
+
+def test_wandb_and_mlflow_get_the_same_scalars_through_their_public_calls(tmp_path, tok_dir, monkeypatch):
+    """Stand-ins with the signatures of wandb 0.31 and mlflow 3.18's calls that rftkit makes (neither package is
+    a test dependency): every backend receives metrics.jsonl's numeric fields at their steps, and the tables."""
+    import types
+    from rftkit.grpo import train
+    from tests.conftest import grpo_config, grpo_setup
+    got = {"wandb": {}, "mlflow": {}, "tables": []}
+
+    class Run:
+        def log(self, data: dict, step: int | None = None, commit: bool | None = None) -> None:
+            for k, v in data.items():
+                if isinstance(v, Table):
+                    got["tables"].append(("wandb", step, v.columns, v.data))
+                else:
+                    got["wandb"][(step, k)] = v
+
+        def finish(self, exit_code: int | None = None, quiet: bool | None = None) -> None:
+            got["wandb_finished"] = True
+
+    class Table:
+        def __init__(self, columns=None, data=None, rows=None, dataframe=None, dtype=None, optional=True,
+                     allow_mixed_types=False, log_mode="IMMUTABLE"):
+            self.columns, self.data = columns, data
+
+    def init(entity=None, project=None, dir=None, id=None, name=None, notes=None, tags=None, config=None,
+             config_exclude_keys=None, config_include_keys=None, allow_val_change=None, group=None, job_type=None,
+             mode=None, force=None, reinit=None, resume=None, resume_from=None, fork_from=None,
+             save_code=None, tensorboard=None, sync_tensorboard=None, monitor_gym=None, settings=None,
+             anonymous=None):
+        assert project == "rftkit" and name == "run" and dir == str(tmp_path / "run") and config["eval_every"] == 2
+        return Run()
+    wandb = types.SimpleNamespace(init=init, Table=Table)
+
+    def log_metrics(metrics: dict, step: int | None = None, synchronous=None, run_id=None, timestamp=None,
+                    model_id=None, dataset=None):
+        got["mlflow"].update({(step, k): v for k, v in metrics.items()})
+
+    def log_dict(dictionary: dict, artifact_file: str, run_id=None):
+        got["tables"].append(("mlflow", artifact_file, dictionary["columns"], dictionary["data"]))
+    mlflow = types.SimpleNamespace(
+        set_experiment=lambda experiment_name=None, experiment_id=None, trace_location=None: None,
+        start_run=lambda run_id=None, experiment_id=None, run_name=None, nested=False, parent_run_id=None,
+        tags=None, description=None, log_system_metrics=None: None,
+        log_params=lambda params, synchronous=None, run_id=None: None, log_metrics=log_metrics,
+        log_dict=log_dict, end_run=lambda status="FINISHED": got.__setitem__("mlflow_ended", True))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    model, tok, task = grpo_setup(tok_dir)
+    train(grpo_config(tmp_path / "run", steps=2, eval_every=2, eval_n=4, report_to=["wandb", "mlflow"],
+                      log_completions_every=1), model, tok, task, progress=False)
+    expected = {(r["step"], k): v for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    assert ("2", "eval/accuracy") not in expected and (2, "eval/accuracy") in expected and (1, "entropy") in expected
+    assert got["wandb"] == expected and got["mlflow"] == expected
+    assert [(t[0], t[1]) for t in got["tables"]] == [("wandb", 1), ("mlflow", "completions/step-0000001.json"),
+                                                     ("wandb", 2), ("mlflow", "completions/step-0000002.json")]
+    assert all(len(t[3]) == 8 and t[2] == ["prompt", "completion", "reward", "task"] for t in got["tables"])
+    assert got["wandb_finished"] and got["mlflow_ended"]
