@@ -60,7 +60,7 @@ def plot_summary(rows: list[dict], path: Path, title: str = "", best_step: int |
         if len(timed) >= 2:            # wall time on the top axis, read off the logged (step, time) pairs
             s, t = np.array(timed, dtype=float).T
             top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, s, t), lambda y: np.interp(y, t, s)))
-            top.xaxis.set_major_locator(MaxNLocator(5))
+            top.set_xticks([v for v in MaxNLocator(5).tick_values(t[0], t[-1]) if t[0] <= v <= t[-1]])
             top.set_xlabel("seconds", fontsize=8)
             top.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
