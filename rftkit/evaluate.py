@@ -55,7 +55,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(model, tok, task, split: str = "test", n: int = 200, samples: int = 1, k: int = 1,
              temperature: float = 0.0, max_tokens: int = 32, seed: int = 0, progress: bool = True,
-             engine=None) -> dict:
+             engine=None, rewards: dict | None = None) -> dict:
+    """Accuracy (the task's reward >= 1) and pass@k of the model as it is (a live LoRA adapter included) on n
+    problems of `split`; also each of `rewards`' mean ({name: fn}, default {"task": the task's reward}; "task"
+    decides accuracy), the mean completion length in tokens and the share cut at max_tokens."""
     from rftkit.engine import Engine
     from rftkit.sampling import SamplingParams
     problems = task.samples(split, n, seed=seed)
@@ -67,13 +70,19 @@ def evaluate(model, tok, task, split: str = "test", n: int = 200, samples: int =
     t0 = time.perf_counter()
     groups = engine.generate(prompts, params, progress=progress)
     texts = [[tok.decode(c.token_ids) for c in g] for g in groups]
-    return _score(task, problems, texts, k, time.perf_counter() - t0)
+    result = _score(task, problems, texts, k, time.perf_counter() - t0, rewards)
+    comps = [c for g in groups for c in g]
+    result.update(completion_len=sum(len(c.token_ids) for c in comps) / len(comps),
+                  truncated_frac=sum(c.finish_reason == "length" for c in comps) / len(comps))
+    return result
 
 
-def _score(task, problems, texts, k, seconds) -> dict:
+def _score(task, problems, texts, k, seconds, rewards: dict | None = None) -> dict:
     from rftkit.rewards import score_batch
-    flat = score_batch({"task": task.default_reward}, [t for outs in texts for t in outs],
-                       [p for p, outs in zip(problems, texts) for _ in outs])["task"]   # checked, concurrent
+    rewards = rewards or {"task": task.default_reward}
+    by_reward = score_batch(rewards, [t for outs in texts for t in outs],
+                         [p for p, outs in zip(problems, texts) for _ in outs])   # checked, concurrent
+    flat = by_reward["task"]
     rows, correct, i = [], [], 0
     for p, outs in zip(problems, texts):
         scores, i = flat[i:i + len(outs)], i + len(outs)
@@ -82,7 +91,8 @@ def _score(task, problems, texts, k, seconds) -> dict:
         rows.append({"id": p.get("id"), "completions": outs, "scores": scores})
     n_s = len(texts[0])
     return {"accuracy": sum(correct) / (len(correct) * n_s), f"pass@{k}": sum(pass_at_k(n_s, c, k) for c in correct)
-            / len(correct), "n": len(problems), "seconds": seconds, "rows": rows}
+            / len(correct), "n": len(problems), "seconds": seconds, "rows": rows,
+            "rewards": {name: sum(v) / len(v) for name, v in by_reward.items()}}
 
 
 def evaluate_remote(base_url: str, served_model: str, task, split="test", n=200, samples=1, k=1,

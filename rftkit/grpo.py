@@ -42,6 +42,9 @@ from rftkit.memory import keep_freed_memory
 from rftkit.metrics import MetricsLog, plot_curves
 from rftkit.preemption import StopRequest
 from rftkit.run_folder import prepare_output
+from rftkit.run_summary import write_summary
+from rftkit.tracking import check_report_to
+from rftkit.train_eval import BestAdapter, eval_row
 
 
 @dataclass
@@ -95,6 +98,12 @@ class GRPOConfig:
     overwrite: bool = False              # replace the run already in output (its metrics, checkpoints, adapter)
     on_reward_error: Literal["raise", "count"] = "raise"   # a raising reward stops the run, or is counted
     log_samples: int = 2                 # completions shown per step in the metrics log
+    eval_every: int = 0                  # steps between greedy evaluations on the task's validation split (0 = none);
+                                         # the best adapter on it is kept as output/adapter-best
+    eval_n: int = 200                    # validation problems per evaluation (at most the split's size)
+    report_to: list[str] = field(default_factory=list)   # also log to tensorboard, trackio, wandb, mlflow (none
+                                         # by default; metrics.jsonl is the record): docs/tracking.md
+    log_completions_every: int = 10      # steps between tables of the step's completions sent to --report-to
     dist_timeout: float = 1800.0         # under torchrun: seconds a process waits for the others before failing
 
     def __post_init__(self):
@@ -110,6 +119,10 @@ class GRPOConfig:
                              f"reward: give one")
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards")
+        for name in ("eval_every", "eval_n", "log_completions_every"):
+            if getattr(self, name) < (0 if name == "eval_every" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'eval_every' else 1}, got {getattr(self, name)}")
+        self.report_to = check_report_to(self.report_to)    # a missing package fails now, not after training
         self.spec()  # validates loss settings
 
     def spec(self) -> LossSpec:
@@ -257,8 +270,11 @@ def gather_rollouts(batch: Rollouts, scores: dict, texts: list, samples: list, e
             sum((p[3] for p in parts), []), all_errors)
 
 
-def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = True, on_step=None) -> dict:
-    """Run GRPO; returns {"steps", "seconds", "adapter"}. `on_step(step, row)` is called after each step."""
+def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = True, on_step=None,
+          summary: bool = True) -> dict:
+    """Run GRPO; returns {"steps", "seconds", "adapter", "best" (adapter-best's best.json or None), ...}.
+    `on_step(step, row)` is called after each step (and its evaluation). `summary`: write summary.png and
+    report.md at the end (rft demo writes its own)."""
     from rftkit.engine import Engine
     from rftkit.loading import load
     from rftkit.data import task_from_flags
@@ -298,7 +314,21 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         if main:
             print(f"rft train: {about}")
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", report_to=cfg.report_to if main else [], config=asdict(cfg),
+                     resume=cfg.resume)
+    base_name = cfg.model or "smollm2-135m-instruct"
+    best = BestAdapter(out / "adapter-best", base_name) if cfg.eval_every and main else None
+    evaluated = set()
+
+    def evaluate_now(step: int, elapsed: float) -> None:
+        """Greedy on the validation split (rank 0); the row to the log, the adapter kept if it is the best."""
+        erow = eval_row(model, tok, task, step, elapsed, cfg.eval_n, cfg.max_tokens, rewards, seed=cfg.seed)
+        log.write(erow)
+        best.offer(model, step, erow["eval/accuracy"])
+        evaluated.add(step)
+        if bar is not None:
+            bar.write(f"rft train: step {step}: validation accuracy {erow['eval/accuracy']:.3f} on {erow['eval/n']} "
+                      f"problems ({erow['eval/seconds']:.1f} s); best {best.value:.3f} at step {best.step}")
     start, elapsed = 0, 0.0
     if cfg.resume:
         ckpt, read = newest_readable_checkpoint(out / "checkpoints")
@@ -363,6 +393,13 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                     row["reward_errors"] = {k: dict(v) for k, v in all_errors.items()}
                 if main:
                     log.write(row)
+                    if log.reporters and step % cfg.log_completions_every == 0:
+                        flat = batch.rewards.flatten()
+                        log.table("completions", ["prompt", "completion", "reward", *scores],
+                                  [[s["messages"][-1]["content"], t, float(flat[i]), *(v[i] for v in scores.values())]
+                                   for i, (s, t) in enumerate(zip(samples, texts))], step)
+                    if best is not None and step % cfg.eval_every == 0:
+                        evaluate_now(step, elapsed)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
@@ -378,7 +415,10 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                 save_checkpoint(out / "checkpoints", step, model, optimizer, {"elapsed": elapsed})
             print(f"\nrft train: stopped after step {step}; checkpoint and metrics kept in {out} "
                   f"(continue with --resume)", file=sys.stderr)
+            log.close()
             raise
+    if best is not None and not stopping and step > start and step not in evaluated:
+        evaluate_now(step, elapsed)                  # the last adapter gets its validation score too
     if bar is not None:
         bar.close()
     if main:
@@ -387,13 +427,19 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         if main:
             print(f"\nrft train: stopped by SIGTERM after step {step}; checkpoint saved in {out / 'checkpoints'} "
                   f"(continue with --resume)", file=sys.stderr)
+        log.close()
         return {"steps": step, "seconds": elapsed, "adapter": None, "reward_errors": errors, "stopped": "SIGTERM"}
     if main:
-        save_lora(model, out / "adapter", base=cfg.model or "smollm2-135m-instruct")
+        save_lora(model, out / "adapter", base=base_name)
+    log.close()
     rows = log.read() if main else []
+    kept = best.info() if best is not None else None
     if rows:
         plot_curves(rows, "step", ["reward", "accuracy"], out / "reward.png", title="GRPO training")
-    return {"steps": step, "seconds": elapsed, "adapter": str(out / "adapter"), "reward_errors": errors}
+        if summary:
+            write_summary(out, f"rft train: GRPO on {task.name}", rows, kept)
+    return {"steps": step, "seconds": elapsed, "adapter": str(out / "adapter"), "reward_errors": errors,
+            "best": kept, "best_adapter": str(out / "adapter-best") if kept else None}
 
 
 def run_grpo(cfg: GRPOConfig) -> int:
@@ -405,4 +451,8 @@ def run_grpo(cfg: GRPOConfig) -> int:
     if main:
         print(f"rft train: {result['steps']} steps in {result['seconds']:.0f} s; adapter saved to "
               f"{result['adapter']}")
+        if result["best"]:
+            b = result["best"]
+            print(f"rft train: best on validation: step {b['step']} ({b['metric']} {b['value']:.3f}), saved to "
+                  f"{result['best_adapter']}")
     return 0

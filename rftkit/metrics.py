@@ -1,4 +1,4 @@
-"""The metrics log of a run (JSON lines, optionally TensorBoard) and its curves as a PNG.
+"""The metrics log of a run (JSON lines, copied to the --report-to trackers) and its curves as a PNG.
 
     log = MetricsLog(run_dir / "metrics.jsonl"); log.write({"step": 1, "reward": 0.4})
     plot_curves(log.read(), "step", ["reward"], run_dir / "reward.png")
@@ -13,36 +13,38 @@ import warnings
 from pathlib import Path
 
 
-def require_tensorboard() -> None:
-    """Fail before a run starts, naming the install, when TensorBoard logging is asked for without the package."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-
-
 class MetricsLog:
-    """One JSON object per line in `path`, appended (a resumed run continues the same file); numeric fields
-    also go to TensorBoard when `tensorboard` is set (the package is then required)."""
+    """One JSON object per line in `path`, appended (a resumed run continues the same file); the numeric fields
+    of each row also go to the `report_to` backends (rftkit.tracking: tensorboard, trackio, wandb, mlflow),
+    whose packages are checked here, before the run starts."""
 
-    def __init__(self, path: Path, tensorboard: bool = False, step_key: str = "step"):
+    def __init__(self, path: Path, step_key: str = "step", report_to: list[str] = (), config: dict | None = None,
+                 resume: bool = False):
+        from rftkit.tracking import check_report_to, open_reporters
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.step_key = step_key
-        self.tb = None
-        if tensorboard:
-            require_tensorboard()
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        self.reporters = open_reporters(check_report_to(list(report_to)), self.path.parent, config, resume) \
+            if report_to else []
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != self.step_key:
-                    self.tb.add_scalar(k, v, row.get(self.step_key, 0))
-            self.tb.flush()
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != self.step_key}
+        for r in self.reporters:
+            r.scalars(scalars, row.get(self.step_key, 0))
+
+    def table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A table (e.g. the step's completions with their rewards) to the backends; metrics.jsonl keeps its own
+        samples."""
+        for r in self.reporters:
+            r.table(name, columns, rows, step)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
+        self.reporters = []
 
     def read(self) -> list[dict]:
         """The rows; a torn last line (a kill during its write) is left out, a bad line elsewhere raises."""

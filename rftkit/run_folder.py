@@ -13,10 +13,10 @@ from pathlib import Path
 
 from rftkit import distributed as dist
 
-# what rft train / sft / demo write into their output folder
+# what rft train / sft / demo write into their output folder (tensorboard/ and wandb/ with --report-to)
 RUN_FILES = ("metrics.jsonl", "checkpoints", "adapter", "adapter-best", "model", "config.json", "report.json",
              "report.md", "eval_before.jsonl", "eval_after.jsonl", "reward.png", "loss.png", "summary.png",
-             "tensorboard")
+             "tensorboard", "wandb")
 
 
 def run_files(out: Path) -> list[str]:

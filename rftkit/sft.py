@@ -38,9 +38,12 @@ from rftkit.lora import LoRAConfig, apply_lora, lora_modules, save_lora
 from rftkit.logprobs import hidden_logprobs
 from rftkit.lr_schedule import lr_at
 from rftkit.memory import keep_freed_memory
-from rftkit.metrics import MetricsLog, plot_curves, require_tensorboard
+from rftkit.metrics import MetricsLog, plot_curves
 from rftkit.preemption import StopRequest
 from rftkit.run_folder import prepare_output
+from rftkit.run_summary import write_summary
+from rftkit.tracking import check_report_to
+from rftkit.train_eval import BestAdapter, eval_row
 
 EMBEDDED = "smollm2-135m-instruct"
 
@@ -56,7 +59,13 @@ class SFTConfig:
     columns: list[str] = field(default_factory=list)  # column renames NAME=COLUMN, e.g. prompt=question,completion=a
     init_adapter: str | None = None      # start from this PEFT adapter (RFT -> SFT, SFT -> SFT); its rank, alpha
                                          # and targets must equal --lora-r, --lora-alpha, --lora-targets
-    eval_every: int = 50                 # steps between held-out evaluations (0 = only at the end)
+    eval_every: int = 50                 # steps between held-out evaluations (0 = only at the end); the adapter
+                                         # with the lowest eval_loss (or best eval_task accuracy) is kept as
+                                         # output/adapter-best
+    eval_task: str = ""                  # also evaluate greedily on this task's validation split (arithmetic,
+                                         # jsonl:FILE, ...) and keep the best adapter by its accuracy
+    eval_n: int = 200                    # eval_task problems per evaluation (at most the split's size)
+    eval_max_tokens: int = 32            # new tokens per eval_task completion
     epochs: float = 1.0                  # passes over the training data (when steps = 0)
     steps: int = 0                       # optimizer steps (0 = from epochs)
     time_budget: float = 0.0             # training seconds at most (0 = no limit): the run ends at the budget
@@ -82,7 +91,9 @@ class SFTConfig:
     resume: bool = False                 # continue from the latest checkpoint in output
     overwrite: bool = False              # replace the run already in output (its metrics, checkpoints, adapter)
     device: str = "auto"                 # cpu, cuda, or auto
-    tensorboard: bool = False            # also log to output/tensorboard (needs: pip install tensorboard)
+    report_to: list[str] = field(default_factory=list)   # also log to tensorboard, trackio, wandb, mlflow (none
+                                         # by default; metrics.jsonl is the record): docs/tracking.md
+    tensorboard: bool = False            # the same as --report-to tensorboard
     dist_timeout: float = 1800.0         # under torchrun: seconds a process waits for the others before failing
     fsdp: bool = False                   # under torchrun: shard weights, gradients and optimizer state (FSDP2)
 
@@ -98,6 +109,11 @@ class SFTConfig:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong must be truncate or drop, got {self.overlong!r}")
+        if self.eval_n < 1 or self.eval_max_tokens < 1:
+            raise ValueError(f"eval_n and eval_max_tokens must be >= 1, got {self.eval_n}, {self.eval_max_tokens}")
+        if self.tensorboard and "tensorboard" not in self.report_to:
+            self.report_to = [*self.report_to, "tensorboard"]
+        self.report_to = check_report_to(self.report_to)    # a missing package fails now, not after training
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,8 +303,10 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         device = f"cuda:{dist.local_rank()}"
     rows = read_rows(cfg.data, cfg.columns)                 # a bad file fails before the model loads
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft sft")
-    if cfg.tensorboard and main:
-        require_tensorboard()
+    eval_task = None
+    if cfg.eval_task:
+        from rftkit.tasks import get_task
+        eval_task = get_task(cfg.eval_task)
     loaded_here = model is None
     if loaded_here:
         model, tok = load(cfg.model, device=device)
@@ -337,7 +355,12 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard and main)
+    log = MetricsLog(out / "metrics.jsonl", report_to=cfg.report_to if main else [], config=asdict(cfg),
+                     resume=cfg.resume)
+    best = None             # the adapter with the best held-out score (LoRA on one process, or DDP: rank 0 saves)
+    if main and not cfg.full and not fsdp and (eval_set or eval_task):
+        best = BestAdapter(out / "adapter-best", cfg.model or EMBEDDED, *(("eval/accuracy", True) if eval_task
+                                                                          else ("eval_loss", False)))
     start, elapsed, tokens_seen = 0, 0.0, 0
     ckpt, read = newest_readable_checkpoint(out / "checkpoints") if cfg.resume else (None, None)
     found = dist.all_gather(str(ckpt), "resume")
@@ -406,10 +429,19 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
                    "epoch": round((step + 1) * cfg.batch_size / len(train_set), 3)}
             done = step + 1
             last = step + 1 == total_steps or 0 < cfg.time_budget <= elapsed
-            if eval_set and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-                eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch, fsdp)
+            erow = None
+            if (eval_set or eval_task) and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+                if eval_set:
+                    eval_loss = row["eval_loss"] = evaluate_loss(model, eval_set, cfg.micro_batch, fsdp)
+                if eval_task is not None and main:
+                    erow = eval_row(model, tok, eval_task, step + 1, elapsed, cfg.eval_n, cfg.eval_max_tokens,
+                                    seed=cfg.seed)
             if main:
                 log.write(row)
+                if erow is not None:
+                    log.write(erow)
+                if best is not None and (erow is not None or "eval_loss" in row):
+                    best.offer(model, step + 1, erow["eval/accuracy"] if erow is not None else row["eval_loss"])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
@@ -425,6 +457,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     if bar is not None:
         bar.close()
 
+    log.close()
     if stopping:                    # preempted: the checkpoint is the result; --resume continues it
         if main:
             print(f"\nrft sft: stopped by SIGTERM after step {done}; checkpoint saved in {out / 'checkpoints'} "
@@ -438,11 +471,14 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         save_model_folder(model, final, tokenizer_dir=tok_dir, write=main)
     elif main or fsdp:
         save_lora(model, final, base=cfg.model or EMBEDDED, write=main)
-    rows_logged = [r for r in log.read() if "loss" in r] if main else []
+    rows = log.read() if main else []
+    rows_logged = [r for r in rows if "loss" in r]
+    kept = best.info() if best is not None else None
     if rows_logged:
         plot_curves(rows_logged, "step", ["loss", "eval_loss"], out / "loss.png", title="SFT loss")
+        write_summary(out, f"rft sft on {cfg.data}", rows, kept, final=final.name + "/")
     return {"steps": done, "seconds": elapsed, "output": str(final), "data": counts, "eval_loss": eval_loss,
-            "tokens": tokens_seen}
+            "tokens": tokens_seen, "best": kept, "best_adapter": str(out / "adapter-best") if kept else None}
 
 
 def run_sft(cfg: SFTConfig) -> Path | int:
@@ -454,4 +490,8 @@ def run_sft(cfg: SFTConfig) -> Path | int:
     if main:
         print(f"rft sft: {result['steps']} steps in {result['seconds']:.0f} s "
               f"({result['tokens'] / max(result['seconds'], 1e-9):.0f} tokens/s); saved to {result['output']}")
+        if result["best"]:
+            b = result["best"]
+            print(f"rft sft: best held-out: step {b['step']} ({b['metric']} {b['value']:.4g}), saved to "
+                  f"{result['best_adapter']}")
     return Path(result["output"])

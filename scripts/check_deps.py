@@ -11,7 +11,10 @@ import pathlib
 import sys
 
 OPTIONAL = {
-    "tensorboard": "rft sft --tensorboard: checked before the run (pip install tensorboard)",
+    "tensorboard": "--report-to tensorboard: checked before the run (pip install tensorboard)",
+    "trackio": "--report-to trackio: checked before the run (pip install trackio)",
+    "wandb": "--report-to wandb: checked before the run (pip install wandb)",
+    "mlflow": "--report-to mlflow: checked before the run (pip install mlflow)",
 }
 
 root = pathlib.Path(__file__).resolve().parent.parent / "rftkit"

@@ -204,4 +204,4 @@ def test_tensorboard_asked_for_without_the_package_fails_naming_the_install(tmp_
     import sys
     monkeypatch.setitem(sys.modules, "tensorboard", None)        # as if not installed
     with pytest.raises(ValueError, match="pip install tensorboard"):
-        MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
+        MetricsLog(tmp_path / "metrics.jsonl", report_to=["tensorboard"])
