@@ -143,7 +143,7 @@ def _sandbox_ids() -> tuple[int, int]:
 def _view_paths(uid: int) -> tuple[list[str], list[str]]:
     """Folders to hide behind an empty tmpfs (the home folder and, when the program runs as another user, the
     first folder on the way to the Python installation it could not enter) and the Python installation's
-    folders inside them, bound back read-only."""
+    folders inside them or inside /tmp (which the work folder covers), bound back read-only."""
     python = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                                             os.path.dirname(os.path.realpath(sys.executable)))}
     hide = set()
@@ -162,7 +162,7 @@ def _view_paths(uid: int) -> tuple[list[str], list[str]]:
     mounted = ("/tmp", "/dev", "/proc", "/run")                      # the view mounts its own there
     hide = {h for h in hide if h not in python and not under(h, hide) and h not in mounted
             and not under(h, mounted) and not any(under(m, [h]) for m in mounted)}
-    bind = {p for p in python if under(p, hide)}
+    bind = {p for p in python if under(p, hide) or under(p, ["/tmp"])}     # a venv in /tmp: under the work tmpfs
     return sorted(hide), sorted(p for p in bind if not under(p, bind))
 
 

@@ -127,6 +127,10 @@ def build_view(cfg: dict) -> None:
     for folder, dirs, names in os.walk("/tmp"):
         for name in dirs + names:
             os.chown(os.path.join(folder, name), uid, gid)
+    for path, fd in keep.items():                           # a Python installation (a venv) inside /tmp: after
+        if path.startswith("/tmp/"):                        # the chown walk, which must not reach its files
+            os.makedirs(path, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
     for hidden in cfg["hide"]:                              # an empty folder, the Python installation bound back
         mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
         for path, fd in keep.items():

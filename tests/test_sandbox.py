@@ -319,3 +319,21 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match=r"assert test 'assert f\(' is not valid Python"):
         run_python("pass", check="assert f(")
     assert issubclass(SandboxError, RuntimeError)
+
+
+def test_a_python_in_a_venv_under_tmp_runs_sandboxed_and_stays_read_only(tmp_path):
+    # CI (and many users) run rftkit from a venv under /tmp, which the program's work tmpfs covers: the venv must
+    # be bound back (read-only), or the program cannot even start
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    evil_code = f"open({str(venv / 'evil')!r}, 'w')"
+    probe = ("from rftkit.sandbox import run_python\n"
+             "ok = run_python('print(6 * 7)')\n"
+             f"evil = run_python({evil_code!r})\n"
+             "print(ok.returncode, ok.stdout.strip(), evil.returncode, 'Read-only file system' in evil.stderr)\n")
+    root = Path(sandbox.__file__).resolve().parent.parent
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "42", "1", "True"]
+    assert not (venv / "evil").exists()
