@@ -73,6 +73,17 @@ def tok_dir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def tiny_folder(tmp_path, tok_dir):
+    """A tiny model folder (256 byte tokens + the two ChatML specials, EOS <|im_end|>) with tok_dir's tokenizer,
+    as the commands' --model takes it."""
+    from rftkit.loading import save_model_folder
+    model = tiny_model(vocab_size=258, max_seq_len=512)
+    model.cfg.eos_token_id = [257]
+    save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)
+    return tmp_path / "tiny"
+
+
 def digit_share(completion: str, sample: dict) -> float:
     """A reward with spread on a random model: the share of digits in the completion."""
     return sum(ch.isdigit() for ch in completion) / max(1, len(completion))

@@ -70,7 +70,7 @@ def test_good_grader_gets_to_the_model_and_bad_data_is_named(data, tmp_path, cap
     assert rc == 2 and "nope: no such model folder or file" in err, err     # the model, not the grader, failed
     (tmp_path / "bad.jsonl").write_text('{"reference_answer": "x"}\n')
     rc = main(["grade", "--grader", str(tmp_path / "g.json"), "--data", str(tmp_path / "bad.jsonl")])
-    assert rc == 2 and "bad.jsonl:1: a row needs a 'messages' or 'prompt' field" in capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:1: no 'messages' or 'prompt' column" in capsys.readouterr().err
 
 
 def test_rft_grade_command_fails_fast_and_grades_given_completions(data, tmp_path):

@@ -14,8 +14,6 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from rftkit.loading import save_model_folder
-from tests.conftest import tiny_model
 
 KILLS = 10
 
@@ -70,14 +68,6 @@ def _kill_and_resume(args: list[str], out, steps: int, rng: random.Random) -> li
 def _same(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tok_dir):
-    model = tiny_model(vocab_size=258, max_seq_len=512)
-    model.cfg.eos_token_id = [257]
-    save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)
-    return tmp_path / "tiny"
 
 
 @pytest.mark.slow

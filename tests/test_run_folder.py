@@ -8,7 +8,6 @@ import pytest
 from rftkit.cli import main
 from rftkit.demo import DemoConfig, run_demo
 from rftkit.grpo import GRPOConfig, train
-from rftkit.loading import save_model_folder
 from rftkit.run_folder import prepare_output
 from rftkit.sft import SFTConfig
 from rftkit.sft import train as sft_train
@@ -76,14 +75,6 @@ def test_cli_train_on_a_used_folder_exits_2_naming_the_flags(tmp_path, capsys):
     assert main(["train", "--output", str(out), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "already holds a run (adapter)" in err and "--resume" in err and "--overwrite" in err
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tok_dir):
-    model = tiny_model(vocab_size=258, max_seq_len=512)
-    model.cfg.eos_token_id = [257]
-    save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)
-    return tmp_path / "tiny"
 
 
 def test_demo_whose_plot_fails_still_prints_the_table_writes_its_report_and_exits_0(tmp_path, tiny_folder,

@@ -92,16 +92,6 @@ def test_bad_eval_settings_are_refused():
         GRPOConfig(eval_n=0)
 
 
-@pytest.fixture
-def tiny_folder(tmp_path, tok_dir):
-    from rftkit.loading import save_model_folder
-    from tests.conftest import tiny_model
-    model = tiny_model(vocab_size=258, max_seq_len=512)
-    model.cfg.eos_token_id = [257]
-    save_model_folder(model, tmp_path / "tiny", tokenizer_dir=tok_dir)
-    return tmp_path / "tiny"
-
-
 def test_sft_keeps_the_best_by_eval_loss_or_task_accuracy_and_writes_the_summary(tmp_path, tiny_folder):
     from rftkit.sft import SFTConfig
     from rftkit.sft import train as sft_train

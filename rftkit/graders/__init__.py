@@ -8,7 +8,7 @@ Files: template.py (OpenAI's {{ item.x }} / {{ sample.output_text }}), text_simi
 text_similarity), python_grader.py (python graders in rftkit.sandbox), multi.py (calculate_output, via ast),
 schema.py (validation naming the field), judge_client.py (the endpoint: limits, retries, cache, usage),
 score_model.py, grader.py (a grader object compiled to a reward), judges.py (judge-api:, judge-group:, HTTP
-rewards), rows.py (a minimal JSONL reader), grade.py (rft grade).
+rewards), grade.py (rft grade, its rows read by rftkit.data).
 
 Importing this package registers its reward specs with rftkit.rewards.load_reward: "grader:FILE.json",
 "judge-api:MODEL", "judge-group:MODEL" and "http(s)://URL". Third-party libraries are imported where used, so

@@ -128,12 +128,12 @@ def grade(cfg: GradeConfig, model=None, tok=None) -> dict:
     """Validate, sample, score: {"scores", "texts", "rows", "errors", "report", "metrics"}."""
     from rftkit.graders import load_grader
     from rftkit.graders.judge_client import JudgeOptions
-    from rftkit.graders.rows import read_rows
+    from rftkit.data import read_rows, to_sample
     from rftkit.rewards import score_batch
     judge = JudgeOptions.from_env(base_url=cfg.judge_base_url, concurrency=cfg.judge_concurrency,
                                   rpm=cfg.judge_rpm, tpm=cfg.judge_tpm, cache_dir=cfg.judge_cache)
     grader = load_grader(cfg.grader, judge)            # every check of the grader: before any model loads
-    rows = read_rows(cfg.data, cfg.n)
+    rows = [to_sample(r, need_answer=False) for r in read_rows(cfg.data)][:cfg.n or None]
     t0 = time.perf_counter()
     if cfg.use_completions:
         missing = [i for i, r in enumerate(rows) if not isinstance(r.get("completion"), str)]
