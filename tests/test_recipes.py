@@ -115,3 +115,16 @@ def test_the_saved_config_replays_the_same_run(tiny_folder, tmp_path, monkeypatc
     assert main(["train", "--config", str(first / "config.json"), "--seed", "6", "--output", str(other)]) == 0
     c = load_file(str(other / "adapter" / "adapter_model.safetensors"))
     assert any((a[k] != c[k]).any() for k in a)
+
+
+def test_rft_sft_saves_a_config_that_reads_back_as_the_same_config(tiny_folder, tmp_path):
+    from rftkit.recipe import read_recipe
+    from rftkit.sft import SFTConfig
+    rows = [{"prompt": f"say {w}", "completion": w} for w in ("one", "two", "three", "four")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sft.yaml").write_text(f"model: {tiny_folder}\ndata: {tmp_path / 'd.jsonl'}\nsteps: 1\n"
+                                       f"batch_size: 4\nlora_r: 2\noutput: {tmp_path / 'run'}\n")
+    assert main(["sft", "--config", str(tmp_path / "sft.yaml"), "--lr", "0.01"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["steps"], saved["lora_r"], saved["lr"]) == (1, 2, 0.01)
+    assert SFTConfig(**read_recipe(tmp_path / "run" / "config.json", SFTConfig)) == SFTConfig(**saved)
