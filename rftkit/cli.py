@@ -2,6 +2,7 @@
 from the dataclass, so the Python API and the CLI take the same object.
 
     rft generate --prompt "What is 2 + 2?" --max-tokens 16
+    rft train --config recipes/arithmetic.yaml --steps 20     # a recipe file, flags override it
 
 A field's help text is the `# comment` after it in the dataclass source (no metadata boilerplate).
 Only the chosen subcommand's module is imported, so `rft --help` and `rft generate` stay quick.
@@ -16,6 +17,8 @@ import re
 import sys
 import types
 import typing
+
+from rftkit.recipe import read_recipe
 
 # name -> (module, config class, run function, one-line description)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -107,8 +110,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(cls, ns: argparse.Namespace):
+    """The config: the --config file's values (if any), overridden by the flags given."""
     given = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(cls)}}
-    return cls(**given)
+    from_file = read_recipe(ns._config, cls) if vars(ns).get("_config") else {}
+    return cls(**{**from_file, **given})
 
 
 def version() -> str:
@@ -130,6 +135,9 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, t
         p = sub.add_parser(name, help=desc, description=desc)
         if name == command:
             cls = getattr(importlib.import_module(module), cls_name)
+            p.add_argument("--config", dest="_config", metavar="FILE", default=None,
+                           help="recipe file (.yaml or .json; a run's config.json replays it) whose keys are "
+                                "this command's options; flags given beside it override it (docs/recipes.md)")
             add_dataclass_args(p, cls)
     return parser, cls
 
