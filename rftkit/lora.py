@@ -87,7 +87,11 @@ class LoRALinear(nn.Module):
         y = linear(self.base, x)          # outside autograd (rollouts), few rows: the decode GEMV kernel
         if not self.enabled or self.merged:
             return y
-        return y + linear_weight(linear_weight(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        x = self.dropout(x)
+        if x.dtype != self.lora_A.dtype:   # an fp32 adapter on a bf16 base (rftkit.precision): fp32 inside
+            return y + (linear_weight(linear_weight(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+                        * self.scaling).to(y.dtype)
+        return y + linear_weight(linear_weight(x, self.lora_A), self.lora_B) * self.scaling
 
     def kernel_parts(self) -> tuple | None:
         """(base, (A [R, in], B [out, R], scale) or None when the adapter is off or merged): what a kernel needs to

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from rftkit import kernels
 from rftkit.layers import register_linears, register_quantized
+from rftkit.precision import register_base_quantizer
 
 BITS = (4, 8)
 KERNEL_MAX_ROWS = kernels.QLINEAR_MAX_ROWS   # the C kernel keeps one accumulator per row in registers
@@ -202,9 +203,10 @@ class QuantLinear(nn.Module):
         return b["qweight"], b["scales"], b.get("mins"), self._parameters.get("bias")
 
     def _kernel_for(self, x2: torch.Tensor):
-        """The C kernel library when it may run on x2 [M, K] (CPU fp32, outside autograd), else None."""
-        if x2.device.type != "cpu" or x2.dtype != torch.float32 or x2.shape[0] == 0 \
-                or (torch.is_grad_enabled() and x2.requires_grad):
+        """The C kernel library when it may run on x2 [M, K] (CPU fp32, outside autograd), else None. In
+        training (grad enabled) every layer takes the exact path, the first one too, whose input needs no
+        gradient: QLoRA's forward is then LoRA's over the dequantized base (tests/test_precision.py)."""
+        if x2.device.type != "cpu" or x2.dtype != torch.float32 or x2.shape[0] == 0 or torch.is_grad_enabled():
             return None
         return _load_kernel()
 
@@ -361,3 +363,10 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
             model.model.embed_tokens = emb
             record["model.embed_tokens"] = {"kind": "quant_embedding", "bits": 8}
     return record
+
+
+def _quantize_base(model: nn.Module, bits: int, group_size: int) -> None:
+    quantize(model, bits, group_size, head_bits=None)
+
+
+register_base_quantizer(_quantize_base)   # QLoRA: rft train / rft sft --base-bits quantize through this
