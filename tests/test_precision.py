@@ -72,8 +72,14 @@ def test_checkpointed_grpo_gradients_equal_the_plain_ones(beta):
     plain = _with_lora(tiny_model(seed=1))
     ckpt = copy.deepcopy(plain)
     prepare_base(ckpt, grad_checkpointing=True)
+    calls = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        block = model.model.layers[1]
+        block.forward = lambda *a, run=block.forward, name=name: calls.update({name: calls.get(name, 0) + 1}) or run(*a)
     loss_p, g_p = _update(plain, beta)
     loss_c, g_c = _update(ckpt, beta)
+    # prompt and completion passes re-run in backward (through the KV cache); the KL reference (no grad) does not
+    assert calls["ckpt"] - calls["plain"] == (calls["plain"] if beta == 0 else calls["plain"] // 2)
     assert loss_c == pytest.approx(loss_p, rel=1e-6)
     for a, b in zip(g_c, g_p):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
