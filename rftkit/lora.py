@@ -169,7 +169,7 @@ class LoRAParam(nn.Module):
                 raise
         value = getattr(self._modules["base_layer"], name)
         if name == self.__dict__["param_name"] and self.enabled and not self.merged:
-            return value + self.delta() if torch.is_grad_enabled() else self._merged_view(value)
+            return value + self.delta().to(value.dtype) if torch.is_grad_enabled() else self._merged_view(value)
         return value
 
     def _merged_view(self, value: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ class LoRAParam(nn.Module):
         key = (value.data_ptr(), value._version, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling)
         kept = self.__dict__.get("_kept")
         if kept is None or kept[0] != key:
-            kept = self.__dict__["_kept"] = (key, value + self.delta())
+            kept = self.__dict__["_kept"] = (key, value + self.delta().to(value.dtype))   # an fp32 adapter: base dtype
         return kept[1]
 
     @torch.no_grad()

@@ -175,3 +175,53 @@ def test_rft_sft_and_train_take_the_flags_from_the_command_line(tmp_path, tiny_f
         saved = json.loads((tmp_path / run / "config.json").read_text())
         assert (saved["base_bits"], saved["grad_checkpointing"], saved["device"]) == (4, True, "cpu"), run
         assert (tmp_path / run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _moe_model() -> nn.Module:
+    from dataclasses import asdict
+
+    from rftkit.model import ModelConfig, Transformer
+    from rftkit.moe import MoEConfig
+    torch.manual_seed(5)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                                    ffn_dim=32, moe=asdict(MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=16))))
+    apply_lora(model, LoRAConfig(r=2, targets=["all-linear", "experts.gate_up_proj"]))
+    adapter_to_fp32(model)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("change", ["checkpointing", "bf16"])
+def test_moe_with_expert_lora_under_checkpointing_and_bf16(change):
+    """The MoE balancing losses survive checkpointing (taken from the first run of each block, not doubled by
+    the re-run): loss and gradients equal. bf16: the expert LoRA (a parameter wrapper) adds its fp32 delta to
+    bf16 expert weights and the loss stays within bf16 rounding; its gradients are NOT compared: on this MoE
+    they differ from fp32 by 40-120% (even with top_k = n_experts), against 2-7% on the dense model: an open
+    question about the MoE layer in bf16, reported, not hidden by a loose tolerance."""
+    ref = _moe_model()
+    other = copy.deepcopy(ref)
+    if change == "checkpointing":
+        prepare_base(other, grad_checkpointing=True)
+    else:
+        for name, p in other.named_parameters():
+            if "lora_" not in name:
+                p.data = p.data.to(torch.bfloat16)
+    examples = [([1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 1, 1]), ([7, 8, 9], [0, 1, 1])]
+    out = []
+    for model in (ref, other):
+        model.train()
+        _, aux = model(torch.tensor([[1, 2, 3, 4]]))
+        st = batch_backward(model, examples, micro_batch=1)
+        out.append((sorted(aux), float(sum(aux.values()).detach()), st["nll_sum"],
+                    [p.grad for p in lora_parameters(model)]))
+    (keys_r, aux_r, nll_r, g_r), (keys_o, aux_o, nll_o, g_o) = out
+    assert keys_r == keys_o and keys_r                    # the model does report balancing losses
+    tol = 1e-6 if change == "checkpointing" else 2e-2
+    assert aux_o == pytest.approx(aux_r, rel=tol) and nll_o == pytest.approx(nll_r, rel=tol)
+    assert all(g is not None for g in g_o) and len(g_o) == len(g_r)
+    assert all(bool(torch.isfinite(g).all()) and g.dtype == torch.float32 for g in g_o)
+    if change == "checkpointing":
+        errors = [_rel(a, b) for a, b in zip(g_o, g_r) if b.norm() > 0]
+        assert max(errors) < 1e-5, errors
