@@ -109,8 +109,8 @@ class GRPOConfig:
     device: str = "auto"                 # cpu, cuda, cuda:N, or auto (CUDA is untested: docs/benchmarks.md)
     dtype: Literal["fp32", "bf16"] = "fp32"   # the base weights' dtype; the adapter stays fp32 (bf16: half the
                                          # memory, for GPUs; far slower than fp32 on CPUs)
-    base_bits: int = 0                   # 4 = QLoRA: the frozen base linears in int4 (groups of 32), LoRA on top;
-                                         # 0 = the base as loaded
+    base_bits: int = 0                   # 4 = QLoRA: the frozen base linears in int4 (groups of 32), LoRA on top
+                                         # (8 = int8); 0 = the base as loaded
     grad_checkpointing: bool = False     # recompute each block in backward instead of keeping its activations
 
     def __post_init__(self):
@@ -313,9 +313,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         weights[spec] = cfg.reward_weights[i] if cfg.reward_weights else 1.0
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft train")
     if model is None:
-        device = resolve_device(cfg.device)
-        if device == "cuda" and world > 1:
-            device = f"cuda:{dist.local_rank()}"
+        device = resolve_device(cfg.device, dist.local_rank() if world > 1 else None)
         model, tok = load(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype))
     prepare_base(model, cfg.base_bits, cfg.grad_checkpointing)
     torch.manual_seed(cfg.seed)

@@ -35,10 +35,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BASE_BITS = (0, 4, 8)            # 0 = the base as loaded
 
 
-def resolve_device(name: str) -> str:
-    """cpu, cuda, cuda:N, or auto (cuda when torch sees one)."""
+def resolve_device(name: str, local_rank: int | None = None) -> str:
+    """cpu, cuda, cuda:N, or auto (cuda when torch sees one); under torchrun (`local_rank` given) plain cuda is
+    this process's GPU, cuda:LOCAL_RANK."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():

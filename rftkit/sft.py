@@ -94,8 +94,8 @@ class SFTConfig:
     device: str = "auto"                 # cpu, cuda, cuda:N, or auto (CUDA is untested: docs/benchmarks.md)
     dtype: Literal["fp32", "bf16"] = "fp32"   # the base weights' dtype; the adapter stays fp32 (bf16: half the
                                          # memory, for GPUs; far slower than fp32 on CPUs)
-    base_bits: int = 0                   # 4 = QLoRA: the frozen base linears in int4 (groups of 32), LoRA on top;
-                                         # 0 = the base as loaded
+    base_bits: int = 0                   # 4 = QLoRA: the frozen base linears in int4 (groups of 32), LoRA on top
+                                         # (8 = int8); 0 = the base as loaded
     grad_checkpointing: bool = False     # recompute each block in backward instead of keeping its activations
     report_to: list[str] = field(default_factory=list)   # also log to tensorboard, trackio, wandb, mlflow (none
                                          # by default; metrics.jsonl is the record): docs/tracking.md
@@ -309,9 +309,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     if cfg.batch_size < world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes: each needs at least "
                          f"one example per step")
-    device = resolve_device(cfg.device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{dist.local_rank()}"
+    device = resolve_device(cfg.device, dist.local_rank() if world > 1 else None)
     rows = read_rows(cfg.data, cfg.columns)                 # a bad file fails before the model loads
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft sft")
     eval_task = None

@@ -13,7 +13,7 @@ from rftkit.cli import main
 from rftkit.compress.quantize import QuantLinear
 from rftkit.grpo import GRPOConfig, Rollouts, grpo_update, train
 from rftkit.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
-from rftkit.precision import adapter_to_fp32, prepare_base
+from rftkit.precision import adapter_to_fp32, prepare_base, resolve_device
 from rftkit.sft import SFTConfig, batch_backward
 from tests.conftest import grpo_config, grpo_setup, tiny_model
 
@@ -144,6 +144,12 @@ def test_base_bits_refuses_what_it_cannot_do():
         SFTConfig(data="x.jsonl", dtype="fp16")
     with pytest.raises(ValueError, match="--full"):
         SFTConfig(data="x.jsonl", base_bits=4, full=True)
+    with pytest.raises(ValueError, match="device must be cpu, cuda, cuda:N or auto, got 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            resolve_device("cuda", local_rank=1)
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     model = tiny_model()
     prepare_base(model, base_bits=4)
     with pytest.raises(ValueError, match="quantized already"):
