@@ -231,3 +231,16 @@ def test_moe_with_expert_lora_under_checkpointing_and_bf16(change):
     if change == "checkpointing":
         errors = [_rel(a, b) for a, b in zip(g_o, g_r) if b.norm() > 0]
         assert max(errors) < 1e-5, errors
+
+
+def test_a_qlora_forward_keeps_no_fp32_copy_of_the_base_weights_for_backward():
+    """Autograd saved each layer's dequantized fp32 weight until backward: a whole fp32 model per forward, and
+    QLoRA's peak memory above LoRA's. Backward now dequantizes again; the graph keeps only activations."""
+    model = _with_lora(prepare_base(tiny_model(seed=4), base_bits=4))
+    weights = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, QuantLinear)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        logits, _ = model.train()(torch.tensor([[1, 2, 3, 4, 5, 6]]))
+    assert saved and not [s for s, d in saved if s in weights and d == torch.float32]
+    logits.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
