@@ -40,6 +40,7 @@ from rftkit.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, lor
 from rftkit.lr_schedule import lr_at
 from rftkit.memory import keep_freed_memory
 from rftkit.metrics import MetricsLog, plot_curves
+from rftkit.precision import adapter_to_fp32, check_base_bits, prepare_base, resolve_device, resolve_dtype
 from rftkit.preemption import StopRequest
 from rftkit.run_folder import prepare_output
 from rftkit.run_summary import write_summary
@@ -105,6 +106,12 @@ class GRPOConfig:
                                          # by default; metrics.jsonl is the record): docs/tracking.md
     log_completions_every: int = 10      # steps between tables of the step's completions sent to --report-to
     dist_timeout: float = 1800.0         # under torchrun: seconds a process waits for the others before failing
+    device: str = "auto"                 # cpu, cuda, cuda:N, or auto (CUDA is untested: docs/benchmarks.md)
+    dtype: Literal["fp32", "bf16"] = "fp32"   # the base weights' dtype; the adapter stays fp32 (bf16: half the
+                                         # memory, for GPUs; far slower than fp32 on CPUs)
+    base_bits: int = 0                   # 4 = QLoRA: the frozen base linears in int4 (groups of 32), LoRA on top
+                                         # (8 = int8); 0 = the base as loaded
+    grad_checkpointing: bool = False     # recompute each block in backward instead of keeping its activations
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -122,6 +129,8 @@ class GRPOConfig:
         for name in ("eval_every", "eval_n", "log_completions_every"):
             if getattr(self, name) < (0 if name == "eval_every" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'eval_every' else 1}, got {getattr(self, name)}")
+        resolve_dtype(self.dtype)
+        check_base_bits(self.base_bits, self.dtype)
         self.report_to = check_report_to(self.report_to)    # a missing package fails now, not after training
         self.spec()  # validates loss settings
 
@@ -192,10 +201,11 @@ def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Tota
                     ref = group_logprobs(model, prompts, comps, G, cfg.temperature)[0]
             logp, mask, ent, aux = group_logprobs(model, prompts, comps, G, cfg.temperature, with_entropy=True)
             if cfg.mask_truncated:
-                mask = mask * torch.tensor([0.0 if batch.truncated[r] else 1.0 for r in mb_rows])[:, None]
+                mask = mask * torch.tensor([0.0 if batch.truncated[r] else 1.0 for r in mb_rows],
+                                           device=mask.device)[:, None]
             old = logp.detach() if cfg.iterations == 1 else _pad_rows(
-                [batch.old_logprobs[r] for r in mb_rows], logp.shape[1]) * mask
-            a = adv[groups].flatten()
+                [batch.old_logprobs[r] for r in mb_rows], logp.shape[1]).to(mask.device) * mask
+            a = adv[groups].flatten().to(logp.device)
             loss, st = policy_loss(logp, old, a, mask, spec, totals, ref)
             for name, value in aux.items():   # MoE balancing losses, weighted by this share of the batch
                 loss = loss + value * len(mb_rows) / totals.n_seqs
@@ -303,10 +313,13 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         weights[spec] = cfg.reward_weights[i] if cfg.reward_weights else 1.0
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft train")
     if model is None:
-        model, tok = load(cfg.model)
+        device = resolve_device(cfg.device, dist.local_rank() if world > 1 else None)
+        model, tok = load(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype))
+    prepare_base(model, cfg.base_bits, cfg.grad_checkpointing)
     torch.manual_seed(cfg.seed)
     if not lora_modules(model):
         apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets))
+        adapter_to_fp32(model)
     if cfg.init_adapter:
         from rftkit.warm_start import init_from_adapter
         about = init_from_adapter(model, cfg.init_adapter, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,

@@ -87,7 +87,11 @@ class LoRALinear(nn.Module):
         y = linear(self.base, x)          # outside autograd (rollouts), few rows: the decode GEMV kernel
         if not self.enabled or self.merged:
             return y
-        return y + linear_weight(linear_weight(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        x = self.dropout(x)
+        if x.dtype != self.lora_A.dtype:   # an fp32 adapter on a bf16 base (rftkit.precision): fp32 inside
+            return y + (linear_weight(linear_weight(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+                        * self.scaling).to(y.dtype)
+        return y + linear_weight(linear_weight(x, self.lora_A), self.lora_B) * self.scaling
 
     def kernel_parts(self) -> tuple | None:
         """(base, (A [R, in], B [out, R], scale) or None when the adapter is off or merged): what a kernel needs to
@@ -165,7 +169,7 @@ class LoRAParam(nn.Module):
                 raise
         value = getattr(self._modules["base_layer"], name)
         if name == self.__dict__["param_name"] and self.enabled and not self.merged:
-            return value + self.delta() if torch.is_grad_enabled() else self._merged_view(value)
+            return value + self.delta().to(value.dtype) if torch.is_grad_enabled() else self._merged_view(value)
         return value
 
     def _merged_view(self, value: torch.Tensor) -> torch.Tensor:
@@ -176,7 +180,7 @@ class LoRAParam(nn.Module):
         key = (value.data_ptr(), value._version, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling)
         kept = self.__dict__.get("_kept")
         if kept is None or kept[0] != key:
-            kept = self.__dict__["_kept"] = (key, value + self.delta())
+            kept = self.__dict__["_kept"] = (key, value + self.delta().to(value.dtype))   # an fp32 adapter: base dtype
         return kept[1]
 
     @torch.no_grad()

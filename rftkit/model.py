@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from rftkit import kernels
 from rftkit.layers import MLP, linear, linears
@@ -152,6 +153,13 @@ class KVCache:
             return torch.arange(T, device=device).expand(B, T)
         start = self.pos[0].max(dim=1).values + 1                       # [B]
         return start[:, None] + torch.arange(T, device=device)[None]
+
+    def layer_state(self, layer: int) -> tuple:
+        return self.k[layer], self.v[layer], self.pos[layer]
+
+    def set_layer_state(self, layer: int, state: tuple) -> None:
+        """Back to a `layer_state()`: a checkpointed block re-run in backward appends its keys/values again."""
+        self.k[layer], self.v[layer], self.pos[layer] = state
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         # k, v: [B, Hkv, T, hd]; positions: [B, T]
@@ -289,6 +297,28 @@ def _make_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
     return MLP(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
 
 
+def _checkpointed_block(block: Block, x, cos, sin, positions, cache, mask, aux: dict) -> torch.Tensor:
+    """block(...) under activation checkpointing: backward re-runs the block instead of keeping its
+    activations. The re-run starts from the cache's state before the block (else it would append its keys and
+    values twice), and the MoE losses are those of the first run."""
+    layer = block.self_attn.layer
+    before = cache.layer_state(layer) if cache is not None else None
+    runs: list[dict] = []
+
+    def run(x):
+        if cache is not None:
+            cache.set_layer_state(layer, before)
+        local: dict = {}
+        y = block(x, cos, sin, positions, cache, mask, local)
+        runs.append(local)
+        return y
+
+    y = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    for name, value in runs[0].items():
+        aux[name] = aux.get(name, 0.0) + value
+    return y
+
+
 class Decoder(nn.Module):
     """The `model.` prefix of HF checkpoints: embeddings, blocks, final norm."""
 
@@ -308,6 +338,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_checkpointing = False     # training: keep only block inputs, recompute the rest in backward
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 num_logits: int | None = None, return_hidden: bool = False, seq_lens: list[int] | None = None):
@@ -338,8 +369,13 @@ class Transformer(nn.Module):
             mask = attention_mask(positions, positions, None)
         aux: dict = {}
         if not (T == 1 and cache is not None and cache.run_blocks(self, x, cos, sin)):
+            checkpointed = self.grad_checkpointing and torch.is_grad_enabled() and \
+                (cache is None or isinstance(cache, KVCache))
             for block in self.model.layers:
-                x = block(x, cos, sin, positions, cache, mask, aux)
+                if checkpointed:
+                    x = _checkpointed_block(block, x, cos, sin, positions, cache, mask, aux)
+                else:
+                    x = block(x, cos, sin, positions, cache, mask, aux)
         x = self.model.norm(x)
         if return_hidden:
             return x, aux

@@ -39,6 +39,7 @@ from rftkit.logprobs import hidden_logprobs
 from rftkit.lr_schedule import lr_at
 from rftkit.memory import keep_freed_memory
 from rftkit.metrics import MetricsLog, plot_curves
+from rftkit.precision import adapter_to_fp32, check_base_bits, prepare_base, resolve_device, resolve_dtype
 from rftkit.preemption import StopRequest
 from rftkit.run_folder import prepare_output
 from rftkit.run_summary import write_summary
@@ -90,7 +91,12 @@ class SFTConfig:
     keep_checkpoints: int = 2            # checkpoints kept
     resume: bool = False                 # continue from the latest checkpoint in output
     overwrite: bool = False              # replace the run already in output (its metrics, checkpoints, adapter)
-    device: str = "auto"                 # cpu, cuda, or auto
+    device: str = "auto"                 # cpu, cuda, cuda:N, or auto (CUDA is untested: docs/benchmarks.md)
+    dtype: Literal["fp32", "bf16"] = "fp32"   # the base weights' dtype; the adapter stays fp32 (bf16: half the
+                                         # memory, for GPUs; far slower than fp32 on CPUs)
+    base_bits: int = 0                   # 4 = QLoRA: the frozen base linears in int4 (groups of 32), LoRA on top
+                                         # (8 = int8); 0 = the base as loaded
+    grad_checkpointing: bool = False     # recompute each block in backward instead of keeping its activations
     report_to: list[str] = field(default_factory=list)   # also log to tensorboard, trackio, wandb, mlflow (none
                                          # by default; metrics.jsonl is the record): docs/tracking.md
     tensorboard: bool = False            # the same as --report-to tensorboard
@@ -113,6 +119,11 @@ class SFTConfig:
             raise ValueError(f"eval_n and eval_max_tokens must be >= 1, got {self.eval_n}, {self.eval_max_tokens}")
         if self.tensorboard and "tensorboard" not in self.report_to:
             self.report_to = [*self.report_to, "tensorboard"]
+        resolve_dtype(self.dtype)
+        check_base_bits(self.base_bits, self.dtype)
+        if self.base_bits and self.full:
+            raise ValueError(f"base_bits {self.base_bits} freezes a quantized base under a LoRA adapter; it does not "
+                             f"apply with --full")
         self.report_to = check_report_to(self.report_to)    # a missing package fails now, not after training
 
 
@@ -298,9 +309,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     if cfg.batch_size < world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes: each needs at least "
                          f"one example per step")
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world > 1:
-        device = f"cuda:{dist.local_rank()}"
+    device = resolve_device(cfg.device, dist.local_rank() if world > 1 else None)
     rows = read_rows(cfg.data, cfg.columns)                 # a bad file fails before the model loads
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft sft")
     eval_task = None
@@ -309,7 +318,8 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
         eval_task = get_task(cfg.eval_task)
     loaded_here = model is None
     if loaded_here:
-        model, tok = load(cfg.model, device=device)
+        model, tok = load(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype))
+    prepare_base(model, cfg.base_bits, cfg.grad_checkpointing)
 
     examples, counts = encode_dataset(tok, rows, cfg.data, cfg.max_length, cfg.overlong)
     if cfg.eval_data:
@@ -341,6 +351,7 @@ def train(cfg: SFTConfig, model=None, tok=None, progress: bool = True, on_step=N
     elif not lora_modules(model):
         apply_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                      rslora=cfg.rslora, targets=cfg.lora_targets))
+        adapter_to_fp32(model)
     if cfg.init_adapter:
         from rftkit.warm_start import init_from_adapter
         if cfg.full:

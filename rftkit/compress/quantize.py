@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from rftkit import kernels
 from rftkit.layers import register_linears, register_quantized
+from rftkit.precision import register_base_quantizer
 
 BITS = (4, 8)
 KERNEL_MAX_ROWS = kernels.QLINEAR_MAX_ROWS   # the C kernel keeps one accumulator per row in registers
@@ -118,6 +119,21 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # modules
 
+class _DequantizedLinear(torch.autograd.Function):
+    """y = x W^T + b, W the layer's dequantized weight, frozen. Backward dequantizes W again for dx instead of
+    autograd keeping each layer's fp32 copy until backward: that kept a whole fp32 model per forward, and
+    QLoRA's peak memory above plain LoRA's (bench/step_memory.py)."""
+
+    @staticmethod
+    def forward(ctx, x2, layer):
+        ctx.layer = layer
+        return F.linear(x2, layer.dequantize().to(x2.dtype), layer.bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return gy @ ctx.layer.dequantize().to(gy.dtype), None
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight is stored as int8 or int4 (+ scales). `weight` is a read-only dequantized
     view (for code that asks for a dtype or device, or multiplies by hand); LoRA wraps this module unmerged
@@ -181,8 +197,12 @@ class QuantLinear(nn.Module):
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         lib = self._kernel_for(x2)
-        if lib is None:                                  # reference path; autograd keeps the weight it used
-            y = F.linear(x2, self.dequantize().to(x.dtype), self.bias)
+        if lib is None:                                  # reference path
+            frozen = self.bias is None or not self.bias.requires_grad
+            if torch.is_grad_enabled() and x2.requires_grad and frozen:      # training: keep no fp32 weight
+                y = _DequantizedLinear.apply(x2, self)
+            else:
+                y = F.linear(x2, self.dequantize().to(x.dtype), self.bias)
         elif x2.shape[0] > KERNEL_MAX_ROWS:
             y = self._dequantized_matmul(lib, x2.contiguous(), torch.get_num_threads())
             if self.bias is not None:
@@ -202,9 +222,10 @@ class QuantLinear(nn.Module):
         return b["qweight"], b["scales"], b.get("mins"), self._parameters.get("bias")
 
     def _kernel_for(self, x2: torch.Tensor):
-        """The C kernel library when it may run on x2 [M, K] (CPU fp32, outside autograd), else None."""
-        if x2.device.type != "cpu" or x2.dtype != torch.float32 or x2.shape[0] == 0 \
-                or (torch.is_grad_enabled() and x2.requires_grad):
+        """The C kernel library when it may run on x2 [M, K] (CPU fp32, outside autograd), else None. In
+        training (grad enabled) every layer takes the exact path, the first one too, whose input needs no
+        gradient: QLoRA's forward is then LoRA's over the dequantized base (tests/test_precision.py)."""
+        if x2.device.type != "cpu" or x2.dtype != torch.float32 or x2.shape[0] == 0 or torch.is_grad_enabled():
             return None
         return _load_kernel()
 
@@ -361,3 +382,10 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, head_bits: i
             model.model.embed_tokens = emb
             record["model.embed_tokens"] = {"kind": "quant_embedding", "bits": 8}
     return record
+
+
+def _quantize_base(model: nn.Module, bits: int, group_size: int) -> None:
+    quantize(model, bits, group_size, head_bits=None)
+
+
+register_base_quantizer(_quantize_base)   # QLoRA: rft train / rft sft --base-bits quantize through this
