@@ -146,12 +146,15 @@ def test_rft_train_uses_every_training_row_and_rft_eval_scores_the_eval_file(tmp
     val = _jsonl(tmp_path / "val.jsonl", [{"prompt": f"val question {i}", "tag": f"v{i}"} for i in range(3)])
     common = ["--model", model_folder, "--max-tokens", "4"]
     assert main(["train", *common, "--data", train, "--eval-data", val, "--task-reward", f"{tmp_path}/r.py:tag",
-                 "--prompts-per-step", "2", "--group-size", "2", "--steps", "3", "--lora-r", "2",
+                 "--prompts-per-step", "2", "--group-size", "2", "--steps", "3", "--lora-r", "2", "--eval-every", "3",
                  "--output", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert f"rft train: train: all 6 rows of {train}; validation: all 3 rows of {val}" in out
     tags = seen.read_text().split()
-    assert sorted(tags) == sorted(f"t{i}" for i in range(6) for _ in range(2))   # each row once, G=2 completions
+    assert sorted(t for t in tags if t[0] == "t") == sorted(f"t{i}" for i in range(6) for _ in range(2))  # G=2
+    assert sorted(t for t in tags if t[0] == "v") == ["v0", "v1", "v2"]     # evaluated during training: the file
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval/n"] for r in rows if "eval/n" in r] == [3]
 
     seen.unlink()
     assert main(["eval", *common, "--data", train, "--eval-data", val, "--reward", f"{tmp_path}/r.py:tag"]) == 0

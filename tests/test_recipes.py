@@ -73,7 +73,7 @@ def test_every_command_takes_a_config_file(command, key, value, tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("stepz: 3\n", "unknown key 'stepz' for GRPOConfig; allowed keys: beta, checkpoint_every"),
+    ("stepz: 3\n", "unknown key 'stepz' for GRPOConfig; allowed keys: base_bits, beta, checkpoint_every"),
     ("loss_type: ppo\n", "key 'loss_type': 'ppo' is not allowed; allowed values: 'grpo', 'dr_grpo', 'dapo'"),
     ("steps: three\n", "key 'steps': expected an integer, got 'three'"),
     ("reward_weights: [1, x]\n", "key 'reward_weights'[1]: expected a number, got 'x'"),
