@@ -14,17 +14,16 @@ a sub-grader on a completion is that completion's error, named by the sub-grader
 """
 from __future__ import annotations
 
-from rftkit.graders.judge_client import JudgeClient, JudgeOptions
+from rftkit.graders.judge_client import EndpointReward, JudgeOptions
 from rftkit.graders.multi import Formula
 from rftkit.graders.python_grader import run_python_grader
 from rftkit.graders.schema import validate
 from rftkit.graders.score_model import ScoreModel, embed_scores
 from rftkit.graders.template import render, sample_namespace
 from rftkit.graders.text_similarity import similarity, string_check
-from rftkit.rewards import BatchReward
 
 
-class Grader(BatchReward):
+class Grader(EndpointReward):
     def __init__(self, spec: dict, judge: JudgeOptions | None = None, embedding_model: str | None = None):
         import os
         self.spec = validate(spec)
@@ -33,15 +32,6 @@ class Grader(BatchReward):
         self.judge, self._client = judge, None
         self.embedding_model = embedding_model or os.environ.get("RFTKIT_EMBEDDING_MODEL", "text-embedding-3-large")
         self.last_sub_scores: dict[str, list] = {}       # a multi grader's sub-graders on the last batch
-
-    @property
-    def client(self) -> JudgeClient:
-        if self._client is None:
-            self._client = JudgeClient(self.judge or JudgeOptions.from_env())
-        return self._client
-
-    def metrics(self) -> dict:
-        return dict(self._client.usage) if self._client is not None else {}
 
     def batch(self, completions: list[str], samples: list[dict]) -> list:
         self.last_sub_scores = {}

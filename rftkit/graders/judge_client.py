@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from rftkit.rewards import BatchReward
+
 
 @dataclass
 class JudgeOptions:
@@ -244,3 +246,19 @@ class JudgeClient:
                 await (client.aclose() if http else client.close())
         _run(main())
         return out
+
+
+class EndpointReward(BatchReward):
+    """A reward scored through an endpoint: its JudgeClient made on first use, its usage as metrics."""
+
+    def __init__(self, judge: JudgeOptions | None):
+        self.judge, self._client = judge, None
+
+    @property
+    def client(self) -> JudgeClient:
+        if self._client is None:
+            self._client = JudgeClient(self.judge or JudgeOptions.from_env())
+        return self._client
+
+    def metrics(self) -> dict:
+        return dict(self._client.usage) if self._client is not None else {}

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import re
 
-from rftkit.graders.judge_client import JudgeClient, JudgeOptions
-from rftkit.rewards import JUDGE_TEMPLATE, BatchReward, JudgeError, LLMJudge
+from rftkit.graders.judge_client import EndpointReward, JudgeOptions
+from rftkit.rewards import JUDGE_TEMPLATE, JudgeError, LLMJudge
 
 GROUP_TEMPLATE = (
     "You compare {n} answers to the same task and score each from 0 (useless) to 10 (perfect), relative to the "
@@ -34,21 +34,7 @@ def _question(sample: dict) -> str:
     return str(sample.get("prompt", ""))
 
 
-class _Endpoint(BatchReward):
-    def __init__(self, judge: JudgeOptions | None):
-        self.judge, self._client = judge, None
-
-    @property
-    def client(self) -> JudgeClient:
-        if self._client is None:
-            self._client = JudgeClient(self.judge or JudgeOptions.from_env())
-        return self._client
-
-    def metrics(self) -> dict:
-        return dict(self._client.usage) if self._client is not None else {}
-
-
-class ApiJudge(_Endpoint):
+class ApiJudge(EndpointReward):
     """LLMJudge's prompt and parsing, with the judge model behind an endpoint instead of our engine."""
 
     def __init__(self, model: str, template: str = JUDGE_TEMPLATE, pattern: str = r"[Ss]core\s*[:=]?\s*(-?\d+(?:\.\d+)?)",
@@ -71,7 +57,7 @@ class ApiJudge(_Endpoint):
         return out
 
 
-class GroupJudge(_Endpoint):
+class GroupJudge(EndpointReward):
     """One request per group: consecutive completions of the same sample (how rollouts and `rft grade` lay
     out the G completions of a prompt) are judged together."""
 
@@ -116,7 +102,7 @@ class GroupJudge(_Endpoint):
         return [x / 10 for x in scores]
 
 
-class HttpReward(_Endpoint):
+class HttpReward(EndpointReward):
     """POST {"sample": sample, "completion": completion} to `url`; the reply is {"score": float}."""
 
     def __init__(self, url: str, judge: JudgeOptions | None = None):
