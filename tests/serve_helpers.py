@@ -53,16 +53,17 @@ def _hf_greedy(base, messages, max_new_tokens, adapter=None, raw=None):
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-class Running:
-    def __init__(self, app, server):
+class Uvicorn:
+    """An ASGI app under uvicorn on a free loopback port, in a thread (`config`: uvicorn's Config by default)."""
+
+    def __init__(self, app, config=None):
         import uvicorn
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = server
-        from rftkit.serve.limits import uvicorn_config
-        self.uv = uvicorn.Server(uvicorn_config(app, server.cfg, log_level="warning", timeout_graceful_shutdown=2))
+        config = config or uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+        self.uv = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         for _ in range(200):
@@ -70,6 +71,19 @@ class Running:
                 break
             time.sleep(0.05)
         assert self.uv.started
+
+    def stop(self):
+        self.uv.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class Running(Uvicorn):
+    """`rft serve`'s app (`server`: its Server) with the server's own connection limits."""
+
+    def __init__(self, app, server):
+        from rftkit.serve.limits import uvicorn_config
+        self.server = server
+        super().__init__(app, uvicorn_config(app, server.cfg, log_level="warning", timeout_graceful_shutdown=2))
 
     def client(self, key=KEY):
         from openai import OpenAI
@@ -87,7 +101,3 @@ class Running:
             if line.startswith(f"rftkit_{name} "):
                 return float(line.split()[1])
         raise KeyError(name)
-
-    def stop(self):
-        self.uv.should_exit = True
-        self.thread.join(timeout=10)

@@ -5,7 +5,6 @@ group, rate limits, failures that follow --on-reward-error and name the sample."
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -17,28 +16,7 @@ from rftkit.graders.judge_client import JudgeClient, JudgeOptions
 from rftkit.graders.judges import ApiJudge, GroupJudge, HttpReward
 from rftkit.rewards import RewardError, load_reward, reward_metrics, score_batch
 from tests.conftest import tiny_model
-
-
-class Running:
-    """An ASGI app under uvicorn on a free loopback port, in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.uv.started:
-                break
-            time.sleep(0.05)
-        assert self.uv.started
-
-    def stop(self):
-        self.uv.should_exit = True
-        self.thread.join(timeout=10)
+from tests.serve_helpers import Uvicorn
 
 
 class Gate:
@@ -88,7 +66,7 @@ def served_judge(tok_dir):
     tok = Tokenizer.from_dir(tok_dir)
     server = Server(ServeConfig(max_seq_len=1024, device="cpu", served_model_name="judge"), digit_judge(tok), tok)
     gate = Gate(build_app(server), fail=1, status=429)
-    running = Running(gate)
+    running = Uvicorn(gate)
     yield running, gate
     running.stop()
 
@@ -174,7 +152,7 @@ def stub():
         return "Score: 8"
     app = stub_app(reply)
     gate = Gate(app, fail=2, status=503, path="/score")
-    running = Running(gate)
+    running = Uvicorn(gate)
     running.app, running.gate = app, gate
     yield running
     running.stop()
