@@ -155,7 +155,7 @@ def test_bad_input_table_is_named_4xx_never_500(robust):
             failures.append((path, str(body)[:80], r.status_code, message[:200]))
     assert not failures, "\n".join(map(str, failures))
     assert _five_hundreds(robust) == before
-    ok = robust.post("/v1/completions", {**C, "seed": (1 << 63) - 1, "temperature": 0.01, "top_k": 3})
+    ok = robust.post("/v1/completions", {**C, "seed": (1 << 63) - 1, "temperature": 0.01, "top_k": 3, "ignore_eos": True})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
     assert robust.get("/health").json()["status"] == "ok"
 
@@ -472,7 +472,7 @@ def test_engine_thread_death_exits_non_zero_and_fails_waiting_calls(robust):
 
 
 def test_a_large_body_is_parsed_off_the_loop_and_answered(robust):
-    r = robust.post("/v1/completions", {**C, "metadata": {"pad": "x" * 1_500_000}})
+    r = robust.post("/v1/completions", {**C, "ignore_eos": True, "metadata": {"pad": "x" * 1_500_000}})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
