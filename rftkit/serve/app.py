@@ -12,7 +12,8 @@ into the directory makes it servable without a restart.
 Layers: this module is HTTP only (FastAPI + uvicorn, imported nowhere else); `serve.requests` checks bodies and
 turns engine tokens into text; `serve.worker` is the one thread that owns the engine. Endpoints:
 `/v1/completions`, `/v1/chat/completions` (SSE with `stream`), `/v1/models`, LoRAX's `/generate` and
-`/generate_stream` (`parameters.adapter_id`), `/v1/adapters` (+ `/load`, `/unload`), `/health`, `/metrics`.
+`/generate_stream` (`parameters.adapter_id`), `/v1/adapters` (+ `/load`, `/unload`), `/health`, `/metrics`;
+`/v1/files` and `/v1/fine_tuning/jobs` (serve.jobs, with --adapters) and the console `/ui`.
 """
 
 import asyncio
@@ -28,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from rftkit.jobs import adapter_name, model_of_adapter
+from rftkit.serve.jobs import console_router, jobs_router, open_jobs
 from rftkit.serve.requests import (APIError, ClientGone, NonFiniteError, Request, accept, deltas, parse_chat,
                                    parse_completion, parse_json, parse_lorax)
 from rftkit.serve.worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
@@ -55,10 +58,15 @@ class ServeConfig:
     header_timeout: float = 10.0        # seconds a client may take to send a request's headers (and its body)
     served_model_name: str | None = None  # the base model's id (default: its folder name)
     device: str = "auto"                # cpu, cuda, or auto (cuda when present)
+    state_dir: str | None = None        # fine-tuning jobs' database, files and runs (default: ADAPTERS-state)
+    max_jobs: int = 1                   # fine-tuning jobs trained at once, each its own process (0 = no jobs)
+    job_threads: int = 1                # torch threads of a job's process (serving keeps the other cores)
+    max_file_mb: int = 512              # largest training file uploaded to /v1/files
 
     def __post_init__(self):
         for name in ("port", "max_loaded_adapters", "max_batch", "max_seq_len", "kv_budget_mb", "max_n",
-                     "max_body_bytes", "max_pending", "max_prompts", "max_connections", "header_timeout"):
+                     "max_body_bytes", "max_pending", "max_prompts", "max_connections", "header_timeout", "job_threads",
+                     "max_file_mb"):
             if getattr(self, name) <= (-1 if name == "port" else 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.api_key == "" and not self.no_auth:
@@ -66,6 +74,8 @@ class ServeConfig:
                              '--no-auth to serve without one')
         if self.api_key and self.no_auth:
             raise ValueError("both an api_key and no_auth given: pick one")
+        if self.max_jobs < 0:
+            raise ValueError(f"max_jobs must be >= 0 (0 = no fine-tuning jobs), got {self.max_jobs}")
 
 
 class Server:
@@ -111,6 +121,7 @@ class Server:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rftkit-text")
         self.texts: dict[int, str] = {}     # token id -> its text (log-prob answers)
         self.uvicorn = None                 # set by run_serve: told to exit if the engine thread dies
+        self.tuning = open_jobs(cfg)        # fine-tuning jobs' runner, or None
         self.exit_code = 0
 
     def _engine_died(self, e: BaseException) -> None:
@@ -129,7 +140,7 @@ class Server:
         """None for the base model, else the adapter name; 404 / 400 naming the model otherwise."""
         if model in ("", self.base_id):
             return None
-        name = model.removeprefix(self.base_id + ":")
+        name = adapter_name(model) or model.removeprefix(self.base_id + ":")    # ft:BASE:SUFFIX:JOBID: a job's
         try:
             adapter_folder(self.cfg.adapters, name)
         except ValueError as e:
@@ -201,6 +212,7 @@ class Server:
                 raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
             raise
         self.metrics.inc("prompt_tokens_total", sum(len(ids) for ids, _ in jobs))
+        self.metrics.inc("model_requests_total", model=adapter or self.base_id)
         return stream, [len(ids) for ids, _ in jobs]
 
     async def run(self, stream, req: Request, http_request=None):
@@ -345,7 +357,11 @@ def build_app(server: Server):
         gc.collect()
         gc.freeze()
         server.worker.start(asyncio.get_running_loop())
+        if server.tuning is not None:
+            server.tuning.start()
         yield
+        if server.tuning is not None:
+            await asyncio.to_thread(server.tuning.stop)      # running jobs checkpoint; the next start resumes them
         server.worker.stop()
         server.pool.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()
@@ -394,6 +410,9 @@ def build_app(server: Server):
         return f"data: {json.dumps(data)}\n\n"
 
     protected = [Depends(auth)]
+    app.include_router(console_router())
+    if server.tuning is not None:
+        app.include_router(jobs_router(server, server.tuning, body_of), dependencies=protected)
 
     async def openai(request: HTTPRequest, chat: bool):
         t0 = time.perf_counter()
@@ -497,7 +516,8 @@ def build_app(server: Server):
     async def models():
         card = {"object": "model", "created": server.created, "owned_by": "rftkit"}
         return {"object": "list", "data": [{"id": server.base_id, **card, "parent": None}] + [
-            {"id": name, **card, "parent": server.base_id} for name in list_adapters(server.cfg.adapters)]}
+            {"id": model_of_adapter(name, server.base_id), **card, "parent": server.base_id}
+            for name in list_adapters(server.cfg.adapters)]}
 
     async def adapter_call(fn, request: HTTPRequest):
         body = await body_of(request)

@@ -400,6 +400,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 HELP = {
     "requests_total": ("counter", "HTTP requests answered, by endpoint and status"),
     "prompt_tokens_total": ("counter", "prompt tokens of accepted requests"),
+    "model_requests_total": ("counter", "accepted generation requests, by model (base or adapter)"),
     "generation_tokens_total": ("counter", "tokens generated for clients"),
     "time_to_first_token_seconds": ("histogram", "request arrival to its first generated token"),
     "request_duration_seconds": ("histogram", "request arrival to its last token"),
