@@ -3,7 +3,10 @@ reinforcement job with a text_similarity grader to `succeeded`, chat with its mo
 transformers on the job's adapter), cancel, pause/resume, a restart mid-job, and bad requests as 4xx."""
 import io
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
 import time
 
 import httpx
@@ -129,6 +132,7 @@ def test_cancel_a_running_job_keeps_its_checkpoint_and_serves_nothing(served, wo
     assert wait(client, queued.id, lambda j: j.status == "cancelled").status == "cancelled"
 
 
+@pytest.mark.slow
 def test_pause_then_resume_continues_from_the_checkpoint(served):
     client = served.client()
     job = create(client, upload(client).id, steps=4)
@@ -174,6 +178,7 @@ def test_bad_requests_are_4xx_naming_the_problem(served):
     assert served.get("/health").json()["status"] == "ok"                           # still serving
 
 
+@pytest.mark.slow
 def test_a_job_running_when_the_server_stops_resumes_at_the_next_start(world):
     root, _ = world
     first = start(*world)
@@ -196,3 +201,30 @@ def test_a_job_running_when_the_server_stops_resumes_at_the_next_start(world):
         assert chat.choices[0].message.content is not None
     finally:
         second.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install -y chromium)")
+def test_console_renders_jobs_and_curves_in_headless_chromium(served, tmp_path):
+    """The console in a real browser, after a finished job: a screenshot of the right size, not blank, with the
+    reward curve's colour drawn. RFTKIT_CONSOLE_PNG=docs/img/console.png keeps the screenshot."""
+    from PIL import Image
+    client = served.client()
+    job = create(client, upload(client).id, steps=6, suffix="console")
+    assert wait(client, job.id, lambda j: j.status in ("succeeded", "failed")).status == "succeeded"
+    client.chat.completions.create(model=f"ft:base:console:{job.id}", messages=MSG, max_tokens=4)
+    png = tmp_path / "console.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=8000",
+                    f"--screenshot={png}", f"{served.url}/ui#key={KEY}"], check=True, timeout=120,
+                   capture_output=True)
+    img = Image.open(png).convert("RGB")
+    assert img.size == (1280, 900)
+    pixels = list(img.get_flattened_data())
+    assert len(set(pixels)) > 50                                                   # not a blank page
+    blue = sum(1 for r, g, b in pixels if abs(r - 0x25) < 30 and abs(g - 0x63) < 30 and abs(b - 0xeb) < 30)
+    green = sum(1 for r, g, b in pixels if abs(r - 0x1a) < 20 and abs(g - 0x7f) < 20 and abs(b - 0x37) < 20)
+    assert blue > 300, blue                 # the reward curve (3 px wide, points) in #2563eb
+    assert green > 50, green                # the `succeeded` badge in #1a7f37
+    if os.environ.get("RFTKIT_CONSOLE_PNG"):
+        shutil.copy(png, os.environ["RFTKIT_CONSOLE_PNG"])
