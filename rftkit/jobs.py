@@ -306,6 +306,10 @@ class JobRunner:
         with self.store.connect() as c:
             stale = [r[0] for r in c.execute("select id from jobs where status = 'running'")]
         for jid in stale:               # the server that ran it stopped: continue from its checkpoint
+            if self.store.job(jid)["want"] == "cancel":         # asked for just before that stop
+                self.store.update(jid, status="cancelled", want=None, finished_at=int(time.time()))
+                self.store.event(jid, "Fine-tuning job cancelled (checkpoint kept)")
+                continue
             self.store.update(jid, status="queued", resume=1, want=None)
             self.store.event(jid, "The server restarted: the job is queued again and resumes from its checkpoint")
         self.thread = threading.Thread(target=self._loop, name="rftkit-jobs", daemon=True)
