@@ -45,7 +45,7 @@ create table if not exists files (id text primary key, filename text, bytes inte
                                   purpose text);
 create table if not exists jobs (id text primary key, created_at integer, status text, spec text,
                                  fine_tuned_model text, finished_at integer, error text, trained_tokens integer,
-                                 want text, resume integer default 0, started_at integer);
+                                 want text, resume integer default 0, started_at integer, pid integer);
 create table if not exists events (seq integer primary key autoincrement, job_id text, created_at integer,
                                    level text, message text, type text, data text, step integer);
 create index if not exists events_job on events (job_id, seq);
@@ -306,6 +306,7 @@ class JobRunner:
         with self.store.connect() as c:
             stale = [r[0] for r in c.execute("select id from jobs where status = 'running'")]
         for jid in stale:               # the server that ran it stopped: continue from its checkpoint
+            self._orphan_gone(self.store.job(jid)["pid"])
             if self.store.job(jid)["want"] == "cancel":         # asked for just before that stop
                 self.store.update(jid, status="cancelled", want=None, finished_at=int(time.time()))
                 self.store.event(jid, "Fine-tuning job cancelled (checkpoint kept)")
@@ -314,6 +315,24 @@ class JobRunner:
             self.store.event(jid, "The server restarted: the job is queued again and resumes from its checkpoint")
         self.thread = threading.Thread(target=self._loop, name="rftkit-jobs", daemon=True)
         self.thread.start()
+
+    @staticmethod
+    def _orphan_gone(pid: int | None, timeout: float = 120.0) -> None:
+        """A worker left by a server that was killed (kill -9) may still be in its step: it checkpoints and
+        exits on its own (its parent changed); wait for it, so that two processes never share a run folder."""
+        if not pid:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                return
+            if b"rftkit.jobs" not in command:       # the pid was reused by an unrelated process
+                return
+            time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM the running jobs (each checkpoints its step) and wait for them; they stay `running` in the
@@ -357,7 +376,8 @@ class JobRunner:
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                     start_new_session=True)   # a Ctrl-C at the server's terminal reaches the runner, not the job
                 log.close()
-                self.store.update(jid, status="running", started_at=int(time.time()), want=None)
+                self.store.update(jid, status="running", started_at=int(time.time()), want=None,
+                                  pid=self.procs[jid].pid)
                 self.store.event(jid, "Fine-tuning job started")
 
     def _reap(self) -> None:
