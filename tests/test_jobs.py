@@ -228,3 +228,49 @@ def test_console_renders_jobs_and_curves_in_headless_chromium(served, tmp_path):
     assert green > 50, green                # the `succeeded` badge in #1a7f37
     if os.environ.get("RFTKIT_CONSOLE_PNG"):
         shutil.copy(png, os.environ["RFTKIT_CONSOLE_PNG"])
+
+
+@pytest.mark.slow
+def test_rft_serve_killed_mid_job_resumes_it_at_the_next_start(world, tmp_path):
+    """The crash path through the real command: `rft serve` in its own process, SIGKILLed while a job trains
+    (its worker, orphaned, checkpoints and exits); a new `rft serve` on the same folders finishes the job."""
+    import signal
+    import socket
+    import sys
+    root, base = world
+    adapters, state = tmp_path / "adapters", tmp_path / "state"
+    adapters.mkdir()
+
+    def serve():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "rftkit.cli", "serve", "--model", str(base), "--adapters",
+                                 str(adapters), "--state-dir", str(state), "--api-key", KEY, "--port", str(port),
+                                 "--device", "cpu", "--max-seq-len", "512"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    return proc, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        proc.kill()
+        raise AssertionError("rft serve did not start")
+    proc, client = serve()
+    try:
+        job = create(client, upload(client).id, steps=5)
+        wait(client, job.id, lambda j: j.status == "running" and metric_events(client, j.id))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc, client = serve()
+    try:
+        job = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"))
+        assert job.status == "succeeded", job.error
+        assert sorted(e.data["step"] for e in metric_events(client, job.id)) == [1, 2, 3, 4, 5]
+        assert (adapters / f"ft-{job.id}" / "adapter_model.safetensors").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
