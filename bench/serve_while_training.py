@@ -8,8 +8,8 @@ temporary folder, so fine-tuning jobs are on). C clients (httpx, one thread each
 additions for exactly `--tokens` new tokens (EOS ignored: every answer has a known length). Two phases:
 
   idle:     no job;
-  training: an RFT job (string_check grader on the answer, group size 8, 4 prompts per step) created through
-            /v1/fine_tuning/jobs and trained in its worker process with `--job-threads` torch threads; the phase
+  training: an RFT job (string_check grader: the answer in the completion; group size 8, 4 prompts per
+            step, 8 new tokens) created through /v1/fine_tuning/jobs and trained in its worker process with `--job-threads` torch threads; the phase
             starts once the job has logged its first step, and the job is cancelled after it.
 
 Throughput = generated tokens / the phase's wall time; the table also gives request latency (p50, p95) and the
@@ -116,7 +116,7 @@ def main() -> int:
               f"p95 {idle['p95']:.2f} s, errors {idle['errors']}", flush=True)
         f = client.files.create(file=open(tmp / "train.jsonl", "rb"), purpose="fine-tune")
         grader = {"type": "string_check", "name": "answer", "input": "{{ sample.output_text }}",
-                  "reference": "{{ item.answer }}", "operation": "eq"}
+                  "reference": "{{ item.answer }}", "operation": "like"}
         job = client.fine_tuning.jobs.create(
             model="smollm2-135m-instruct", training_file=f.id,
             method={"type": "reinforcement", "reinforcement": {"grader": grader,

@@ -391,6 +391,15 @@ class JobRunner:
             self._finished(jid, rc)
 
     def _finished(self, jid: str, rc: int) -> None:
+        try:
+            self._settle(jid, rc)
+        except Exception as e:          # noqa: BLE001 - e.g. the adapter copy failed (disk full): the job failed
+            message = f"finishing the job failed: {e!r}"
+            self.store.update(jid, status="failed", finished_at=int(time.time()), want=None,
+                              error={"code": "finish_failed", "message": message, "param": None})
+            self.store.event(jid, message, level="error")
+
+    def _settle(self, jid: str, rc: int) -> None:
         job = self.store.job(jid)
         now = int(time.time())
         if rc == 0:

@@ -115,6 +115,25 @@ def test_upload_reinforcement_job_to_succeeded_then_chat_with_its_model(served, 
     assert served.get("/metrics").text.count(f'rftkit_model_requests_total{{model="ft-adds-{job.id}"}} 1') == 1
 
 
+@pytest.mark.slow
+def test_supervised_job_trains_on_the_replies_and_is_served(served, world):
+    root, base = world
+    client = served.client()
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
+            for w in ("one", "two", "three", "four")]
+    job = client.fine_tuning.jobs.create(model="base", training_file=upload(client, rows).id, suffix="sft",
+                                         method={"type": "supervised", "supervised": {"hyperparameters": {
+                                             "batch_size": 2, "n_epochs": 1, "learning_rate_multiplier": 50}}},
+                                         extra_body={"rftkit": {"lora_r": 2, "lora_alpha": 4.0}})
+    job = wait(client, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+    assert job.status == "succeeded", job.error
+    losses = [e.data["loss"] for e in metric_events(client, job.id)][::-1]
+    assert len(losses) == 2 and losses[1] < losses[0]                  # 2 steps of 2 rows; lr 1e-2 lowers it
+    assert job.trained_tokens == sum(e.data["tokens"] for e in metric_events(client, job.id)) > 0
+    chat = client.chat.completions.create(model=job.fine_tuned_model, messages=MSG, max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content == _hf_greedy(base, MSG, 6, adapter=root / "adapters" / f"ft-sft-{job.id}")
+
+
 def test_cancel_a_running_job_keeps_its_checkpoint_and_serves_nothing(served, world):
     root, _ = world
     client = served.client()

@@ -126,7 +126,7 @@ def jobs_router(server, runner: JobRunner, body_of):
     reader (size limit, timeout)."""
     from fastapi import APIRouter
     from fastapi import Request as HTTPRequest
-    from fastapi.responses import Response
+    from fastapi.responses import FileResponse
     store = runner.store
     router = APIRouter()
 
@@ -179,7 +179,7 @@ def jobs_router(server, runner: JobRunner, body_of):
     @router.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str):
         file_or_404(file_id)
-        return Response(store.file_path(file_id).read_bytes(), media_type="application/jsonl")
+        return FileResponse(store.file_path(file_id), media_type="application/jsonl")     # streamed from disk
 
     @router.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str):
@@ -267,7 +267,7 @@ def jobs_router(server, runner: JobRunner, body_of):
         job = job_or_404(job_id)
         from rftkit.loading.checkpoint import checkpoints as found
         steps = {}
-        for r in store.events(job_id, None, 100_000)[0]:
+        for r in (await server.off_loop(store.events, job_id, None, 100_000))[0]:
             if r["type"] == "metrics" and r["data"] and "step" in r["data"]:
                 steps.setdefault(r["data"]["step"], r["data"])
         model = job["fine_tuned_model"] or f"ft:{job['spec']['base']}:{job['spec']['suffix']}:{job_id}"
