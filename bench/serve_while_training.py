@@ -9,7 +9,7 @@ additions for exactly `--tokens` new tokens (EOS ignored: every answer has a kno
 
   idle:     no job;
   training: an RFT job (string_check grader: the answer in the completion; group size 8, 4 prompts per
-            step, 8 new tokens) created through /v1/fine_tuning/jobs and trained in its worker process with
+            step, 32 new tokens as in rft demo) created through /v1/fine_tuning/jobs and trained in its worker process with
             `--job-threads` torch threads; the phase starts once the job has logged its first step, and the
             job is cancelled after it.
 
@@ -122,7 +122,7 @@ def main() -> int:
             model="smollm2-135m-instruct", training_file=f.id,
             method={"type": "reinforcement", "reinforcement": {"grader": grader,
                                                                "hyperparameters": {"batch_size": 4}}},
-            extra_body={"rftkit": {"steps": 10_000, "group_size": 8, "max_tokens": 8, "checkpoint_every": 1000}})
+            extra_body={"rftkit": {"steps": 10_000, "group_size": 8, "max_tokens": 32, "checkpoint_every": 1000}})
         t = time.perf_counter()
         while not [e for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data if e.type == "metrics"]:
             status = client.fine_tuning.jobs.retrieve(job.id)

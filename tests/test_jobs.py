@@ -293,3 +293,27 @@ def test_rft_serve_killed_mid_job_resumes_it_at_the_next_start(world, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_model_ids_and_the_state_folder(tmp_path):
+    from rftkit.jobs import adapter_name, model_of_adapter
+    from rftkit.serve.app import ServeConfig
+    from rftkit.serve.jobs import open_jobs
+    jid = "ftjob-" + "ab" * 12
+    for suffix, folder in (("adds", f"ft-adds-{jid}"), ("", f"ft-{jid}"), ("v1.2_x", f"ft-v1.2_x-{jid}")):
+        model = f"ft:my-base:{suffix}:{jid}"
+        assert adapter_name(model) == folder and model_of_adapter(folder, "my-base") == model
+    assert adapter_name("alpha") is None and adapter_name(f"ft:b:a-b:{jid}") is None      # '-' is no suffix
+    assert model_of_adapter("alpha", "b") == "alpha"
+    (tmp_path / "adapters").mkdir()
+    cfg = ServeConfig(adapters=str(tmp_path / "adapters"))
+    assert open_jobs(cfg).store.root == tmp_path / "adapters-state"
+    assert open_jobs(ServeConfig(adapters=str(tmp_path / "adapters"), max_jobs=0)) is None
+    assert open_jobs(ServeConfig()) is None
+    with pytest.raises(ValueError, match="must not be inside"):
+        open_jobs(ServeConfig(adapters=str(tmp_path / "adapters"), state_dir=str(tmp_path / "adapters" / "s")))
+    with pytest.raises(ValueError, match="needs --adapters"):
+        open_jobs(ServeConfig(state_dir=str(tmp_path / "s")))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--max-jobs 0"):
+        open_jobs(ServeConfig(adapters=str(tmp_path / "adapters"), state_dir=str(tmp_path / "file" / "s")))

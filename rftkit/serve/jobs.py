@@ -15,6 +15,7 @@ The store, the queue and the worker process are rftkit.jobs; this module is HTTP
 
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 from rftkit.jobs import JOB_ID, SUFFIX, JobRunner, JobStore, check_tunable
@@ -37,7 +38,12 @@ def open_jobs(cfg) -> JobRunner | None:
     state = Path(cfg.state_dir) if cfg.state_dir else adapters.resolve().parent / f"{adapters.resolve().name}-state"
     if state.resolve() == adapters.resolve() or adapters.resolve() in state.resolve().parents:
         raise ValueError(f"--state-dir {state} must not be inside the adapter directory {adapters}")
-    return JobRunner(JobStore(state), adapters, max_running=cfg.max_jobs, threads=cfg.job_threads)
+    try:
+        store = JobStore(state)
+    except (OSError, sqlite3.Error) as e:      # e.g. a read-only mount beside the adapters
+        raise ValueError(f"cannot open the fine-tuning jobs' state folder {state}: {e}; pass --state-dir DIR, or "
+                         f"--max-jobs 0 to serve without fine-tuning jobs") from None
+    return JobRunner(store, adapters, max_running=cfg.max_jobs, threads=cfg.job_threads)
 
 
 def _job_object(job: dict) -> dict:
