@@ -9,9 +9,9 @@ additions for exactly `--tokens` new tokens (EOS ignored: every answer has a kno
 
   idle:     no job;
   training: an RFT job (string_check grader: the answer in the completion; group size 8, 4 prompts per
-            step, 32 new tokens as in rft demo) created through /v1/fine_tuning/jobs and trained in its worker process with
-            `--job-threads` torch threads; the phase starts once the job has logged its first step, and the
-            job is cancelled after it.
+            step, 32 new tokens as in rft demo) created through /v1/fine_tuning/jobs and trained in its worker
+            process with `--job-threads` torch threads; the phase starts once the job has logged its first
+            step, and the job is cancelled after it.
 
 Throughput = generated tokens / the phase's wall time; the table also gives request latency (p50, p95) and the
 job's steps during the phase. Run it on an otherwise idle machine: the two phases share the same cores.
