@@ -28,8 +28,8 @@ HYPER = {"batch_size": int, "n_epochs": int, "learning_rate_multiplier": float, 
 
 
 def open_jobs(cfg) -> JobRunner | None:
-    """The job runner of a ServeConfig: None when jobs are off (max_jobs 0, or neither --adapters nor
-    --state-dir); the state folder defaults to ADAPTERS-state beside the adapter directory."""
+    """The job runner of a ServeConfig: None when jobs are off (max_jobs 0, or no --adapters: a finished job's
+    adapter needs a directory to be served from); the state folder defaults to ADAPTERS-state beside it."""
     if cfg.max_jobs == 0 or cfg.adapters is None:
         if cfg.state_dir is not None and cfg.max_jobs:
             raise ValueError("--state-dir needs --adapters: a finished job's adapter goes to the adapter directory")
