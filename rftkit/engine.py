@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rftkit import decode_stack, kernels
+from rftkit import constrained, decode_stack, kernels
 from rftkit.bank import AdapterBank
 from rftkit.model import Transformer, attention, attention_mask
 from rftkit.sampling import SamplingParams, sample
@@ -60,6 +60,7 @@ class Sequence:
     cached: int = 0                  # tokens whose keys/values are in the cache
     slot: int = 0                    # adapter bank slot (0 = base model)
     finish_reason: str | None = None
+    matcher: object = None           # the grammar's state after `tokens` (params.grammar; rftkit.constrained)
 
     @property
     def length(self) -> int:         # tokens in the cache once the last sampled token is fed back
@@ -292,7 +293,8 @@ class Engine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seqs.append(Sequence(rid, i, list(prompt_ids), params, gen, adapter))
+            matcher = params.grammar.matcher() if params.grammar is not None else None
+            seqs.append(Sequence(rid, i, list(prompt_ids), params, gen, adapter, matcher=matcher))
         self.waiting.append(seqs)
         return rid
 
@@ -526,9 +528,17 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, outputs):
         params = [s.params for s in seqs]
-        tokens, logps, tops = sample(logits, params, [s.generator for s in seqs], self.gen)
+        cons = [i for i, s in enumerate(seqs) if s.matcher is not None]   # masks for constrained rows only
+        allowed = None
+        if cons:
+            masks = constrained.allowed([seqs[i].params.grammar for i in cons], [seqs[i].matcher for i in cons],
+                                        logits.shape[-1])
+            allowed = {i: masks[j] for j, i in enumerate(cons)}
+        tokens, logps, tops = sample(logits, params, [s.generator for s in seqs], self.gen, allowed)
         for i, s in enumerate(seqs):
             t, lp = int(tokens[i]), float(logps[i])
+            if s.matcher is not None:
+                s.matcher.consume_token(t)     # a refused token leaves it broken: its mask is then EOS alone
             s.tokens.append(t)
             s.logprobs.append(lp)
             top = tops[i] if tops else None
