@@ -337,7 +337,9 @@ def _choice(server: Server, req: Request, index: int, text: str, tokens: list, f
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
         return {"index": index, "delta": delta | ({"tool_calls": calls} if calls else {}), "logprobs": lp,
                 "finish_reason": reason}
-    message = {"role": "assistant", "content": text or (None if calls else "")} | ({"tool_calls": calls} if calls else {})
+    message = {"role": "assistant", "content": text or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = calls
     return {"index": index, "message": message, "logprobs": lp, "finish_reason": reason}
 
 
