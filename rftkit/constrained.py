@@ -93,6 +93,24 @@ class Grammars:
         return self.lark("\n".join([start] + rules), what)
 
 
+def response_grammar(spec: str, tok, vocab_size: int) -> Grammar:
+    """`--response-format`: "json_object" (any JSON object) or a JSON schema file (a .json file, either the schema
+    itself or OpenAI's {"name", "schema"} json_schema entry) -> the grammar every rollout completion follows."""
+    from pathlib import Path
+    if spec == "json_object":
+        return Grammars(tok, vocab_size).json_schema(None, what="response_format")
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f'response_format {spec!r}: give "json_object" or a JSON schema file (.json)')
+    try:
+        schema = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"response_format {spec}: not JSON ({e})") from None
+    if isinstance(schema, dict) and isinstance(schema.get("schema"), dict) and "name" in schema:
+        schema = schema["schema"]
+    return Grammars(tok, vocab_size).json_schema(schema, what=f"response_format {spec}")
+
+
 def allowed(grammars: list[Grammar], matchers: list, vocab_size: int) -> torch.Tensor:
     """Boolean masks [b, V] of the tokens each row's matcher (of the row's grammar) allows next: its EOS alone
     once it is done, or when it failed (a broken matcher ends its row rather than sampling from nothing)."""

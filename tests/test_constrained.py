@@ -127,3 +127,24 @@ def test_sampler_masks_only_the_listed_rows():
         g = [torch.Generator().manual_seed(seed + k) for k in range(4)]
         t, _, _ = sample(logits, params, g, None, allowed)
         assert int(t[3]) >= 45 and int(t[1]) % 7 == 3
+
+
+def test_grpo_rollouts_follow_response_format(tmp_path, tok_dir):
+    """--response-format: every rollout completion is valid under the schema file; a bad value fails early."""
+    from rftkit.constrained import response_grammar
+    from rftkit.engine import Engine
+    from rftkit.grpo import GRPOConfig, rollout
+    from tests.conftest import digit_share, grpo_setup
+    model, tok, task = grpo_setup(tok_dir)
+    (tmp_path / "schema.json").write_text(json.dumps({"name": "person", "schema": PERSON}))
+    cfg = GRPOConfig(prompts_per_step=2, group_size=4, max_tokens=80, steps=1,
+                     response_format=str(tmp_path / "schema.json"))
+    engine = Engine(model, max_seq_len=512, max_batch=8)
+    grammar = response_grammar(cfg.response_format, tok, 258)
+    batch, _, texts, _ = rollout(engine, tok, task, cfg, 0, {"task": digit_share}, {"task": 1.0}, {},
+                                 grammar=grammar)
+    assert len(texts) == 8 and not any(batch.truncated)
+    for t in texts:
+        jsonschema.validate(json.loads(t), PERSON)
+    with pytest.raises(ValueError, match="response_format 'nope.json'"):
+        GRPOConfig(response_format="nope.json")
