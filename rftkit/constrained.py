@@ -49,7 +49,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self.lltok = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=vocab_size,
                                             eos_token=list(tok.eos_token_ids) or None)
-        self.executor = llguidance.LLExecutor(num_threads=1)
+        self.executor = llguidance.LLExecutor(num_threads=1)    # beside the forward (PendingMasks): one thread
 
     def json_schema(self, schema: dict | None, what: str = "json_schema") -> Grammar:
         """Text that is one JSON value valid under `schema` (None: any JSON object)."""
@@ -114,13 +114,29 @@ def response_grammar(spec: str, tok, vocab_size: int) -> Grammar:
 def allowed(grammars: list[Grammar], matchers: list, vocab_size: int) -> torch.Tensor:
     """Boolean masks [b, V] of the tokens each row's matcher (of the row's grammar) allows next: its EOS alone
     once it is done, or when it failed (a broken matcher ends its row rather than sampling from nothing)."""
+    import numpy as np
     words = (vocab_size + 31) // 32
-    bits = torch.zeros(len(matchers), words, dtype=torch.int32)                   # [b, ceil(V / 32)]
-    executor = grammars[0].grammars.executor
-    executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.data_ptr(), words * 4,
-                                     len(matchers))
-    shifts = torch.arange(32, dtype=torch.int32)
-    mask = ((bits[:, :, None] >> shifts) & 1).reshape(len(matchers), -1)[:, :vocab_size].bool()   # [b, V]
+    bits = np.zeros((len(matchers), words), dtype=np.int32)                       # [b, ceil(V / 32)]
+    grammars[0].grammars.executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
+                                                          bits.ctypes.data, words * 4, len(matchers))
+    flat = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]   # bit v = token v
+    mask = torch.from_numpy(flat).bool()
     for i in (~mask.any(1)).nonzero().flatten().tolist():
         mask[i, grammars[i].grammars.lltok.eos_token] = True
     return mask
+
+
+class PendingMasks:
+    """`allowed` computed on a helper thread while the caller runs the forward (llguidance releases the GIL), so
+    the masks of a batch's constrained rows cost its free rows little or nothing."""
+
+    _pool = None
+
+    def __init__(self, grammars: list[Grammar], matchers: list, vocab_size: int):
+        from concurrent.futures import ThreadPoolExecutor
+        if PendingMasks._pool is None:
+            PendingMasks._pool = ThreadPoolExecutor(1, thread_name_prefix="rftkit-masks")
+        self.future = PendingMasks._pool.submit(allowed, grammars, matchers, vocab_size)
+
+    def result(self) -> torch.Tensor:
+        return self.future.result()

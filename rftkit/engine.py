@@ -520,20 +520,23 @@ class Engine:
     def _decode(self, seqs: list[Sequence], outputs):
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
+        cons = [i for i, s in enumerate(seqs) if s.matcher is not None]   # masks for constrained rows only,
+        pending = constrained.PendingMasks([seqs[i].params.grammar for i in cons],   # computed during the forward
+                                           [seqs[i].matcher for i in cons], self.model.cfg.vocab_size) if cons else None
         logits, _ = self._forward(seqs, ids, pos)
         for s in seqs:
             s.cached = s.length
         self.stats["decode_tokens"] += len(seqs)
-        self._sample(seqs, logits[:, -1], outputs)
+        self._sample(seqs, logits[:, -1], outputs, pending)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, outputs):
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, outputs, pending=None):
         params = [s.params for s in seqs]
-        cons = [i for i, s in enumerate(seqs) if s.matcher is not None]   # masks for constrained rows only
+        cons = [i for i, s in enumerate(seqs) if s.matcher is not None]
         allowed = None
         if cons:
-            masks = constrained.allowed([seqs[i].params.grammar for i in cons], [seqs[i].matcher for i in cons],
-                                        logits.shape[-1])
-            allowed = {i: masks[j] for j, i in enumerate(cons)}
+            masks = pending.result() if pending is not None else constrained.allowed(
+                [seqs[i].params.grammar for i in cons], [seqs[i].matcher for i in cons], logits.shape[-1])
+            allowed = {i: masks[j].to(logits.device) for j, i in enumerate(cons)}
         tokens, logps, tops = sample(logits, params, [s.generator for s in seqs], self.gen, allowed)
         for i, s in enumerate(seqs):
             t, lp = int(tokens[i]), float(logps[i])
