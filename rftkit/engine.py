@@ -29,6 +29,10 @@ adapter being trained, with no merge and no reload. For serving many adapters at
 `rftkit.bank.AdapterBank`: `engine.adapters.register(name, folder)`, then `add_request(..., adapter=name)`;
 the adapter takes a bank slot when its request is admitted (LRU eviction of slots no running request uses),
 and each batch row uses its own request's adapter. The engine is single-threaded: call it from one thread.
+
+Constrained decoding. A request whose params carry a `grammar` (rftkit.constrained: a JSON schema, forced tool
+calls) gives each of its samples a matcher; a decode step computes the masks of those rows only, on a helper
+thread while the forward runs, and the sampler applies them to those rows only (free rows: as if alone).
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def test_json_schema_mask_forces_valid_json_at_temperature_1(setup):
     from rftkit.sampling import SamplingParams
     engine, tok, grammars = setup
     g = grammars.json_schema(PERSON)
-    prompts = [tok.encode_chat([{"role": "user", "content": f"person {i}"}]) for i in range(10)]
+    prompts = [tok.encode_chat([{"role": "user", "content": f"person {i}"}]) for i in range(5)]
     params = SamplingParams(temperature=1.0, max_tokens=120, n=4, seed=3, grammar=g, stop_token_ids=[257])
     groups = engine.generate(prompts, params)
     assert all(c.finish_reason == "stop" for grp in groups for c in grp)        # every object closed, then EOS
@@ -85,7 +85,7 @@ def test_forced_tool_calls_parse_and_name_the_function(setup):
     counts = []
     for name, parallel in ((None, True), ("neg", False), ("add", False)):
         g = grammars.tool_calls(ADD, name=name, parallel=parallel)
-        params = SamplingParams(temperature=1.0, max_tokens=300, n=8, seed=1, grammar=g, stop_token_ids=[257])
+        params = SamplingParams(temperature=1.0, max_tokens=300, n=6, seed=1, grammar=g, stop_token_ids=[257])
         for c in engine.generate(prompt, params)[0]:
             if parallel and c.finish_reason == "length":
                 continue                   # parallel calls: the random model may go on calling
@@ -97,7 +97,7 @@ def test_forced_tool_calls_parse_and_name_the_function(setup):
                 fn = next(t["function"] for t in ADD if t["function"]["name"] == call.name)
                 assert name in (None, call.name)
                 jsonschema.validate(call.arguments, fn["parameters"])
-    assert len(counts) >= 20 and max(counts) > 1
+    assert len(counts) >= 14 and max(counts) > 1
 
 
 def test_bad_grammars_are_errors_naming_them(setup):
