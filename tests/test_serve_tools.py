@@ -159,3 +159,32 @@ def test_completions_endpoint_still_refuses_response_format(served):
     with pytest.raises(openai.BadRequestError, match="response_format"):
         served.client().completions.create(model="base", prompt="x", max_tokens=2,
                                            extra_body={"response_format": {"type": "json_object"}})
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ('Sure. <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "now", "arguments": {}}\n</tool_call>\nDone.', "Sure.Done.", [("add", {"a": 1, "b": 2}), ("now", {})]),
+    ("no call here, only < and <tool and trailing spaces   ", "no call here, only < and <tool and trailing spaces   ",
+     []),
+    ("<tool_call>{broken</tool_call> after", "<tool_call>{broken</tool_call> after", []),
+    ('x <tool_call>\n{"name": "add", "arguments": {"a": 1}}', "x", [("add", {"a": 1})]),   # cut at max_tokens
+])
+def test_tool_split_streams_to_the_whole_answer(text, content, calls):
+    """The server's splitter: fed in random pieces, the content and calls equal those of the whole text."""
+    import random
+
+    from rftkit.serve.structured import ToolSplit
+    whole, whole_calls = ToolSplit().add(text, True)
+    assert whole == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole_calls] == calls
+    for seed in range(30):
+        r, split, parts, got, k = random.Random(seed), ToolSplit(), [], [], 0
+        while k < len(text):
+            n = r.randint(1, 6)
+            piece, k = text[k:k + n], k + n
+            c, new = split.add(piece, k >= len(text))
+            parts.append(c)
+            got += new
+        assert "".join(parts) == content
+        assert [c["function"]["name"] for c in got] == [name for name, _ in calls]
+        assert [c["index"] for c in got] == list(range(len(calls)))
