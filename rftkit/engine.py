@@ -29,6 +29,10 @@ adapter being trained, with no merge and no reload. For serving many adapters at
 `rftkit.bank.AdapterBank`: `engine.adapters.register(name, folder)`, then `add_request(..., adapter=name)`;
 the adapter takes a bank slot when its request is admitted (LRU eviction of slots no running request uses),
 and each batch row uses its own request's adapter. The engine is single-threaded: call it from one thread.
+
+Constrained decoding. A request whose params carry a `grammar` (rftkit.constrained: a JSON schema, forced tool
+calls) gives each of its samples a matcher; a decode step computes the masks of those rows only, on a helper
+thread while the forward runs, and the sampler applies them to those rows only (free rows: as if alone).
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rftkit import decode_stack, kernels
+from rftkit import constrained, decode_stack, kernels
 from rftkit.bank import AdapterBank
 from rftkit.model import Transformer, attention, attention_mask
 from rftkit.sampling import SamplingParams, sample
@@ -60,6 +64,7 @@ class Sequence:
     cached: int = 0                  # tokens whose keys/values are in the cache
     slot: int = 0                    # adapter bank slot (0 = base model)
     finish_reason: str | None = None
+    matcher: object = None           # the grammar's state after `tokens` (params.grammar; rftkit.constrained)
 
     @property
     def length(self) -> int:         # tokens in the cache once the last sampled token is fed back
@@ -292,7 +297,8 @@ class Engine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seqs.append(Sequence(rid, i, list(prompt_ids), params, gen, adapter))
+            matcher = params.grammar.matcher() if params.grammar is not None else None
+            seqs.append(Sequence(rid, i, list(prompt_ids), params, gen, adapter, matcher=matcher))
         self.waiting.append(seqs)
         return rid
 
@@ -518,17 +524,28 @@ class Engine:
     def _decode(self, seqs: list[Sequence], outputs):
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
+        cons = [i for i, s in enumerate(seqs) if s.matcher is not None]   # masks for constrained rows only,
+        pending = constrained.PendingMasks([seqs[i].params.grammar for i in cons],   # computed during the forward
+                                           [seqs[i].matcher for i in cons], self.model.cfg.vocab_size) if cons else None
         logits, _ = self._forward(seqs, ids, pos)
         for s in seqs:
             s.cached = s.length
         self.stats["decode_tokens"] += len(seqs)
-        self._sample(seqs, logits[:, -1], outputs)
+        self._sample(seqs, logits[:, -1], outputs, pending)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, outputs):
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, outputs, pending=None):
         params = [s.params for s in seqs]
-        tokens, logps, tops = sample(logits, params, [s.generator for s in seqs], self.gen)
+        cons = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        allowed = None
+        if cons:
+            masks = pending.result() if pending is not None else constrained.allowed(
+                [seqs[i].params.grammar for i in cons], [seqs[i].matcher for i in cons], logits.shape[-1])
+            allowed = {i: masks[j].to(logits.device) for j, i in enumerate(cons)}
+        tokens, logps, tops = sample(logits, params, [s.generator for s in seqs], self.gen, allowed)
         for i, s in enumerate(seqs):
             t, lp = int(tokens[i]), float(logps[i])
+            if s.matcher is not None:
+                s.matcher.consume_token(t)     # a refused token leaves it broken: its mask is then EOS alone
             s.tokens.append(t)
             s.logprobs.append(lp)
             top = tops[i] if tops else None

@@ -92,6 +92,7 @@ class GRPOConfig:
     dynamic_sampling: bool = True        # drop groups whose rewards are all equal
     mask_truncated: bool = False         # no loss on completions cut at max_tokens
     ignore_eos: bool = False             # sample exactly max_tokens tokens, past EOS (benchmarks)
+    response_format: str = ""            # "json_object" or a JSON schema file: rollouts decode constrained to it
     micro_batch_groups: int = 4          # groups per forward/backward (memory only: same gradients)
     seed: int = 0                        # seeds rollouts (per step) and LoRA init
     checkpoint_every: int = 10           # steps between checkpoints
@@ -129,6 +130,8 @@ class GRPOConfig:
         for name in ("eval_every", "eval_n", "log_completions_every"):
             if getattr(self, name) < (0 if name == "eval_every" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'eval_every' else 1}, got {getattr(self, name)}")
+        if self.response_format not in ("", "json_object") and not Path(self.response_format).is_file():
+            raise ValueError(f'response_format {self.response_format!r}: give "json_object" or a JSON schema file')
         resolve_dtype(self.dtype)
         check_base_bits(self.base_bits, self.dtype)
         self.report_to = check_report_to(self.report_to)    # a missing package fails now, not after training
@@ -237,9 +240,10 @@ def _seed(*parts) -> int:
 
 
 def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weights: dict, errors: dict,
-            indices: list[int] | None = None, clock: dict | None = None):
+            indices: list[int] | None = None, clock: dict | None = None, grammar=None):
     """Sample G completions for the step's P training prompts (or those of them at `indices`) and score them;
-    `clock` gets the seconds spent generating ("gen_s") and scoring ("reward_s")."""
+    `clock` gets the seconds spent generating ("gen_s") and scoring ("reward_s"); `grammar` (--response-format,
+    rftkit.constrained) constrains every completion."""
     from rftkit.rewards import score_batch
     from rftkit.sampling import SamplingParams
     P, G = cfg.prompts_per_step, cfg.group_size
@@ -248,7 +252,7 @@ def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weight
     prompts = [tok.encode_chat(s["messages"]) for s in samples]
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, n=G,
                              seed=_seed(cfg.seed, step, i), stop_token_ids=list(tok.eos_token_ids),
-                             ignore_eos=cfg.ignore_eos)
+                             ignore_eos=cfg.ignore_eos, grammar=grammar)
               for i in indices]
     t0 = time.perf_counter()
     groups = engine.generate(prompts, params)
@@ -361,6 +365,10 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     longest_prompt = max(len(tok.encode_chat(task.sample("train", i, cfg.seed)["messages"])) for i in range(64))
     engine = Engine(model, max_seq_len=longest_prompt * 2 + cfg.max_tokens + 64,
                     max_batch=len(mine) * cfg.group_size, kv_budget_bytes=4 << 30)
+    grammar = None
+    if cfg.response_format:
+        from rftkit.constrained import response_grammar
+        grammar = response_grammar(cfg.response_format, tok, model.cfg.vocab_size)
     errors: dict = {}
     total_steps = cfg.steps if cfg.steps > 0 else None
     bar = None
@@ -379,7 +387,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                 model.eval()
                 clock: dict = {}
                 batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors, mine,
-                                                        clock)
+                                                        clock, grammar)
                 t_gen = clock["gen_s"]
                 all_errors = errors
                 if world > 1:      # every process holds the whole batch; each computes the gradient of its groups

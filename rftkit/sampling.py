@@ -6,6 +6,10 @@ Log-probs are those of `log_softmax(logits / T)` before any top-p/top-k/min-p tr
 the same quantity the GRPO trainer recomputes. A seeded request draws from its own generator, so it yields
 the same tokens alone or inside any batch. Rows without truncation or alternatives sample on CPU in one fused
 kernel pass (rftkit.kernels.sample_rows: the same inverse-CDF rule and uniforms as the torch reference).
+Constrained rows (a `grammar`: JSON schema, forced tool call; rftkit.constrained) draw from their allowed
+tokens only, through the torch reference, while the free rows of the same batch keep the fused pass; their
+log-probs stay those of the unmasked distribution (a mask is one more truncation), which is what a trainer
+recomputes.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int = 0                 # also return this many top alternatives per token
     ignore_eos: bool = False          # keep going past stop tokens (benchmarks)
+    grammar: object = None            # rftkit.constrained.Grammar: only the tokens it allows (JSON, tool calls)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -63,9 +68,12 @@ def _truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_gen: torch.Generator | None = None):
-    """logits [B, V] -> (tokens [B], logprobs [B], top alternatives per row or None)."""
+           default_gen: torch.Generator | None = None, allowed: dict[int, torch.Tensor] | None = None):
+    """logits [B, V] -> (tokens [B], logprobs [B], top alternatives per row or None). `allowed` maps the
+    constrained rows to their allowed tokens (bool [V]); the other rows are sampled as if alone."""
     logits = logits.float()
+    if allowed:
+        return _sample_mixed(logits, params, generators, default_gen, allowed)
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
     if logits.device.type == "cpu" and kernels.available() and \
             all(p.top_k == 0 and p.top_p == 1 and p.min_p == 0 and p.logprobs == 0 for p in params):
@@ -79,13 +87,38 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return _sample_reference(logits, temps, params, None, generators, default_gen)
 
 
-def _sample_reference(logits, temps, params, u=None, generators=None, default_gen=None):
-    """torch ops; u [B] (< 0 for greedy rows) when drawn already, else drawn here row by row."""
+def _sample_mixed(logits, params, generators, default_gen, allowed):
+    """Free rows through `sample`, constrained rows through the reference with their masks; one answer."""
+    B = logits.shape[0]
+    cons = sorted(allowed)
+    free = [i for i in range(B) if i not in allowed]
+    tokens, chosen, tops = torch.zeros(B, dtype=torch.long), torch.zeros(B), [None] * B
+    for rows, mask in ((free, None), (cons, torch.stack([allowed[i] for i in cons]))):
+        if not rows:
+            continue
+        sub = [params[i] for i in rows]
+        gens = [generators[i] for i in rows]
+        if mask is None:
+            t, lp, tp = sample(logits[rows], sub, gens, default_gen)
+        else:
+            temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in sub], device=logits.device)
+            t, lp, tp = _sample_reference(logits[rows], temps, sub, None, gens, default_gen, mask.to(logits.device))
+        tokens[rows], chosen[rows] = t.cpu(), lp.float().cpu()
+        for j, i in enumerate(rows):
+            tops[i] = tp[j] if tp else None
+    return tokens.to(logits.device), chosen.to(logits.device), tops if any(p.logprobs for p in params) else None
+
+
+def _sample_reference(logits, temps, params, u=None, generators=None, default_gen=None, mask=None):
+    """torch ops; u [B] (< 0 for greedy rows) when drawn already, else drawn here row by row; mask [B, V]:
+    the tokens each row may take (log-probs stay those of the unmasked distribution)."""
     logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)                      # [B, V]
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     tokens = logits.argmax(-1)                                                        # greedy rows
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
-        scaled = logp_all[rows]                                                       # [b, V]
+        scaled = logp_all[rows] if mask is None else logp_all[rows].masked_fill(~mask[rows], float("-inf"))
         for j, i in enumerate(rows):
             p = params[i]
             if p.top_k or p.top_p < 1 or p.min_p:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from rftkit.jobs import adapter_name, model_of_adapter
 from rftkit.serve.jobs import console_router, jobs_router, open_jobs
+from rftkit.serve import structured
 from rftkit.serve.requests import (APIError, ClientGone, NonFiniteError, Request, accept, deltas, parse_chat,
                                    parse_completion, parse_json, parse_lorax)
 from rftkit.serve.worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
@@ -120,6 +121,7 @@ class Server:
         # (a token or two per sequence, a few microseconds) stays on the loop: a thread hop costs more.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rftkit-text")
         self.texts: dict[int, str] = {}     # token id -> its text (log-prob answers)
+        self._grammars = None               # rftkit.constrained.Grammars, built on the first constrained request
         self.uvicorn = None                 # set by run_serve: told to exit if the engine thread dies
         self.tuning = open_jobs(cfg)        # fine-tuning jobs' runner, or None
         self.exit_code = 0
@@ -151,8 +153,18 @@ class Server:
                            "model", "model_not_found") from None
         return name
 
+    def grammars(self):
+        if self._grammars is None:
+            from rftkit.constrained import Grammars
+            self._grammars = Grammars(self.tok, self.engine.model.cfg.vocab_size)
+        return self._grammars
+
     def jobs(self, req: Request) -> list:
         ctx, vocab, out = self.engine.max_seq_len, self.engine.model.cfg.vocab_size, []
+        try:
+            grammar = structured.grammar(req, self.grammars) if req.chat else None
+        except ValueError as e:         # the schema compiles to no grammar (llguidance's reason)
+            raise APIError(400, str(e), str(e).split(":")[0]) from None
         for p in req.prompts:
             chars = sum(len(m["content"]) for m in p) if req.chat else len(p) if isinstance(p, str) else 0
             if chars > self.max_prompt_chars:
@@ -160,7 +172,8 @@ class Server:
                                "messages" if req.chat else "prompt")
             if req.chat:
                 try:
-                    ids = self.tok.encode_chat(p)
+                    msgs, kw = structured.prompt(req, p, self.tok)
+                    ids = self.tok.encode_chat(msgs, **kw)
                 except Exception as e:          # noqa: BLE001 - the template's own error (raise_exception)
                     raise APIError(400, f"messages: the chat template refused them: {str(e)[:200]}",
                                    "messages") from None
@@ -180,7 +193,7 @@ class Server:
                 raise APIError(400, f"max_tokens ({max_tokens}) + the prompt ({len(ids)} tokens) exceeds the "
                                f"context of {ctx} tokens", "max_tokens")
             out.append((ids, dataclasses.replace(req.params, max_tokens=max_tokens, stop_token_ids=self.eos,
-                                                 logprobs=req.logprobs or 0)))
+                                                 logprobs=req.logprobs or 0, grammar=grammar)))
         return out
 
     async def start(self, req: Request, t0: float):
@@ -256,7 +269,7 @@ class Server:
 # ----------------------------------------------------------------------------------------------------------
 # OpenAI response shapes
 
-FINISH = {"eos": "stop", "stop_sequence": "stop", "length": "length"}
+FINISH = {"eos": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 def _usage(prompt_lens: list[int], n: int, completion: int) -> dict:
@@ -325,7 +338,7 @@ def _completion_logprobs(server: Server, tokens: list, offset: int) -> dict:
 
 
 def _choice(server: Server, req: Request, index: int, text: str, tokens: list, finish: str | None,
-            stream: bool, first: bool = False) -> dict:
+            stream: bool, first: bool = False, calls: list | None = None) -> dict:
     lp = None
     if req.logprobs is not None:
         lp = _chat_logprobs(server, tokens) if req.chat else _completion_logprobs(server, tokens, 0)
@@ -334,8 +347,12 @@ def _choice(server: Server, req: Request, index: int, text: str, tokens: list, f
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
     if stream:
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
-        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason}
+        return {"index": index, "delta": delta | ({"tool_calls": calls} if calls else {}), "logprobs": lp,
+                "finish_reason": reason}
+    message = {"role": "assistant", "content": text or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = calls
+    return {"index": index, "message": message, "logprobs": lp, "finish_reason": reason}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,6 +441,14 @@ def build_app(server: Server):
         head = {"id": rid, "object": ("chat.completion" if chat else "text_completion"), "created": int(time.time()),
                 "model": req.model}
         n = req.params.n * len(prompt_lens)
+        splits = [structured.ToolSplit() for _ in range(n)] if chat and structured.parses_calls(req) else None
+
+        def split(d):                   # (content, tool calls, finish) of a delta
+            if splits is None:
+                return d.text, [], d.finish
+            text, calls = splits[d.index].add(d.text, d.finish is not None)
+            made = splits[d.index].calls and d.finish in ("eos", "stop_sequence")
+            return text, calls, "tool_calls" if made else d.finish
         if req.stream:
             head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
@@ -435,8 +460,10 @@ def build_app(server: Server):
                                                        for i in range(n)]})
                     async for d in server.run(stream, req):
                         completion += len(d.tokens)
-                        yield sse({**head, "choices": [_choice(server, req, d.index, d.text, d.tokens, d.finish,
-                                                               True)]})
+                        text, calls, finish = split(d)
+                        if text or calls or finish or d.tokens and req.logprobs is not None:
+                            yield sse({**head, "choices": [_choice(server, req, d.index, text, d.tokens, finish,
+                                                                   True, calls=calls)]})
                     if req.include_usage:
                         yield sse({**head, "choices": [], "usage": _usage(prompt_lens, req.params.n, completion)})
                 except Exception as e:     # noqa: BLE001 - headers are sent: report in the stream, then end it
@@ -444,13 +471,17 @@ def build_app(server: Server):
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         texts, tokens, finish = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        calls = [[] for _ in range(n)]
         async for d in server.run(stream, req, request):
-            texts[d.index].append(d.text)
+            text, new_calls, done = split(d)
+            texts[d.index].append(text)
+            calls[d.index] += new_calls
             tokens[d.index] += d.tokens
-            finish[d.index] = d.finish or finish[d.index]
+            finish[d.index] = done or finish[d.index]
 
         def answer() -> bytes:          # off the loop: thousands of tokens x 20 alternatives take a while
-            choices = [_choice(server, req, i, "".join(texts[i]), tokens[i], finish[i], False) for i in range(n)]
+            choices = [_choice(server, req, i, "".join(texts[i]), tokens[i], finish[i], False, calls=calls[i])
+                       for i in range(n)]
             return _dumps({**head, "choices": choices,
                            "usage": _usage(prompt_lens, req.params.n, sum(map(len, tokens)))})
         return Response(await server.off_loop(answer), media_type="application/json")

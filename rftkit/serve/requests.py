@@ -5,7 +5,9 @@
     async for d in deltas(stream, tok, req.n, req.stop, metrics):   # d.index, d.text, d.tokens, d.finish
 
 Every field is checked at this boundary and a bad one is refused with its name and value: OpenAI fields we do
-not implement (tools, response_format, logit_bias, penalties, ...) are a 400 naming them, never ignored.
+not implement (logit_bias, penalties, ...) are a 400 naming them, never ignored. Chat takes `tools`,
+`tool_choice`, `parallel_tool_calls`, `response_format` (text, json_object, json_schema), `tool` messages and
+assistant messages with `tool_calls` (rftkit.serve.structured turns them into a prompt, a grammar and answers).
 A field may still be sent with its neutral value (`frequency_penalty: 0`, `logit_bias: {}`), as clients do.
 Numbers must be finite and in range (a NaN temperature, a 4000-digit seed or a temperature of 1e-30 would reach
 the sampler as garbage), strings valid Unicode (no lone surrogates), bodies at most MAX_DEPTH deep: each is a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -102,6 +105,11 @@ class Request:
     chat: bool = False
     echo: bool = False                  # LoRAX return_full_text
     details: bool = False               # LoRAX details
+    tools: list[dict] | None = None     # OpenAI function entries, checked
+    tool_choice: str = "auto"           # none | auto | required | function (tool_name)
+    tool_name: str | None = None        # tool_choice {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool = True
+    response_schema: dict | None = None  # response_format: {"type": "object"} for json_object, else its schema
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,6 +240,46 @@ def parse_completion(body: dict, max_n: int, max_prompts: int = 64) -> Request:
                    _stops(body.get("stop")), stream, usage, _get(body, "logprobs", "int", None, 0, 20))
 
 
+def _text(content, where: str, optional: bool = False) -> str:
+    if content is None and optional:
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"{where}.content[{j}]: only text parts are supported, got {_show(part)}",
+                               f"{where}.content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise APIError(400, f"{where}.content must be a string, got {_show(content)}", f"{where}.content")
+    return content
+
+
+def _past_calls(v, where: str) -> list[dict]:
+    """An assistant message's `tool_calls`: [{"id", "type": "function", "function": {"name", "arguments": JSON}}]."""
+    if not isinstance(v, list) or not v:
+        raise APIError(400, f"{where} must be a non-empty list of calls, got {_show(v)}", where)
+    out = []
+    for j, c in enumerate(v):
+        at = f"{where}[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or c.get("type", "function") != "function":
+            raise APIError(400, f'{at} must be {{"type": "function", "function": {{"name": ..., "arguments": ...}}}}, '
+                           f"got {_show(c)}", at)
+        args = fn.get("arguments", "{}")
+        try:
+            parsed = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise APIError(400, f"{at}.function.arguments must be a JSON object (as a string), got {_show(args)}",
+                           f"{at}.function.arguments")
+        out.append({"id": _get(c, "id", "str", "", where=at + "."), "type": "function",
+                    "function": {"name": fn["name"], "arguments": parsed}})
+    return out
+
+
 def _messages(v) -> list[dict]:
     if not isinstance(v, list) or not v:
         raise APIError(400, f"messages must be a non-empty list, got {_show(v)}", "messages")
@@ -241,31 +289,114 @@ def _messages(v) -> list[dict]:
         if not isinstance(m, dict):
             raise APIError(400, f"{where} must be an object, got {_show(m)}", where)
         role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise APIError(400, f"{where}.role must be system, developer, user or assistant, got {_show(role)}",
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise APIError(400, f"{where}.role must be system, developer, user, assistant or tool, got {_show(role)}",
                            f"{where}.role")
-        _unsupported(m, {"role", "content", "name"}, {})
+        extra = {"tool_calls"} if role == "assistant" else {"tool_call_id"} if role == "tool" else set()
+        _unsupported(m, {"role", "content", "name"} | extra, {})
         if m.get("name") is not None and not isinstance(m["name"], str):
             raise APIError(400, f"{where}.name must be a string, got {_show(m['name'])}", f"{where}.name")
-        content = m.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(400, f"{where}.content[{j}]: only text parts are supported, got {_show(part)}",
-                                   f"{where}.content")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise APIError(400, f"{where}.content must be a string, got {_show(content)}", f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        msg = {"role": "system" if role == "developer" else role,
+               "content": _text(m.get("content"), where, optional=calls is not None)}
+        if calls is not None:
+            msg["tool_calls"] = _past_calls(calls, f"{where}.tool_calls")
+        if role == "tool":
+            msg["tool_call_id"] = _get(m, "tool_call_id", "str", "", where=where + ".")
+        out.append(msg)
     return out
 
 
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, str, str | None]:
+    """(tools, tool_choice, the forced function's name) of a chat body; every entry checked."""
+    import jsonschema
+    v = body.get("tools")
+    tools = None
+    if v is not None and v != []:
+        if not isinstance(v, list):
+            raise APIError(400, f"tools must be a list of functions, got {_show(v)}", "tools")
+        tools = []
+        for i, t in enumerate(v):
+            at = f"tools[{i}]"
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or t.get("type") != "function":
+                raise APIError(400, f'{at} must be {{"type": "function", "function": {{...}}}}, got {_show(t)}', at)
+            _unsupported(t, {"type", "function"}, {})
+            _unsupported(fn, {"name", "description", "parameters", "strict"}, {})
+            name = fn.get("name")
+            if not isinstance(name, str) or not NAME.fullmatch(name):
+                raise APIError(400, f"{at}.function.name must be 1-64 letters, digits, _ . or -, got {_show(name)}",
+                               f"{at}.function.name")
+            if any(x["function"]["name"] == name for x in tools):
+                raise APIError(400, f"{at}.function.name {name!r} is given twice", f"{at}.function.name")
+            _get(fn, "description", "str", where=f"{at}.function.")
+            params = _get(fn, "parameters", "dict", {"type": "object", "properties": {}}, where=f"{at}.function.")
+            try:
+                jsonschema.validators.validator_for(params).check_schema(params)
+            except jsonschema.SchemaError as e:
+                raise APIError(400, f"{at}.function.parameters is not a valid JSON schema: {e.message[:200]}",
+                               f"{at}.function.parameters") from None
+            tools.append({"type": "function", "function": {k: fn[k] for k in ("name", "description") if k in fn}
+                          | {"parameters": params}})
+    choice = body.get("tool_choice")
+    if choice is None:
+        return tools, "auto", None
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise APIError(400, 'tool_choice "required" needs tools', "tool_choice")
+        return tools, choice, None
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise APIError(400, f'tool_choice must be "none", "auto", "required" or {{"type": "function", "function": '
+                       f'{{"name": ...}}}}, got {_show(choice)}', "tool_choice")
+    if not any(t["function"]["name"] == name for t in tools or []):
+        raise APIError(400, f"tool_choice names the function {name!r}, which is not in tools", "tool_choice")
+    return tools, "function", name
+
+
+def _response_schema(body: dict) -> dict | None:
+    """response_format -> the JSON schema the answer must satisfy ({"type": "object"} for json_object)."""
+    import jsonschema
+    v = body.get("response_format")
+    kind = v.get("type") if isinstance(v, dict) else None
+    if v is None or kind == "text":
+        return None
+    if kind == "json_object":
+        _unsupported(v, {"type"}, {})
+        return {"type": "object"}
+    if kind != "json_schema":
+        raise APIError(400, f'response_format must be {{"type": "text" | "json_object" | "json_schema", ...}}, got '
+                       f"{_show(v)}", "response_format")
+    _unsupported(v, {"type", "json_schema"}, {})
+    js = _get(v, "json_schema", "dict", None, where="response_format.")
+    if js is None:
+        raise APIError(400, 'response_format.json_schema is required with "type": "json_schema"',
+                       "response_format.json_schema")
+    _unsupported(js, {"name", "description", "schema", "strict"}, {})
+    where = "response_format.json_schema."
+    name = _get(js, "name", "str", None, where=where)
+    if name is None or not NAME.fullmatch(name):
+        raise APIError(400, f"{where}name must be 1-64 letters, digits, _ . or -, got {_show(name)}", where + "name")
+    _get(js, "strict", "bool", None, where=where)
+    schema = _get(js, "schema", "dict", {"type": "object"}, where=where)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise APIError(400, f"{where}schema is not a valid JSON schema: {e.message[:200]}", where + "schema") from None
+    return schema
+
+
 def parse_chat(body: dict, max_n: int) -> Request:
-    _unsupported(body, SAMPLING | IGNORED | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"},
+    _unsupported(body, SAMPLING | IGNORED | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
+                                             "tools", "tool_choice", "parallel_tool_calls", "response_format"},
                  NEUTRAL)
     messages = _messages(body.get("messages"))
+    tools, choice, name = _tools(body)
+    schema = _response_schema(body)
     logprobs = _get(body, "logprobs", "bool", False)
     top = _get(body, "top_logprobs", "int", None, 0, 20)
     if top and not logprobs:
@@ -274,7 +405,9 @@ def parse_chat(body: dict, max_n: int) -> Request:
     max_tokens = _get(body, "max_tokens", "int", max_tokens, 1)
     stream, usage = _stream_flags(body)
     return Request(_model(body), [messages], max_tokens, _sampling(body, max_n), _stops(body.get("stop")),
-                   stream, usage, (top or 0) if logprobs else None, chat=True)
+                   stream, usage, (top or 0) if logprobs else None, chat=True, tools=tools, tool_choice=choice,
+                   tool_name=name, parallel_tool_calls=_get(body, "parallel_tool_calls", "bool", True),
+                   response_schema=schema)
 
 
 # decoder_input_details, watermark, truncate, adapter_source other than "local", ... are refused by name
