@@ -21,8 +21,8 @@ step base_tool rft eval $MUL $TOOL --output $R/base_tool.jsonl
 step sft rft sft --config recipes/sft/tool_multiply.yaml --output $R/sft --overwrite
 step sft_tool rft eval $MUL $TOOL --n 50 --adapter $R/sft/adapter --output $R/sft_tool.jsonl
 step rft_train rft train --config recipes/tool_multiply.yaml --init-adapter $R/sft/adapter --output $R/rft \
-  --resume
+  --time-budget 600 --resume
 step rft_tool rft eval $MUL $TOOL --n 50 --adapter $R/rft/adapter --output $R/rft_tool.jsonl
 step guess_base rft eval $GUESS --output $R/guess_base.jsonl
-step guess_train rft train --config recipes/guess_number.yaml --output $R/guess --resume
+step guess_train rft train --config recipes/guess_number.yaml --output $R/guess --resume --time-budget 540
 step guess_rft rft eval $GUESS --adapter $R/guess/adapter --output $R/guess_rft.jsonl
