@@ -13,11 +13,11 @@ step() {   # step NAME COMMAND...: run COMMAND unless $R/NAME.done exists
   touch $R/$name.done
 }
 MUL="--test-data recipes/data/multiply_test.jsonl --reward last_integer"
-TOOL="--n 100 --tools calculator --max-turns 3 --max-tokens 40 --max-total-tokens 160"
+TOOL="--tools calculator --max-turns 3 --max-tokens 40 --max-total-tokens 160"
 GUESS="--test-data recipes/data/guess_test.jsonl --reward last_integer --env recipes/guess_env.py:GuessNumber \
   --max-turns 7 --max-tokens 8 --max-total-tokens 200 --n 50"
 step base_notool rft eval $MUL --max-tokens 32 --n 200 --output $R/base_notool.jsonl
-step base_tool rft eval $MUL $TOOL --output $R/base_tool.jsonl
+step base_tool rft eval $MUL $TOOL --n 100 --output $R/base_tool.jsonl
 step sft rft sft --config recipes/sft/tool_multiply.yaml --output $R/sft --overwrite
 step sft_tool rft eval $MUL $TOOL --n 50 --adapter $R/sft/adapter --output $R/sft_tool.jsonl
 step rft_train rft train --config recipes/tool_multiply.yaml --init-adapter $R/sft/adapter --output $R/rft \
