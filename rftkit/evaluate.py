@@ -38,6 +38,12 @@ class EvalConfig:
     base_url: str | None = None          # evaluate an OpenAI-compatible server instead of a local model
     served_model: str | None = None      # the `model` field sent to --base-url
     output: str | None = None            # write the per-problem results as JSONL here
+    tools: list[str] = field(default_factory=list)   # multi-turn: tools the model may call (as rft train --tools)
+    env: str = ""                        # multi-turn: environment FILE.py:ClassName (as rft train --env)
+    env_trl: bool = False                # --env is a TRL environment_factory class
+    max_turns: int = 4                   # multi-turn: model turns per conversation
+    max_total_tokens: int = 256          # multi-turn: tokens after the prompt
+    tool_timeout: float = 10.0           # seconds per tool call
 
     def __post_init__(self):
         if self.k > self.samples:
@@ -74,6 +80,35 @@ def evaluate(model, tok, task, split: str = "test", n: int = 200, samples: int =
     comps = [c for g in groups for c in g]
     result.update(completion_len=sum(len(c.token_ids) for c in comps) / len(comps),
                   truncated_frac=sum(c.finish_reason == "length" for c in comps) / len(comps))
+    return result
+
+
+def evaluate_conversations(model, tok, task, split: str, n: int, make_env, limits, samples: int = 1, k: int = 1,
+                           temperature: float = 0.0, seed: int = 0, rewards: dict | None = None) -> dict:
+    """`evaluate` for multi-turn tasks (rftkit.multiturn): the rewards score the model's last turn, plus the
+    environment's reward (as reward "env"; accuracy still counts the "task" reward >= 1); also the mean model
+    turns, the share of conversations stopped by a limit, and each row's whole conversation."""
+    from rftkit.engine import Engine
+    from rftkit.multiturn import Conversation, TurnCodec, run_conversations
+    from rftkit.rewards import score_batch
+    from rftkit.sampling import SamplingParams
+    problems = task.samples(split, n, seed=seed)
+    codec = TurnCodec(tok)
+    convs = [Conversation.start(make_env(), p, codec) for p in problems for _ in range(samples)]
+    engine = Engine(model, max_seq_len=max(len(c.prompt) for c in convs) + limits.max_total_tokens + 8,
+                    max_batch=64)
+    t0 = time.perf_counter()
+    run_conversations(engine, codec, convs, limits, lambda i, turn, m: SamplingParams(
+        temperature=temperature, max_tokens=m, seed=seed + 7919 * i + turn, stop_token_ids=list(tok.eos_token_ids)))
+    texts = [[c.last_text for c in convs[j * samples:(j + 1) * samples]] for j in range(len(problems))]
+    result = _score(task, problems, texts, k, time.perf_counter() - t0, rewards)
+    env = [c.reward() for c in convs]
+    result["rewards"]["env"] = sum(env) / len(env)
+    for j, row in enumerate(result["rows"]):
+        row["conversations"] = [c.messages for c in convs[j * samples:(j + 1) * samples]]
+    result.update(completion_len=sum(map(sum, (c.mask for c in convs))) / len(convs),
+                  truncated_frac=sum(bool(c.truncated) for c in convs) / len(convs),
+                  turns=sum(c.turns for c in convs) / len(convs))
     return result
 
 
@@ -139,8 +174,17 @@ def run_eval(cfg: EvalConfig) -> int:
         model, tok = load(cfg.model)
         if cfg.adapter:
             load_lora(model, cfg.adapter)
-        result = evaluate(model, tok, task, cfg.split, cfg.n, cfg.samples, cfg.k, cfg.temperature,
-                          cfg.max_tokens, cfg.seed)
+        if cfg.tools or cfg.env:
+            from rftkit.environments import environment_factory
+            from rftkit.multiturn import Limits
+            make_env = environment_factory(cfg.env, cfg.tools, cfg.tool_timeout, cfg.env_trl)
+            result = evaluate_conversations(model, tok, task, cfg.split, cfg.n, make_env, Limits(
+                cfg.max_turns, cfg.max_tokens, cfg.max_total_tokens), cfg.samples, cfg.k, cfg.temperature, cfg.seed)
+            print(f"rft eval: {result['turns']:.2f} model turns per conversation, {result['truncated_frac']:.3f} "
+                  f"stopped by a limit, environment reward {result['rewards']['env']:.3f}")
+        else:
+            result = evaluate(model, tok, task, cfg.split, cfg.n, cfg.samples, cfg.k, cfg.temperature,
+                              cfg.max_tokens, cfg.seed)
     if cfg.output:
         with open(Path(cfg.output), "w") as f:
             for row in result["rows"]:

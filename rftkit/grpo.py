@@ -113,6 +113,13 @@ class GRPOConfig:
     base_bits: int = 0                   # 4 = QLoRA: the frozen base linears in int4 (groups of 32), LoRA on top
                                          # (8 = int8); 0 = the base as loaded
     grad_checkpointing: bool = False     # recompute each block in backward instead of keeping its activations
+    tools: list[str] = field(default_factory=list)   # multi-turn with tools: built-in names (calculator, python),
+                                         # FILE.py (its public functions) or FILE.py:fn1+fn2 (docs/agents.md)
+    env: str = ""                        # multi-turn environment FILE.py:ClassName (rftkit.environments)
+    env_trl: bool = False                # --env is a class written for TRL's environment_factory
+    max_turns: int = 4                   # multi-turn: model turns per conversation
+    max_total_tokens: int = 256          # multi-turn: tokens after the prompt (model and environment turns)
+    tool_timeout: float = 10.0           # seconds a tool call may take; a slower one answers the model an error
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -135,10 +142,25 @@ class GRPOConfig:
         resolve_dtype(self.dtype)
         check_base_bits(self.base_bits, self.dtype)
         self.report_to = check_report_to(self.report_to)    # a missing package fails now, not after training
+        if self.multi_turn:
+            self.limits()                 # validates the turn and token limits
+            if self.response_format:
+                raise ValueError(f"response_format {self.response_format!r} constrains single-turn completions; "
+                                 f"multi-turn runs (tools/env) write tool calls between turns: drop one of them")
         self.spec()  # validates loss settings
 
+    @property
+    def multi_turn(self) -> bool:
+        return bool(self.tools or self.env)
+
+    def limits(self):
+        from rftkit.multiturn import Limits
+        return Limits(self.max_turns, self.max_tokens, self.max_total_tokens)
+
     def spec(self) -> LossSpec:
-        return LossSpec(self.loss_type, self.eps_low, self.eps_high, self.importance, self.beta, self.max_tokens)
+        # dr_grpo's L_max: the most tokens a completion can carry loss on (all turns of a conversation)
+        l_max = min(self.max_turns * self.max_tokens, self.max_total_tokens) if self.multi_turn else self.max_tokens
+        return LossSpec(self.loss_type, self.eps_low, self.eps_high, self.importance, self.beta, l_max)
 
 
 @dataclass
@@ -147,7 +169,10 @@ class Rollouts:
     completions: list[list[int]]         # P·G completions, group-major
     rewards: torch.Tensor                # [P, G] total reward
     old_logprobs: list[list[float]]      # the engine's log-probs of each completion token
-    truncated: list[bool]                # cut at max_tokens
+    truncated: list[bool]                # cut at max_tokens (multi-turn: stopped by a turn or token limit)
+    loss_masks: list[list[int]] | None = None   # multi-turn: 1 on the tokens the model sampled, 0 on the
+                                         # environment's (None: every completion token is the model's)
+    turns: list[int] | None = None       # multi-turn: model turns of each conversation
 
 
 def _now(device: torch.device) -> float:
@@ -178,7 +203,7 @@ def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Tota
     stats = {"groups_kept": len(keep), "zero_std_frac": 1 - len(keep) / P if cfg.dynamic_sampling else
              float(sum(batch.rewards[i].std() == 0 for i in range(P))) / P}
     rows = [i * G + j for i in keep for j in range(G)]
-    valid_len = [len(batch.completions[r]) for r in rows]
+    valid_len = [len(batch.completions[r]) if batch.loss_masks is None else sum(batch.loss_masks[r]) for r in rows]
     if cfg.mask_truncated:
         valid_len = [0 if batch.truncated[r] else n for r, n in zip(rows, valid_len)]
     if totals is None:
@@ -203,6 +228,8 @@ def grpo_update(model, optimizer, batch: Rollouts, cfg: GRPOConfig, totals: Tota
                 with torch.no_grad(), lora_disabled(model):
                     ref = group_logprobs(model, prompts, comps, G, cfg.temperature)[0]
             logp, mask, ent, aux = group_logprobs(model, prompts, comps, G, cfg.temperature, with_entropy=True)
+            if batch.loss_masks is not None:          # the environment's tokens carry no loss
+                mask = mask * _pad_rows([batch.loss_masks[r] for r in mb_rows], mask.shape[1]).to(mask.device)
             if cfg.mask_truncated:
                 mask = mask * torch.tensor([0.0 if batch.truncated[r] else 1.0 for r in mb_rows],
                                            device=mask.device)[:, None]
@@ -240,15 +267,19 @@ def _seed(*parts) -> int:
 
 
 def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weights: dict, errors: dict,
-            indices: list[int] | None = None, clock: dict | None = None, grammar=None):
+            indices: list[int] | None = None, clock: dict | None = None, grammar=None, make_env=None):
     """Sample G completions for the step's P training prompts (or those of them at `indices`) and score them;
     `clock` gets the seconds spent generating ("gen_s") and scoring ("reward_s"); `grammar` (--response-format,
-    rftkit.constrained) constrains every completion."""
+    rftkit.constrained) constrains every completion. With `make_env` (multi-turn: a fresh
+    rftkit.environments.Environment per call) each completion is a whole conversation."""
     from rftkit.rewards import score_batch
     from rftkit.sampling import SamplingParams
     P, G = cfg.prompts_per_step, cfg.group_size
     indices = list(range(P)) if indices is None else indices
     samples = [task.sample("train", step * P + i, seed=cfg.seed) for i in indices]
+    if make_env is not None:
+        return conversation_rollout(engine, tok, samples, indices, cfg, step, rewards, weights, errors, clock,
+                                    make_env)
     prompts = [tok.encode_chat(s["messages"]) for s in samples]
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, n=G,
                              seed=_seed(cfg.seed, step, i), stop_token_ids=list(tok.eos_token_ids),
@@ -269,13 +300,50 @@ def rollout(engine, tok, task, cfg: GRPOConfig, step: int, rewards: dict, weight
     return batch, scores, texts, expanded
 
 
+def conversation_rollout(engine, tok, samples, indices, cfg: GRPOConfig, step: int, rewards: dict, weights: dict,
+                         errors: dict, clock: dict | None, make_env):
+    """`rollout` for multi-turn tasks (rftkit.multiturn): G conversations per sample, the run's rewards on the
+    model's last turn plus the environment's reward (as reward "env"); texts are the whole conversations."""
+    from rftkit.multiturn import Conversation, TurnCodec, run_conversations
+    from rftkit.rewards import score_batch
+    from rftkit.sampling import SamplingParams
+    G, codec = cfg.group_size, TurnCodec(tok)
+    convs = [Conversation.start(make_env(), s, codec) for s in samples for _ in range(G)]
+    for k in range(0, len(convs), G):
+        if any(c.prompt != convs[k].prompt for c in convs[k:k + G]):
+            raise ValueError(f"the environment's reset() gave different first messages for one sample "
+                             f"({samples[k // G].get('id', k // G)!r}): a group's G conversations must start alike "
+                             f"(draw randomness from the sample, not in reset)")
+
+    def params(i: int, turn: int, max_tokens: int) -> SamplingParams:
+        return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=max_tokens,
+                              seed=_seed(cfg.seed, step, indices[i // G], i % G, turn),
+                              stop_token_ids=list(tok.eos_token_ids))
+    t0 = time.perf_counter()
+    run_conversations(engine, codec, convs, cfg.limits(), params)
+    t1 = time.perf_counter()
+    expanded = [c.sample for c in convs]
+    scores = score_batch(rewards, [c.last_text for c in convs], expanded, on_error=cfg.on_reward_error,
+                         errors=errors)
+    scores["env"] = [c.reward() for c in convs]
+    if clock is not None:
+        clock.update(gen_s=t1 - t0, reward_s=time.perf_counter() - t1)
+    total = sum(torch.tensor(v) * weights.get(k, 1.0) for k, v in scores.items()).view(len(indices), G)
+    batch = Rollouts([convs[k].prompt for k in range(0, len(convs), G)], [c.tokens for c in convs], total.float(),
+                     [c.logprobs for c in convs], [bool(c.truncated) for c in convs], [c.mask for c in convs],
+                     [c.turns for c in convs])
+    return batch, scores, [tok.decode(c.tokens) for c in convs], expanded
+
+
 def gather_rollouts(batch: Rollouts, scores: dict, texts: list, samples: list, errors: dict, what: str):
     """Every process's rollouts, scores, texts, samples and reward errors, joined in prompt order."""
     parts = dist.all_gather((batch, scores, texts, samples, errors), what)
     b = [p[0] for p in parts]
     joined = Rollouts(sum((x.prompts for x in b), []), sum((x.completions for x in b), []),
                       torch.cat([x.rewards for x in b]), sum((x.old_logprobs for x in b), []),
-                      sum((x.truncated for x in b), []))
+                      sum((x.truncated for x in b), []),
+                      None if b[0].loss_masks is None else sum((x.loss_masks for x in b), []),
+                      None if b[0].turns is None else sum((x.turns for x in b), []))
     all_errors: dict = {}
     for p in parts:
         for name, e in p[4].items():
@@ -315,6 +383,10 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     for i, spec in enumerate(cfg.reward):
         rewards[spec] = load_reward(spec)
         weights[spec] = cfg.reward_weights[i] if cfg.reward_weights else 1.0
+    make_env = None
+    if cfg.multi_turn:                      # a bad tools or environment file fails here, before the model loads
+        from rftkit.environments import environment_factory
+        make_env = environment_factory(cfg.env, cfg.tools, cfg.tool_timeout, cfg.env_trl)
     out = prepare_output(Path(cfg.output), cfg.resume, cfg.overwrite, "rft train")
     if model is None:
         device = resolve_device(cfg.device, dist.local_rank() if world > 1 else None)
@@ -339,7 +411,8 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
 
     def evaluate_now(step: int, elapsed: float) -> None:
         """Greedy on the validation split (rank 0); the row to the log, the adapter kept if it is the best."""
-        erow = eval_row(model, tok, task, step, elapsed, cfg.eval_n, cfg.max_tokens, rewards, seed=cfg.seed)
+        erow = eval_row(model, tok, task, step, elapsed, cfg.eval_n, cfg.max_tokens, rewards, seed=cfg.seed,
+                        make_env=make_env, limits=cfg.limits() if make_env else None)
         log.write(erow)
         best.offer(model, step, erow["eval/accuracy"])
         evaluated.add(step)
@@ -362,8 +435,14 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
         log.rewind(start)           # rows logged after the checkpoint would otherwise appear twice
     if main:
         (out / "config.json").write_text(__import__("json").dumps(asdict(cfg), indent=1))
-    longest_prompt = max(len(tok.encode_chat(task.sample("train", i, cfg.seed)["messages"])) for i in range(64))
-    engine = Engine(model, max_seq_len=longest_prompt * 2 + cfg.max_tokens + 64,
+    if make_env is None:
+        longest_prompt = max(len(tok.encode_chat(task.sample("train", i, cfg.seed)["messages"])) for i in range(64))
+        room = cfg.max_tokens
+    else:
+        from rftkit.multiturn import TurnCodec, longest_prompt as longest
+        longest_prompt = longest(make_env, TurnCodec(tok), [task.sample("train", i, cfg.seed) for i in range(64)])
+        room = cfg.max_total_tokens
+    engine = Engine(model, max_seq_len=longest_prompt * 2 + room + 64,
                     max_batch=len(mine) * cfg.group_size, kv_budget_bytes=4 << 30)
     grammar = None
     if cfg.response_format:
@@ -387,7 +466,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                 model.eval()
                 clock: dict = {}
                 batch, scores, texts, samples = rollout(engine, tok, task, cfg, step, rewards, weights, errors, mine,
-                                                        clock, grammar)
+                                                        clock, grammar, make_env)
                 t_gen = clock["gen_s"]
                 all_errors = errors
                 if world > 1:      # every process holds the whole batch; each computes the gradient of its groups
@@ -409,6 +488,9 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                        **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()}, **upd,
                        "samples": [{"completion": texts[i], "reward": float(batch.rewards.flatten()[i])}
                                    for i in range(min(cfg.log_samples, len(texts)))]}
+                if batch.turns is not None:
+                    row.update(turns=sum(batch.turns) / len(batch.turns),
+                               model_token_frac=sum(map(sum, batch.loss_masks)) / max(n_tok, 1))
                 row.update(reward_metrics(rewards))   # judges: requests, cache hits, tokens (this process's)
                 if all_errors:
                     row["reward_errors"] = {k: dict(v) for k, v in all_errors.items()}

@@ -21,25 +21,30 @@ import os
 import shutil
 from pathlib import Path
 
-from rftkit.evaluate import evaluate
+from rftkit.evaluate import evaluate, evaluate_conversations
 from rftkit.lora import save_lora
 
 BEST_FILE = "best.json"
 
 
 def eval_row(model, tok, task, step: int, elapsed: float, n: int, max_tokens: int, rewards: dict | None = None,
-             split: str = "validation", seed: int = 0) -> dict:
+             split: str = "validation", seed: int = 0, make_env=None, limits=None) -> dict:
     """One evaluation as a metrics row: eval/accuracy, eval/reward/<name> for each reward, eval/completion_len,
-    eval/truncated_frac, and its size and cost (eval/n, eval/seconds). n is capped at the split's size."""
+    eval/truncated_frac, and its size and cost (eval/n, eval/seconds). n is capped at the split's size. With
+    `make_env` and `limits`, multi-turn conversations (rftkit.evaluate.evaluate_conversations), and eval/turns."""
     n = min(n, task.size(split))
     was_training = model.training
     model.eval()
-    res = evaluate(model, tok, task, split, n, max_tokens=max_tokens, seed=seed, progress=False, rewards=rewards)
+    if make_env is None:
+        res = evaluate(model, tok, task, split, n, max_tokens=max_tokens, seed=seed, progress=False, rewards=rewards)
+    else:
+        res = evaluate_conversations(model, tok, task, split, n, make_env, limits, seed=seed, rewards=rewards)
     model.train(was_training)
     return {"step": step, "time": round(elapsed, 2), "eval/accuracy": res["accuracy"],
             **{f"eval/reward/{k}": v for k, v in res["rewards"].items()},
             "eval/completion_len": res["completion_len"], "eval/truncated_frac": res["truncated_frac"],
-            "eval/n": res["n"], "eval/seconds": round(res["seconds"], 2), "eval/split": split}
+            "eval/n": res["n"], "eval/seconds": round(res["seconds"], 2), "eval/split": split,
+            **({"eval/turns": res["turns"]} if "turns" in res else {})}
 
 
 class BestAdapter:
