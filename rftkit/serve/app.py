@@ -30,6 +30,7 @@ from pathlib import Path
 
 from rftkit.serve.requests import (APIError, ClientGone, NonFiniteError, Request, accept, deltas, parse_chat,
                                    parse_completion, parse_json, parse_lorax)
+from rftkit.serve.traffic import feedback_router, log_served, open_log
 from rftkit.serve.worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -55,6 +56,11 @@ class ServeConfig:
     header_timeout: float = 10.0        # seconds a client may take to send a request's headers (and its body)
     served_model_name: str | None = None  # the base model's id (default: its folder name)
     device: str = "auto"                # cpu, cuda, or auto (cuda when present)
+    log_requests: str | None = None     # log each chat/completions request (prompt, completions, adapter, sampling,
+                                        # latency) to DIR/requests.db for rft train --from-logs; off by default:
+                                        # prompts are personal data, kept on this machine (docs/traffic.md)
+    log_retention_days: float = 30.0    # logged requests older than this are deleted
+    log_max_rows: int = 1_000_000       # the oldest logged requests beyond this many are deleted
 
     def __post_init__(self):
         for name in ("port", "max_loaded_adapters", "max_batch", "max_seq_len", "kv_budget_mb", "max_n",
@@ -95,6 +101,7 @@ class Server:
         self.engine = Engine(model, kv_budget_bytes=cfg.kv_budget_mb << 20, max_seq_len=cfg.max_seq_len,
                              max_batch=cfg.max_batch, adapter_slots=cfg.max_loaded_adapters)
         self.metrics = Metrics()
+        self.traffic = open_log(cfg)        # None unless --log-requests
         self.worker = EngineWorker(self.engine, cfg.adapters, cfg.max_pending, self.metrics)
         self.worker.on_death = self._engine_died
         self.eos = list(tok.eos_token_ids)
@@ -409,17 +416,20 @@ def build_app(server: Server):
             head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
             async def events():
-                completion = 0
+                completion, texts, finish = 0, [[] for _ in range(n)], [None] * n
                 try:
                     if chat:
                         yield sse({**head, "choices": [_choice(server, req, i, "", [], None, True, True)
                                                        for i in range(n)]})
                     async for d in server.run(stream, req):
                         completion += len(d.tokens)
+                        texts[d.index].append(d.text)
+                        finish[d.index] = d.finish or finish[d.index]
                         yield sse({**head, "choices": [_choice(server, req, d.index, d.text, d.tokens, d.finish,
                                                                True)]})
                     if req.include_usage:
                         yield sse({**head, "choices": [], "usage": _usage(prompt_lens, req.params.n, completion)})
+                    log_served(server, rid, req, ["".join(t) for t in texts], finish, t0, sum(prompt_lens), completion)
                 except Exception as e:     # noqa: BLE001 - headers are sent: report in the stream, then end it
                     yield sse({"error": {"message": str(e), "type": "server_error"}})
                 yield "data: [DONE]\n\n"
@@ -429,12 +439,16 @@ def build_app(server: Server):
             texts[d.index].append(d.text)
             tokens[d.index] += d.tokens
             finish[d.index] = d.finish or finish[d.index]
+        log_served(server, rid, req, ["".join(t) for t in texts], finish, t0, sum(prompt_lens),
+                   sum(map(len, tokens)))
 
         def answer() -> bytes:          # off the loop: thousands of tokens x 20 alternatives take a while
             choices = [_choice(server, req, i, "".join(texts[i]), tokens[i], finish[i], False) for i in range(n)]
             return _dumps({**head, "choices": choices,
                            "usage": _usage(prompt_lens, req.params.n, sum(map(len, tokens)))})
         return Response(await server.off_loop(answer), media_type="application/json")
+
+    app.include_router(feedback_router(server, protected, body_of))
 
     @app.post("/v1/completions", dependencies=protected)
     async def completions(request: HTTPRequest):
