@@ -64,7 +64,8 @@ def arithmetic_verifier(completion: str, sample: dict) -> float:
     if not found:
         raise ValueError(f"arithmetic_verifier: no 'A + B?' question in the prompt {text[:80]!r}")
     a, op, b = found[-1]
-    return last_integer(completion, {"answer": {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}[op](int(a), int(b))})
+    value = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}[op](int(a), int(b))
+    return last_integer(completion, {"answer": value})
 
 
 def exact_match(completion: str, sample: dict) -> float:

@@ -53,8 +53,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     created REAL NOT NULL, choice INTEGER NOT NULL, score REAL, label TEXT, comment TEXT);
 CREATE INDEX IF NOT EXISTS feedback_completion ON feedback(completion_id);
 """
-COLUMNS = ("id", "created", "model", "adapter", "adapter_dir", "endpoint", "messages", "prompts", "completions", "finish",
-           "params", "latency", "prompt_tokens", "completion_tokens")
+COLUMNS = ("id", "created", "model", "adapter", "adapter_dir", "endpoint", "messages", "prompts", "completions",
+           "finish", "params", "latency", "prompt_tokens", "completion_tokens")
 
 
 def db_path(path: str | Path) -> Path:

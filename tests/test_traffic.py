@@ -149,6 +149,6 @@ def test_train_from_logs_warm_starts_from_the_serving_adapter(logged, tmp_path):
     assert 0 < len(val) < len(task_rows)
     out = tmp_path / "eval.jsonl"
     run_eval(EvalConfig(model=str(logged.base), adapter=str(tmp_path / "v2" / "adapter"), from_logs=logs,
-                        logs_adapter="add-v1", logs_since=since, eval_fraction=0.25, reward="arithmetic_verifier", max_tokens=4,
-                        output=str(out)))
+                        logs_adapter="add-v1", logs_since=since, eval_fraction=0.25, reward="arithmetic_verifier",
+                        max_tokens=4,                        output=str(out)))
     assert sorted(json.loads(l)["id"] for l in out.read_text().splitlines()) == sorted(r["id"] for r in val)
