@@ -307,7 +307,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     import rftkit.graders  # registers the grader:, judge-api:, judge-group: and http(s) reward specs
     logs = log_query(cfg)
     if logs is not None and not cfg.init_adapter:          # warm start from the adapter that served the traffic
-        cfg = replace(cfg, init_adapter=served_adapter(logs))
+        cfg = replace(cfg, init_adapter=served_adapter(logs))      # (None: the base model served it)
     if task is None:                                       # task and rewards first: a bad name fails in seconds
         if (cfg.eval_data or cfg.test_data) and not cfg.data:
             raise ValueError("rft train needs training rows: give --data FILE with --eval-data / --test-data")

@@ -303,24 +303,27 @@ def log_query(cfg) -> LogQuery | None:
     return LogQuery(cfg.from_logs, cfg.logs_adapter, cfg.logs_since, cfg.logs_until, cfg.logs_feedback)
 
 
-def served_adapter(q: LogQuery) -> str:
+def served_adapter(q: LogQuery) -> str | None:
     """The folder of the adapter that served `q.adapter`'s logged requests (the newest one's), for a warm
-    start; an error when the log names none or the folder is gone."""
+    start; None when the base model served them (a fresh adapter); an error when the log has no such requests
+    or the folder is gone."""
     if not q.adapter:
-        raise ValueError("--from-logs without --logs-adapter: say which served adapter's traffic to train on "
-                         "(its folder is the warm start), or give --init-adapter DIR")
+        raise ValueError("--from-logs without --logs-adapter: say which served model's traffic to train on (an "
+                         "adapter's folder is the warm start), or give --init-adapter DIR")
     con = sqlite3.connect(f"file:{db_path(q.db)}?mode=ro", uri=True, timeout=10)
     try:
-        found = con.execute("SELECT adapter_dir FROM requests WHERE model = ? ORDER BY created DESC LIMIT 1",
-                            (q.adapter,)).fetchone()
+        found = con.execute("SELECT adapter, adapter_dir FROM requests WHERE model = ? ORDER BY created DESC "
+                            "LIMIT 1", (q.adapter,)).fetchone()
     finally:
         con.close()
-    if found is None or found[0] is None:
-        raise ValueError(f"{db_path(q.db)}: no request served by an adapter named {q.adapter!r} (the base model "
-                         f"has no adapter to start from): give --init-adapter DIR, or --logs-adapter NAME")
-    if not Path(found[0], "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{found[0]}: the adapter that served {q.adapter!r} is gone; give --init-adapter DIR")
-    return found[0]
+    if found is None:
+        raise ValueError(f"{db_path(q.db)}: no request served by {q.adapter!r} (--logs-adapter takes an adapter "
+                         f"name or the base model's id, as the requests' `model` field named it)")
+    if found[0] is None:
+        return None                                 # the base model's traffic: a new adapter from scratch
+    if not Path(found[1], "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{found[1]}: the adapter that served {q.adapter!r} is gone; give --init-adapter DIR")
+    return found[1]
 
 
 def prompt_key(messages: list[dict]) -> str:

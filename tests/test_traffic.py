@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rftkit.traffic_log import LogQuery, TrafficLog, held_out, parse_time, select_prompts
+from rftkit.traffic_log import LogQuery, TrafficLog, held_out, parse_time, select_prompts, served_adapter
 from tests.conftest import tok_dir  # the fixture's body builds the module-scoped server's tokenizer
 from tests.serve_helpers import KEY, Running, _base_folder, _peft_adapter
 
@@ -143,6 +143,11 @@ def test_train_from_logs_warm_starts_from_the_serving_adapter(logged, tmp_path):
     config = json.loads((tmp_path / "v2" / "config.json").read_text())
     assert config["init_adapter"] == str((logged.root / "adapters" / "add-v1").resolve())
     assert result["steps"] == len(rows) == 2       # the verifier raises on a prompt without "A + B?": the logged ones
+    assert served_adapter(LogQuery(logs, adapter=logged.server.base_id)) is None     # base traffic: a fresh adapter
+    with pytest.raises(ValueError, match="no request served by 'add-v9'"):
+        served_adapter(LogQuery(logs, adapter="add-v9"))
+    with pytest.raises(ValueError, match="--init-adapter"):
+        served_adapter(LogQuery(logs))
     task_rows = select_prompts(LogQuery(logs, adapter="add-v1", since=since))[0]
     assert len(task_rows) == 30
     val = [r for r in task_rows if held_out(r["messages"], 0.25, seed=0)]
