@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rftkit.rewards import exact_match
 from rftkit.tasks import SPLITS, Task
+from rftkit.traffic_log import LogQuery, held_out, select_prompts
 
 FORMATS = {".jsonl": "json lines", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FLAG_SPLIT = {"data": "train", "eval_data": "validation", "test_data": "test"}   # a folder's split per flag
@@ -219,11 +220,36 @@ def data_task(data: str | None = None, eval_data: str | None = None, test_data: 
     return Task(name, problems, exact_match), "; ".join(about)
 
 
+def logs_task(query: LogQuery, eval_fraction: float = 0.0, seed: int = 0, need_answer: bool = True) -> tuple[Task, str]:
+    """A Task over the chat prompts `rft serve --log-requests` logged (rftkit.traffic_log): train = the selected
+    prompts, validation = the `eval_fraction` share held out by a hash of each prompt (stable as the log grows,
+    so `rft eval --from-logs` with the same flags scores the same held-out prompts). Logged prompts carry no
+    answer: a verifier or grader reward scores them (`--task-reward`, `--grader`)."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    rows, about = select_prompts(query)
+    problems: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for row in rows:
+        split = "validation" if held_out(row["messages"], eval_fraction, seed) else "train"
+        problems[split].append(to_sample(row, need_answer))
+    if eval_fraction and not problems["train"]:
+        raise ValueError(f"{query.db}: eval_fraction {eval_fraction} left no training prompts of {len(rows)}")
+    about += (f"; train: {len(problems['train'])}, validation: {len(problems['validation'])} held out "
+              f"(--eval-fraction {eval_fraction}, seed {seed})" if eval_fraction else "; no validation split")
+    return Task("logs:" + (query.adapter or "all"), problems, exact_match), about
+
+
 def task_from_flags(task: str, default_task: str, data: str | None, eval_data: str | None, test_data: str | None,
                     columns: list[str] | None, eval_fraction: float, seed: int,
-                    need_answer: bool) -> tuple[Task, str | None]:
+                    need_answer: bool, logs: LogQuery | None = None) -> tuple[Task, str | None]:
     """The Task a command runs on: its data files when any is given (then `task` must be left at its default),
-    else the named task. Returns it and, for data files, the line saying what was done."""
+    the request log's prompts with `logs`, else the named task. Returns it and, for data files and logs, the line
+    saying what was done."""
+    if logs is not None:
+        if data or eval_data or test_data or columns or task != default_task:
+            raise ValueError(f"--from-logs {logs.db} is the data: give no --task, --data, --eval-data, --test-data "
+                             f"or --columns beside it")
+        return logs_task(logs, eval_fraction, seed, need_answer)
     if not (data or eval_data or test_data):
         if columns or eval_fraction:
             raise ValueError("--columns and --eval-fraction apply to data files: give --data (or --eval-data, "

@@ -26,6 +26,12 @@ class EvalConfig:
     test_data: str | None = None         # rows of the test split
     eval_fraction: float = 0.0           # the validation rows `rft train --eval-fraction` held out of --data
     columns: list[str] = field(default_factory=list)  # column renames NAME=COLUMN, e.g. prompt=question,answer=sol
+    from_logs: str | None = None         # score the prompts `rft serve --log-requests DIR` logged (DIR): with
+                                         # --eval-fraction F, the held-out prompts `rft train --from-logs` left out
+    logs_adapter: str = ""               # only the traffic of this served model id (as rft train --logs-adapter)
+    logs_since: str = ""                 # only requests since then: 24h, 30m, 7d ago, or an ISO time (UTC)
+    logs_until: str = ""                 # only requests before then (same forms)
+    logs_feedback: str = "any"           # any, with, without, score>=X (also >, <=, <, =) or label=NAME
     reward: str = ""                     # replaces the task's own reward (built-in name or file.py:fn)
     split: str = ""                      # train, validation or test (default: test; with data files the test
                                          # rows, else the validation rows, else --data)
@@ -153,8 +159,9 @@ def evaluate_remote(base_url: str, served_model: str, task, split="test", n=200,
 def run_eval(cfg: EvalConfig) -> int:
     from rftkit.data import task_from_flags
     from rftkit.rewards import load_reward
+    from rftkit.traffic_log import log_query
     task, about = task_from_flags(cfg.task, "arithmetic", cfg.data, cfg.eval_data, cfg.test_data, cfg.columns,
-                                  cfg.eval_fraction, cfg.seed, need_answer=not cfg.reward)
+                                  cfg.eval_fraction, cfg.seed, need_answer=not cfg.reward, logs=log_query(cfg))
     if cfg.reward:
         task.default_reward = load_reward(cfg.reward)
     split = cfg.split or ("test" if cfg.test_data or not about else

@@ -26,7 +26,7 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +60,13 @@ class GRPOConfig:
     columns: list[str] = field(default_factory=list)  # column renames NAME=COLUMN, e.g. prompt=question,answer=sol
     init_adapter: str | None = None      # start from this PEFT adapter (SFT -> RFT, RFT -> RFT); its rank, alpha
                                          # and targets must equal --lora-r, --lora-alpha, --lora-targets
+    from_logs: str | None = None         # train on the chat prompts `rft serve --log-requests DIR` logged (DIR);
+                                         # score them with --task-reward or --grader (docs/traffic.md)
+    logs_adapter: str = ""               # only the traffic of this served model id (adapter name or base id); it
+                                         # is also the warm start when --init-adapter is not given
+    logs_since: str = ""                 # only requests since then: 24h, 30m, 7d ago, or an ISO time (UTC)
+    logs_until: str = ""                 # only requests before then (same forms)
+    logs_feedback: str = "any"           # any, with, without, score>=X (also >, <=, <, =) or label=NAME
     task_reward: str = ""                # replaces the task's own reward (e.g. "code" for a JSONL of tests)
     grader: str = ""                     # OpenAI grader JSON file: replaces the task's own reward (try it with
                                          # rft grade; judge endpoint from $RFTKIT_JUDGE_BASE_URL: docs/graders.md)
@@ -361,6 +368,7 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
     from rftkit.loading import load
     from rftkit.data import task_from_flags
     from rftkit.rewards import load_reward, reward_metrics
+    from rftkit.traffic_log import log_query, served_adapter
     rank, world = dist.init(cfg.dist_timeout)          # (0, 1) outside torchrun
     main = rank == 0                                    # only rank 0 writes
     keep_freed_memory()                                 # no page faults re-allocating each step's activations
@@ -369,11 +377,15 @@ def train(cfg: GRPOConfig, model=None, tok=None, task=None, progress: bool = Tru
                          f"needs at least one prompt per step")
     mine = dist.shard(list(range(cfg.prompts_per_step)))   # this process's prompts, whole groups
     import rftkit.graders  # registers the grader:, judge-api:, judge-group: and http(s) reward specs
+    logs = log_query(cfg)
+    if logs is not None and not cfg.init_adapter:          # warm start from the adapter that served the traffic
+        cfg = replace(cfg, init_adapter=served_adapter(logs))      # (None: the base model served it)
     if task is None:                                       # task and rewards first: a bad name fails in seconds
         if (cfg.eval_data or cfg.test_data) and not cfg.data:
             raise ValueError("rft train needs training rows: give --data FILE with --eval-data / --test-data")
         task, about = task_from_flags(cfg.task, "arithmetic", cfg.data, cfg.eval_data, cfg.test_data, cfg.columns,
-                                      cfg.eval_fraction, cfg.seed, need_answer=not (cfg.task_reward or cfg.grader))
+                                      cfg.eval_fraction, cfg.seed, need_answer=not (cfg.task_reward or cfg.grader),
+                                      logs=logs)
         if about and main:
             print(f"rft train: {about}")
     rewards = {"task": load_reward(cfg.task_reward) if cfg.task_reward else task.default_reward}

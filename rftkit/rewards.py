@@ -52,6 +52,22 @@ def numeric_match(completion: str, sample: dict, tol: float = 1e-6) -> float:
     return float(abs(value - target) <= tol * max(1.0, abs(target)))
 
 
+_QUESTION = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*\?")
+
+
+def arithmetic_verifier(completion: str, sample: dict) -> float:
+    """A verifier that needs no answer column: 1 if the last integer in the completion equals the value of the
+    last "A + B?" (also -, *) in the prompt's last user message, else 0; a prompt without one is an error.
+    For prompts that arrive without answers (served traffic: rft train --from-logs)."""
+    text = next(m["content"] for m in reversed(sample["messages"]) if m["role"] == "user")
+    found = _QUESTION.findall(text)
+    if not found:
+        raise ValueError(f"arithmetic_verifier: no 'A + B?' question in the prompt {text[:80]!r}")
+    a, op, b = found[-1]
+    value = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}[op](int(a), int(b))
+    return last_integer(completion, {"answer": value})
+
+
 def exact_match(completion: str, sample: dict) -> float:
     """1 if the completion equals sample["answer"] up to surrounding and repeated whitespace."""
     norm = lambda s: " ".join(str(s).split())
@@ -300,6 +316,7 @@ class LLMJudge(BatchReward):
 
 
 BUILTIN: dict[str, Reward] = {"last_integer": last_integer, "numeric": numeric_match, "exact": exact_match,
+                              "arithmetic_verifier": arithmetic_verifier,
                               "math": math_equivalence, "json_schema": json_schema_valid, "code": code_execution()}
 
 

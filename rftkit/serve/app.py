@@ -34,6 +34,7 @@ from rftkit.serve.jobs import console_router, jobs_router, open_jobs
 from rftkit.serve import structured
 from rftkit.serve.requests import (APIError, ClientGone, NonFiniteError, Request, accept, deltas, parse_chat,
                                    parse_completion, parse_json, parse_lorax)
+from rftkit.serve.traffic import feedback_router, log_served, open_log
 from rftkit.serve.worker import AdapterError, EngineWorker, Metrics, adapter_folder, list_adapters
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -63,6 +64,11 @@ class ServeConfig:
     max_jobs: int = 1                   # fine-tuning jobs trained at once, each its own process (0 = no jobs)
     job_threads: int = 1                # torch threads of a job's process (serving keeps the other cores)
     max_file_mb: int = 512              # largest training file uploaded to /v1/files
+    log_requests: str | None = None     # log each chat/completions request (prompt, completions, adapter, sampling,
+                                        # latency) to DIR/requests.db for rft train --from-logs; off by default:
+                                        # prompts are personal data, kept on this machine (docs/traffic.md)
+    log_retention_days: float = 30.0    # logged requests older than this are deleted
+    log_max_rows: int = 1_000_000       # the oldest logged requests beyond this many are deleted
 
     def __post_init__(self):
         for name in ("port", "max_loaded_adapters", "max_batch", "max_seq_len", "kv_budget_mb", "max_n",
@@ -106,6 +112,7 @@ class Server:
         self.engine = Engine(model, kv_budget_bytes=cfg.kv_budget_mb << 20, max_seq_len=cfg.max_seq_len,
                              max_batch=cfg.max_batch, adapter_slots=cfg.max_loaded_adapters)
         self.metrics = Metrics()
+        self.traffic = open_log(cfg)        # None unless --log-requests
         self.worker = EngineWorker(self.engine, cfg.adapters, cfg.max_pending, self.metrics)
         self.worker.on_death = self._engine_died
         self.eos = list(tok.eos_token_ids)
@@ -453,31 +460,37 @@ def build_app(server: Server):
             head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
             async def events():
-                completion = 0
+                completion, raw, finish = 0, [[] for _ in range(n)], [None] * n
                 try:
                     if chat:
                         yield sse({**head, "choices": [_choice(server, req, i, "", [], None, True, True)
                                                        for i in range(n)]})
                     async for d in server.run(stream, req):
                         completion += len(d.tokens)
-                        text, calls, finish = split(d)
-                        if text or calls or finish or d.tokens and req.logprobs is not None:
-                            yield sse({**head, "choices": [_choice(server, req, d.index, text, d.tokens, finish,
+                        raw[d.index].append(d.text)
+                        text, calls, fin = split(d)
+                        finish[d.index] = fin or finish[d.index]
+                        if text or calls or fin or d.tokens and req.logprobs is not None:
+                            yield sse({**head, "choices": [_choice(server, req, d.index, text, d.tokens, fin,
                                                                    True, calls=calls)]})
                     if req.include_usage:
                         yield sse({**head, "choices": [], "usage": _usage(prompt_lens, req.params.n, completion)})
+                    log_served(server, rid, req, ["".join(t) for t in raw], finish, t0, sum(prompt_lens), completion)
                 except Exception as e:     # noqa: BLE001 - headers are sent: report in the stream, then end it
                     yield sse({"error": {"message": str(e), "type": "server_error"}})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
-        texts, tokens, finish = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        texts, raw, tokens, finish = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
         calls = [[] for _ in range(n)]
         async for d in server.run(stream, req, request):
             text, new_calls, done = split(d)
             texts[d.index].append(text)
+            raw[d.index].append(d.text)           # the request log keeps what the model wrote, calls included
             calls[d.index] += new_calls
             tokens[d.index] += d.tokens
             finish[d.index] = done or finish[d.index]
+        log_served(server, rid, req, ["".join(t) for t in raw], finish, t0, sum(prompt_lens),
+                   sum(map(len, tokens)))
 
         def answer() -> bytes:          # off the loop: thousands of tokens x 20 alternatives take a while
             choices = [_choice(server, req, i, "".join(texts[i]), tokens[i], finish[i], False, calls=calls[i])
@@ -485,6 +498,8 @@ def build_app(server: Server):
             return _dumps({**head, "choices": choices,
                            "usage": _usage(prompt_lens, req.params.n, sum(map(len, tokens)))})
         return Response(await server.off_loop(answer), media_type="application/json")
+
+    app.include_router(feedback_router(server, protected, body_of))
 
     @app.post("/v1/completions", dependencies=protected)
     async def completions(request: HTTPRequest):
