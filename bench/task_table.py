@@ -5,6 +5,7 @@ beyond it; TRL's GRPOTrainer at equal wall time on some of them.
     python bench/task_table.py --budget 900 --results bench/results/task_table.jsonl      # every row, in ROWS order
     python bench/task_table.py --rows countdown,rg-chain_sum --budget 900         # some rows
     python bench/task_table.py --quick --results /tmp/tt.jsonl --rows countdown   # smoke: 20 s, 8 problems
+    python bench/task_table.py --table                                            # the results as markdown
 
 Each row: evaluate the base model (greedy, --eval-n problems of the task's test split, the row's max_tokens),
 train by GRPO for --budget seconds of training (rollouts + updates; evaluations not counted) with the row's
@@ -137,12 +138,12 @@ def train_trl(cfg, budget: float, task) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     stream = [task.sample("train", k, seed=cfg.seed) for k in range(min(task.size("train"), 20000))]
-    ds = datasets.Dataset.from_list([{"prompt": s["messages"], "row": json.dumps(s)} for s in stream])
+    ds = datasets.Dataset.from_list([{"prompt": s["messages"], "idx": k} for k, s in enumerate(stream)])
     parts = [(task.default_reward, 1.0)] + [(load_reward(spec), (cfg.reward_weights or [1.0] * len(cfg.reward))[i])
                                              for i, spec in enumerate(cfg.reward)]
 
-    def reward(completions, row, **kw):
-        return [sum(w * fn(c[0]["content"], json.loads(r)) for fn, w in parts) for c, r in zip(completions, row)]
+    def reward(completions, idx, **kw):            # the samples themselves, not a JSON copy (rg entries hold tuples)
+        return [sum(w * fn(c[0]["content"], stream[k]) for fn, w in parts) for c, k in zip(completions, idx)]
 
     clock = {"train_s": 0.0, "steps": 0}
 
@@ -172,6 +173,18 @@ def train_trl(cfg, budget: float, task) -> dict:
     return {"steps": clock["steps"], "train_s": round(clock["train_s"], 1), "adapter": str(adapter)}
 
 
+def table(results: Path) -> str:
+    """The markdown table of docs/experiments.md, one line per row of --results."""
+    lines = ["| row | task | system | base | RFT | test n | steps | train s | load (1-min avg) before / after training "
+             "| date (UTC) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in map(json.loads, filter(str.strip, results.read_text().splitlines())):
+        load = lambda up: up.split("load average:")[1].split(",")[0].strip()
+        lines.append(f"| {r['row']} | `{r['task']}` | {r['system']} | {r['base']['accuracy']:.2f} | "
+                     f"{r['rft']['accuracy']:.2f} | {r['rft']['n']} | {r['steps']} | {r['train_s']:.0f} | "
+                     f"{load(r['uptime_before'])} / {load(r['uptime_after_training'])} | {r['date'][:16]} |")
+    return "\n".join(lines)
+
+
 def main():
     from rftkit.grpo import GRPOConfig
     from rftkit.recipe import read_recipe
@@ -182,7 +195,11 @@ def main():
     ap.add_argument("--results", default="bench/results/task_table.jsonl")
     ap.add_argument("--work", default="runs/task_table", help="run folders (adapters, metrics)")
     ap.add_argument("--quick", action="store_true", help="smoke: 20 s budgets, 8 problems")
+    ap.add_argument("--table", action="store_true", help="print --results as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(Path(args.results)))
+        return
     if args.quick:
         args.budget, args.eval_n = 20.0, 8
     results, work = Path(args.results), Path(args.work)
