@@ -6,6 +6,7 @@ beyond it; TRL's GRPOTrainer at equal wall time on some of them.
     python bench/task_table.py --rows countdown,rg-chain_sum --budget 900         # some rows
     python bench/task_table.py --quick --results /tmp/tt.jsonl --rows countdown   # smoke: 20 s, 8 problems
     python bench/task_table.py --table                                            # the results as markdown
+    python bench/task_table.py --plot docs/img/task_table.png                     # and as bars
 
 Each row: evaluate the base model (greedy, --eval-n problems of the task's test split, the row's max_tokens),
 train by GRPO for --budget seconds of training (rollouts + updates; evaluations not counted) with the row's
@@ -185,6 +186,24 @@ def table(results: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(results: Path, path: Path) -> None:
+    """Base vs RFT accuracy per row, as bars (docs/img/task_table.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.5))
+    ax.bar([i - 0.2 for i in x], [r["base"]["accuracy"] for r in rows], 0.4, label="base")
+    ax.bar([i + 0.2 for i in x], [r["rft"]["accuracy"] for r in rows], 0.4, label="after RFT")
+    ax.set_xticks(list(x), [f"{r['row']}\n{r['steps']} steps" for r in rows], fontsize=8)
+    ax.set_ylabel(f"held-out accuracy (greedy)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     from rftkit.grpo import GRPOConfig
     from rftkit.recipe import read_recipe
@@ -196,9 +215,10 @@ def main():
     ap.add_argument("--work", default="runs/task_table", help="run folders (adapters, metrics)")
     ap.add_argument("--quick", action="store_true", help="smoke: 20 s budgets, 8 problems")
     ap.add_argument("--table", action="store_true", help="print --results as a markdown table and exit")
+    ap.add_argument("--plot", help="draw --results as a bar chart into this PNG and exit")
     args = ap.parse_args()
-    if args.table:
-        print(table(Path(args.results)))
+    if args.table or args.plot:
+        print(table(Path(args.results))) if args.table else plot(Path(args.results), Path(args.plot))
         return
     if args.quick:
         args.budget, args.eval_n = 20.0, 8
