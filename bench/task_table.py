@@ -2,7 +2,7 @@
 held-out problems of many tasks, each trained for the same wall time with a recipe and no per-task tuning
 beyond it; TRL's GRPOTrainer at equal wall time on some of them.
 
-    python bench/task_table.py --budget 900 --results bench/results/task_table.jsonl      # every row, in ROWS order
+    OMP_NUM_THREADS=1 python bench/task_table.py --budget 900                    # every row, in ROWS order
     python bench/task_table.py --rows countdown,rg-chain_sum --budget 900         # some rows
     python bench/task_table.py --quick --results /tmp/tt.jsonl --rows countdown   # smoke: 20 s, 8 problems
     python bench/task_table.py --table                                            # the results as markdown
@@ -14,6 +14,8 @@ recipe, evaluate the last adapter on the same problems the same way, append one 
 the steps done, the seconds, `uptime`'s load before and after, the CPU model and the date. Resumable: rows
 already in --results are skipped, and a run cut off mid-training continues from its checkpoint (--resume).
 The machine is shared: a row trained under load gets fewer steps, so each row records its steps and load.
+OMP_NUM_THREADS=1: on the 2-core machine at load ~11, 32 countdown problems x 32 tokens took 55 s with one thread
+and 313 s with two (a parallel region waits for both threads to be scheduled).
 
 Correct means the task's own scorer gives 1: countdown's expression check, reasoning-gym's `score_answer` on the
 answer in <answer> tags, all fields equal for JSON extraction (schema validity is recorded beside it), every
@@ -57,8 +59,9 @@ ROWS = {
 
 def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "uptime": subprocess.run(["uptime"], capture_output=True,
-                                                                         text=True).stdout.strip()}
+    import torch
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "uptime": uptime}
 
 
 def json_test_rows(n: int, seed: int = 1) -> list[dict]:
@@ -246,7 +249,8 @@ def main():
                "recipe": recipe, "overrides": overrides, "base": base, "rft": rft, "budget_s": args.budget, **run,
                "wall_s": round(time.perf_counter() - t, 1), "uptime_before": before["uptime"],
                "uptime_after_training": mid, "uptime_after": machine()["uptime"], "cpu": before["cpu"],
-               "cores": before["cores"], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+               "cores": before["cores"], "threads": before["threads"],
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
