@@ -125,6 +125,8 @@ def train_ours(cfg, budget: float) -> dict:
     cfg = replace(cfg, steps=0, time_budget=budget, eval_every=0, resume=resume, overwrite=not resume,
                   checkpoint_every=10)
     r = train(cfg, progress=False)
+    if r.get("stopped"):                # SIGTERM: the checkpoint is kept; a rerun resumes this row
+        raise SystemExit(f"stopped by SIGTERM after step {r['steps']}; rerun the same command to resume")
     return {"steps": r["steps"], "train_s": round(r["seconds"], 1), "adapter": r["adapter"]}
 
 
