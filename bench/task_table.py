@@ -180,13 +180,16 @@ def train_trl(cfg, budget: float, task) -> dict:
 
 
 def table(results: Path) -> str:
-    """The markdown table of docs/experiments.md, one line per row of --results."""
-    lines = ["| row | task | system | base | RFT | test n | steps | train s | load (1-min avg) before / after training "
-             "| date (UTC) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """The markdown table of docs/experiments.md, one line per row of --results (mean score: the task scorer's
+    mean, partial credit included, where accuracy counts a score of 1)."""
+    lines = ["| row | task | system | base | RFT | mean score base -> RFT | test n | steps | train s "
+             "| load (1-min avg) before / after training | finished (UTC) |", "|---" * 11 + "|"]
     for r in map(json.loads, filter(str.strip, results.read_text().splitlines())):
         load = lambda up: up.split("load average:")[1].split(",")[0].strip()
         lines.append(f"| {r['row']} | `{r['task']}` | {r['system']} | {r['base']['accuracy']:.2f} | "
-                     f"{r['rft']['accuracy']:.2f} | {r['rft']['n']} | {r['steps']} | {r['train_s']:.0f} | "
+                     f"{r['rft']['accuracy']:.2f} | {r['base']['rewards']['task']:.3f} -> "
+                     f"{r['rft']['rewards']['task']:.3f} | "
+                     f"{r['rft']['n']} | {r['steps']} | {r['train_s']:.0f} | "
                      f"{load(r['uptime_before'])} / {load(r['uptime_after_training'])} | {r['date'][:16]} |")
     return "\n".join(lines)
 
