@@ -80,6 +80,15 @@ def format_regex(pattern: str) -> Reward:
     return lambda completion, sample: float(rx.fullmatch(completion.strip()) is not None)
 
 
+_TAGGED = re.compile(r"<answer>\s*\S.*?</answer>", re.DOTALL)
+
+
+def answer_tags(completion: str, sample: dict) -> float:
+    """Format shaping for answer-tag tasks (`rg:NAME`): 1 when the reply holds exactly one non-empty
+    <answer>...</answer>, else 0. Give it a small weight beside the task's reward (recipes/reasoning_gym.yaml)."""
+    return float(len(_TAGGED.findall(completion)) == 1 and completion.count("<answer>") == 1)
+
+
 def soft_overlong(max_chars: int, cache_chars: int) -> Reward:
     """DAPO's soft overlong punishment on length (characters here): 0 up to max - cache, then linear to -1."""
     def reward(completion: str, sample: dict) -> float:
@@ -317,7 +326,8 @@ class LLMJudge(BatchReward):
 
 BUILTIN: dict[str, Reward] = {"last_integer": last_integer, "numeric": numeric_match, "exact": exact_match,
                               "arithmetic_verifier": arithmetic_verifier,
-                              "math": math_equivalence, "json_schema": json_schema_valid, "code": code_execution()}
+                              "math": math_equivalence, "json_schema": json_schema_valid, "code": code_execution(),
+                              "answer_tags": answer_tags}
 
 
 # "PREFIX:..." specs that a room above registers (rftkit.graders: grader:FILE.json, judge-api:MODEL,

@@ -1,7 +1,8 @@
 """Tasks: where prompts come from. A task yields samples — chat messages plus the fields its reward needs —
 and names a default reward.
 
-    task = get_task("arithmetic")                    # or "countdown", "jsonl:data.jsonl", "rg:basic_arithmetic"
+    task = get_task("arithmetic")                    # or "countdown", "jsonl:data.jsonl", "rg:basic_arithmetic",
+                                                     # "rg:chain_sum:min_terms=2,max_terms=2" (generator config)
                                                      # (a user's own files: rftkit.data, `--data`)
     batch = [task.sample("train", i, seed=0) for i in range(8)]
 
@@ -163,22 +164,54 @@ def jsonl(path: str) -> Task:
     return Task(f"jsonl:{file.name}", problems, exact_match)
 
 
-def reasoning_gym(name: str, size: int = 2000, seed: int = 0, **config) -> Task:
-    """A reasoning-gym generator, scored with the dataset's own `score_answer`; `config` goes to the
-    generator's config (e.g. `datasets=[DatasetSpec(...)]` for "composite")."""
+ANSWER_FORMAT = "Give only the final answer, between <answer> and </answer>."
+
+
+def answer_in_tags(completion: str) -> str:
+    """What a reply answers: the text of its last <answer>...</answer>, else the whole reply (stripped), so a bare
+    answer still counts (the scoring of `rg:` tasks before they asked for tags)."""
+    from reasoning_gym.utils import extract_answer
+    tagged = extract_answer(completion)
+    return completion.strip() if tagged is None else tagged
+
+
+def reasoning_gym(name: str, size: int = 2000, seed: int = 0, answer_format: str = ANSWER_FORMAT,
+                  **config) -> Task:
+    """A reasoning-gym generator, each question followed by `answer_format` (reasoning-gym's answer tags; "" for
+    the bare question) and scored by the dataset's own `score_answer` on the answer in the tags
+    (`answer_in_tags`). `config` goes to the generator's config (e.g. `max_terms=2`, or
+    `datasets=[DatasetSpec(...)]` for "composite"); from the command line, `rg:NAME:KEY=VALUE,KEY=VALUE`.
+    The `answer_tags` reward (rftkit.rewards) shapes the format."""
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
     if name not in DATASETS:
         raise ValueError(f"unknown reasoning-gym task {name!r}; names: {', '.join(sorted(DATASETS))}")
-    data = reasoning_gym.create_dataset(name, size=size, seed=seed, **config)
+    try:
+        data = reasoning_gym.create_dataset(name, size=size, seed=seed, **config)
+    except (TypeError, AssertionError, ValueError) as e:   # an unknown key or an out-of-range value
+        raise ValueError(f"reasoning-gym task {name!r} rejects its config {config}: {type(e).__name__}: {e}") from e
     problems = {s: [] for s in SPLITS}
     for i, entry in enumerate(data):
-        problems[split_of(entry["question"])].append({"messages": _user(entry["question"]), "entry": entry,
+        text = f"{entry['question'].rstrip()}\n\n{answer_format}" if answer_format else entry["question"]
+        problems[split_of(entry["question"])].append({"messages": _user(text), "entry": entry,
                                                       "answer": entry["answer"], "id": f"{name}:{i}"})
 
     def score(completion: str, sample: dict) -> float:
-        return float(data.score_answer(answer=completion.strip(), entry=sample["entry"]))
-    return Task(f"rg:{name}", problems, score)
+        return float(data.score_answer(answer=answer_in_tags(completion), entry=sample["entry"]))
+    label = ",".join(f"{k}={v}" for k, v in config.items())
+    return Task(f"rg:{name}" + (f":{label}" if label else ""), problems, score)
+
+
+def _rg_config(text: str) -> dict:
+    """"max_terms=2,min_digits=1" -> {"max_terms": 2, "min_digits": 1} (values read as YAML scalars)."""
+    import yaml
+    config = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"rg: config item {item!r} is not KEY=VALUE (e.g. rg:chain_sum:min_terms=2,max_terms=2)")
+        config[key.strip()] = yaml.safe_load(value)
+    return config
 
 
 TASKS: dict[str, Callable[..., Task]] = {"arithmetic": arithmetic, "countdown": countdown}
@@ -188,7 +221,8 @@ def get_task(name: str, **kwargs) -> Task:
     if name.startswith("jsonl:"):
         return jsonl(name[len("jsonl:"):])
     if name.startswith("rg:"):
-        return reasoning_gym(name[len("rg:"):], **kwargs)
+        gen, _, config = name[len("rg:"):].partition(":")
+        return reasoning_gym(gen, **{**_rg_config(config), **kwargs})
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)}, jsonl:FILE, or rg:NAME "
                          f"(reasoning-gym; list names with python -c \"import reasoning_gym.factory as f; "

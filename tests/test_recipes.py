@@ -29,9 +29,9 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_shipped_recipes_are_the_seven_the_docs_list():
+def test_the_shipped_recipes_are_the_eight_the_docs_list():
     assert [p.stem for p in RECIPES] == ["arithmetic", "code", "countdown", "gsm_word_problems", "guess_number",
-                                         "json_extraction", "tool_multiply"]
+                                         "json_extraction", "reasoning_gym", "tool_multiply"]
     for p in RECIPES:                               # each opens with a comment header that gives its command
         head = p.read_text().split("\n\n")[0]
         assert head.startswith("# ") and f"rft train --config recipes/{p.name}" in head, p.name

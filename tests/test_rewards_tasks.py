@@ -112,6 +112,35 @@ def test_reasoning_gym_answers_score_one_through_our_wrapper():
     assert checked | no_reference == set(DATASETS) and len(checked) == len(DATASETS) - 2
 
 
+def test_reasoning_gym_tasks_ask_for_answer_tags_and_score_the_tagged_answer():
+    from rftkit.rewards import answer_tags
+    task = get_task("rg:chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=2", size=40, seed=0)
+    assert task.name == "rg:chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=2"
+    p = task.samples("test", 1)[0]
+    text, answer, score = p["messages"][-1]["content"], p["answer"], task.default_reward
+    assert text.endswith("Give only the final answer, between <answer> and </answer>.")
+    terms = text.split(":")[1].split("=")[0].split()        # "a + b" or "a - b", each of 1-2 digits
+    assert len(terms) == 3 and all(1 <= len(t) <= 2 for t in terms[::2])
+    assert score(f"So {terms[0]} {terms[1]} {terms[2]} gives\n<answer> {answer} </answer>", p) == 1.0
+    assert score(f"<answer>{int(answer) + 1}</answer>", p) == 0.0
+    assert score(f"<answer>{int(answer) + 1}</answer> <answer>{answer}</answer>", p) == 1.0   # the last tag counts
+    assert score(f"The answer is {answer}.", p) < 1.0       # untagged: the whole reply is the answer, as before
+    assert score(f" {answer}\n", p) == 1.0                  # so a bare answer still scores
+    assert [answer_tags(c, p) for c in ("<answer>5</answer>", "x <answer> 5 </answer> y", "<answer> </answer>", "5",
+                                        "<answer>5</answer><answer>6</answer>", "<answer>5")] == [1, 1, 0, 0, 0, 0]
+    assert load_reward("answer_tags") is answer_tags
+    bare = get_task("rg:chain_sum", size=10, answer_format="")
+    assert "<answer>" not in bare.samples("train", 1)[0]["messages"][-1]["content"]
+
+
+def test_reasoning_gym_config_from_the_task_name_is_checked():
+    assert get_task("rg:leg_counting:min_animals=1,max_animals=1", size=5).name.endswith("max_animals=1")
+    with pytest.raises(ValueError, match=r"config item 'max_animals' is not KEY=VALUE"):
+        get_task("rg:leg_counting:max_animals", size=5)
+    with pytest.raises(ValueError, match=r"'leg_counting' rejects its config \{'legs': 3\}"):
+        get_task("rg:leg_counting:legs=3", size=5)
+
+
 def test_math_reward_scores_through_score_batch_and_off_the_main_thread():
     # score_batch runs per-sample rewards in worker threads, where math-verify's signal-based timeouts refuse
     # to run: `rft train --reward math` failed on its first step
