@@ -113,10 +113,15 @@ def tool_schema(fn: Callable) -> dict:
     here, naming it, not when the model first calls it."""
     from transformers.utils import get_json_schema
     try:
-        return get_json_schema(fn)
+        schema = get_json_schema(fn)
     except Exception as e:
         raise ValueError(f"tool {fn.__name__!r} needs type hints on every argument and a docstring with an "
                          f"Args: section: {e}") from e
+    # only the fields an OpenAI client sends (transformers adds "return"): an adapter trained on these schemas
+    # is served the same prompt when a client passes the same tools to rft serve
+    fn_schema = schema["function"]
+    return {"type": "function", "function": {k: fn_schema[k] for k in ("name", "description", "parameters")
+                                             if k in fn_schema}}
 
 
 class Toolbox:

@@ -49,6 +49,7 @@ def test_tool_schemas_and_calls_with_every_failure_as_text(tmp_path):
     assert sorted(box.tools) == ["add", "boom", "calculator", "slow"]          # _helper is private
     add = next(s for s in box.schemas if s["function"]["name"] == "add")["function"]
     assert add["parameters"]["properties"]["a"] == {"type": "integer", "description": "the first"}
+    assert set(add) == {"name", "description", "parameters"}     # what an OpenAI client sends rft serve
     assert box.run(ToolCall("add", {"a": 2, "b": 40})) == "42"
     assert box.run(ToolCall("calculator", {"expression": "123 * 456"})) == "56088"
     assert "unknown tool 'mul'" in box.run(ToolCall("mul", {}))
