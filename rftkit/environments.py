@@ -22,7 +22,8 @@ import inspect
 from collections.abc import Callable
 
 from rftkit.tool_calls import parse_tool_calls
-from rftkit.tools import Toolbox, load_module
+from rftkit.rewards import load_module
+from rftkit.tools import Toolbox
 
 
 class Environment:

@@ -206,6 +206,20 @@ def code_execution(timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int 
 
 
 # ------------------------------------------------------------------------------------------------ LLM judge
+def load_module(file: str, what: str):
+    """Import a user's Python file (reward, tools, environment: user code the user chose to run); a failing
+    import names the file."""
+    path = Path(file)
+    if not path.is_file():
+        raise ValueError(f"{what} file {file!r} not found")
+    spec = importlib.util.spec_from_file_location(f"rftkit_user_{what.replace(' ', '_')}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"{what} file {file} failed to import: {type(e).__name__}: {e}") from e
+    return module
+
 class BatchReward:
     """A reward scored a batch at a time: `batch(completions, samples)` returns one float per completion, or
     an Exception instance for a completion it could not score (score_batch reports or counts it like a
@@ -360,12 +374,7 @@ def load_reward(spec: str) -> Reward:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"reward file {file} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"rftkit_user_reward_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise ValueError(f"reward file {file} failed to import: {type(e).__name__}: {e}") from e
+    module = load_module(str(file), "reward")
     fn = getattr(module, name, None)
     if not callable(fn):
         defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))

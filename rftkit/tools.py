@@ -17,7 +17,6 @@ raised: a rollout must survive a model that calls tools badly, and learning not 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 import json
 import operator
@@ -25,6 +24,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from rftkit.rewards import load_module
 from rftkit.tool_calls import ToolCall
 
 
@@ -68,20 +68,6 @@ def python(code: str) -> str:
 
 
 BUILTIN_TOOLS: dict[str, Callable] = {"calculator": calculator, "python": python}
-
-
-def load_module(file: str, what: str):
-    """Import a user's Python file (user code the user chose to run); a failing import names the file."""
-    path = Path(file)
-    if not path.is_file():
-        raise ValueError(f"{what} file {file!r} not found")
-    spec = importlib.util.spec_from_file_location(f"rftkit_user_{what.replace(' ', '_')}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise ValueError(f"{what} file {file} failed to import: {type(e).__name__}: {e}") from e
-    return module
 
 
 def load_tools(specs: list[str]) -> list[Callable]:
