@@ -100,19 +100,24 @@ def start_server(args, adapters: Path, log) -> tuple[subprocess.Popen, str]:
     env.pop("RFTKIT_API_KEY", None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    return wait_healthy(proc, url, log), url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log, timeout_s: float = 120) -> subprocess.Popen:
+    """`proc` once the server at `url` answers /health; it is killed if it does not within `timeout_s`."""
     import httpx
     t = time.perf_counter()
-    while time.perf_counter() - t < 120:
+    while time.perf_counter() - t < timeout_s:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode} (log: {log.name})")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
     proc.kill()
-    raise RuntimeError(f"the server did not answer /health within 120 s (log: {log.name})")
+    raise RuntimeError(f"the server did not answer /health within {timeout_s:g} s (log: {log.name})")
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:

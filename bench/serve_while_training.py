@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.serve import free_port  # noqa: E402  the server helpers of the other serving benchmark
+from bench.serve import free_port, wait_healthy  # noqa: E402  the server helpers of the other serving benchmark
 
 KEY = "bench-key"
 
@@ -36,7 +36,6 @@ KEY = "bench-key"
 def start_server(adapters: Path, threads: int, log):
     import subprocess
 
-    import httpx
     port = free_port()
     cmd = [sys.executable, "-m", "rftkit.cli", "serve", "--adapters", str(adapters), "--port", str(port),
            "--api-key", KEY, "--max-seq-len", "512", "--device", "cpu", "--job-threads", str(threads)]
@@ -44,17 +43,7 @@ def start_server(adapters: Path, threads: int, log):
                                                          os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(480):
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} (log: {log.name})")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"the server did not answer /health within 120 s (log: {log.name})")
+    return wait_healthy(proc, url, log), url
 
 
 def load(url: str, clients: int, seconds: float, tokens: int) -> dict:
