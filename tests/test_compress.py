@@ -53,9 +53,9 @@ def _int8_activations(x):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 3, 8, 20])
+@pytest.mark.parametrize("rows", [1, 3, 8, 20, 64, 65])
 def test_kernel_equals_reference_path(bits, rows):
-    """Up to 8 rows (decode) the kernel multiplies int8-rounded activations (llama.cpp's Q8 blocks of 32) by
+    """Up to 64 rows (decode, batched decode) the kernel multiplies int8-rounded activations (llama.cpp's Q8 blocks of 32) by
     the low-bit weights; the int4 min term uses the exact sums of x. More rows: the dequantized weight in
     fp32. Both against the formula written out in torch, and within 8-bit activation error of fp32."""
     torch.manual_seed(1)
@@ -66,7 +66,7 @@ def test_kernel_equals_reference_path(bits, rows):
     exact = x @ w.T + q.bias                            # the dequantized weight, multiplied by hand
     with torch.no_grad():
         y = q(x)
-    if rows > 8:
+    if rows > 64:
         torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-4)
         return
     assert kernel_available()                           # the fast path was really taken on this machine
@@ -86,13 +86,30 @@ def test_kernel_equals_reference_path(bits, rows):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_kernel_rows_are_batch_invariant(bits, group):
+    """A row's output is bit for bit the same whichever rows share its call (1 to 64 rows: tiles of 1-4 x rows
+    against 1, 2 or 4 weight rows), and with a fused LoRA; N = 43 leaves tails of weight rows."""
+    torch.manual_seed(3)
+    q = QuantLinear.from_linear(nn.Linear(192, 43, bias=True), bits, group if bits == 4 else 32)
+    x = torch.randn(64, 192)
+    A, B = torch.randn(8, 192) * 0.1, torch.randn(43, 8) * 0.1
+    with torch.no_grad():
+        for lora in (None, (A, B, 0.5)):
+            full = q(x, lora)
+            for rows in (1, 2, 3, 4, 5, 7, 8, 13, 33, 63):
+                torch.testing.assert_close(q(x[:rows], lora), full[:rows], rtol=0, atol=0)
+                torch.testing.assert_close(q(x[-rows:], lora), full[-rows:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_many_rows_dequantize_in_chunks(bits, monkeypatch):
     """Prefill / large batches dequantize CHUNK_BYTES of weight rows at a time: chunks that do not divide the
     rows give the same product as the whole dequantized weight."""
     import rftkit.compress.quantize as qmod
     torch.manual_seed(2)
     q = QuantLinear.from_linear(nn.Linear(128, 40, bias=False), bits, 32)
-    x = torch.randn(24, 128)
+    x = torch.randn(80, 128)                                       # more rows than the integer kernel takes
     monkeypatch.setattr(qmod, "CHUNK_BYTES", 4 * 128 * 7)          # 7 rows per chunk: 6 chunks, the last of 5
     with torch.no_grad():
         torch.testing.assert_close(q(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
@@ -390,7 +407,7 @@ def test_layers_sharing_an_input_run_in_one_call_as_they_would_alone(bits):
     for m in mods:
         nn.init.normal_(m.lora_B)
     mods[1].enabled = False
-    for rows in (1, 3, 8):
+    for rows in (1, 3, 8, 64):
         x = torch.randn(rows, 96)
         with torch.no_grad():
             got = linear_many(mods, x)
@@ -399,7 +416,7 @@ def test_layers_sharing_an_input_run_in_one_call_as_they_would_alone(bits):
                 assert torch.equal(g, m(x))
             torch.testing.assert_close(got[1], mods[1].base(x))
             assert not torch.allclose(got[0], mods[0].base(x), atol=1e-3)     # the LoRA really is in it
-            assert linear_many(mods, torch.randn(9, 96)) is None               # past decode rows: one by one
+            assert linear_many(mods, torch.randn(65, 96)) is None              # past 64 rows: one by one
     assert linear_many([mods[0], nn.Linear(96, 8)], torch.randn(1, 96)) is None
 
 

@@ -14,7 +14,7 @@ usual RTN error.
 
 Matmul. torch's int8/int4 matmuls run a scalar loop on CPUs without AVX-512, so rftkit.kernels' qgemm kernels
 (C, built once into the cache) do both cases (measurements: docs/benchmarks.md, "Kernel design notes"):
-- few rows (decode, M <= 8): the low-bit weights are read as they are and never become fp32 ones; the
+- up to 64 rows (decode and batched decode): the low-bit weights are read as they are and never become fp32 ones; the
   activations are rounded to int8 per block of 32 (scale absmax / 127) and the dot products run on integers,
   llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 scheme; the int4 min term uses the exact sums of x. That rounding
   costs ~0.5% relative error on a layer's output (tests/test_compress.py). Layers sharing an input (q/k/v,
@@ -40,7 +40,7 @@ from rftkit.layers import register_linears, register_quantized
 from rftkit.precision import register_base_quantizer
 
 BITS = (4, 8)
-KERNEL_MAX_ROWS = kernels.QLINEAR_MAX_ROWS   # the C kernel keeps one accumulator per row in registers
+KERNEL_MAX_ROWS = kernels.QLINEAR_MAX_ROWS   # rows the integer kernel takes (64); more: dequantize + MKL
 CHUNK_BYTES = 8 << 20          # more rows: weight rows dequantized this many bytes at a time (fits in L3)
 _buffer: torch.Tensor | None = None
 

@@ -104,7 +104,7 @@ void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int H
 }
 
 /* decode_layers for quantized blocks (every layer of one bits and group, each with its
-   unmerged LoRA or none): nl blocks for M <= 8 decode rows over a paged cache, in place on x [M, D]; one call
+   unmerged LoRA or none): nl blocks for M <= 64 decode rows over a paged cache, in place on x [M, D]; one call
    for the whole stack instead of ~25 torch ops and kernel calls per block. Arguments as decode_layers'. */
 void decode_layers_q(float* x, qblock* L, int nl, int M, int D, int H, int Hkv, int hd, int F, int bits, int sub,
                      const float* cs, const float* sn, const int64_t* table, int nbmax, const int64_t* qpos,

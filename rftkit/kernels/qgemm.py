@@ -4,7 +4,7 @@
     lib.qlinear_many(x, M, K, bits, group_size // 32, 3, ctypes.addressof(L), threads)
     lib.dequant_i4(...) / lib.dequant_i8(...)     # rows of the fp32 weight, for many-row products
 
-Few rows (decode): the low-bit weights are read as they are, the activations rounded to int8 per block of 32
+Up to 64 rows (decode, batched decode): the low-bit weights are read as they are, the activations rounded to int8 per block of 32
 and the dot products run on integers (llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0), each layer's unmerged LoRA
 added in the same call. torch's own int8/int4 matmuls ran a scalar loop on CPUs without AVX-512
 (docs/benchmarks.md, "Kernel design notes").
@@ -17,7 +17,7 @@ import torch
 
 import rftkit.kernels.build as build
 
-QLINEAR_MAX_ROWS = 8           # the C kernel keeps one accumulator per row in registers
+QLINEAR_MAX_ROWS = 64          # decode rows and batches up to 64 on integer dot products; more: dequantize + MKL
 
 
 class QLayer(ctypes.Structure):
