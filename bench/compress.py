@@ -7,7 +7,8 @@ Three ways to serve the specialist (embedded SmolLM2 + the `rft demo` adapter):
   fp32 pair    our engine, fp32 base + unmerged adapter
   int4 pair    our engine, int4 (group 32) base + unmerged adapter: what `rft compress --method int4` writes
   llama.cpp    llama-cpp-python on the merged specialist exported by `rft export --gguf --gguf-type q4_1`
-               (llama.cpp's own 4-bit layout, the adapter folded in)
+               (llama.cpp's own 4-bit layout, the adapter folded in); skipped, with a note, where
+               llama-cpp-python is not installed (docs/benchmarks.md says how to build it)
 Accuracy: greedy, the same held-out problems and chat-formatted prompt ids for all three (max 32 tokens, stop
 at EOS, the task's reward). Speed: single-stream decode of the same prompt for --tokens tokens (EOS ignored),
 the three alternating, best of --repeats; our batched decode (--batch rows) for the two pairs. Sizes: bytes of
@@ -72,7 +73,11 @@ def main() -> None:
     if args.quick:
         args.n, args.tokens, args.batch, args.repeats = 20, 16, 4, 1
     torch.set_num_threads(args.threads)
-    from llama_cpp import Llama
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        Llama = None
+        print("llama-cpp-python is not installed: the llama.cpp row is skipped (docs/benchmarks.md: how to build it)")
     from rftkit.compress.folder import folder_bytes, save_compressed, load_compressed
     from rftkit.compress.transforms import compress
     from rftkit.compress.report import decode_speed
@@ -90,16 +95,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(dir=out))
     save_compressed(int4, rec, tmp / "int4", folder)
     int4 = load_compressed(tmp / "int4")
-    special, _ = load(None)
-    load_lora(special, args.adapter)
-    merge_lora(special)
-    gguf = write_gguf(special, tmp / "specialist-q4_1.gguf", folder, dtype="q4_1")
-    del special
     for m in (fp32, int4):
         load_lora(m, args.adapter)
-    sizes = {"fp32 pair": folder_bytes(folder), "int4 pair": folder_bytes(tmp / "int4"),
-             "llama.cpp q4_1": gguf.stat().st_size}
-    llm = Llama(str(gguf), n_ctx=1024, n_threads=args.threads, verbose=False)
+    sizes = {"fp32 pair": folder_bytes(folder), "int4 pair": folder_bytes(tmp / "int4")}
+    llm = None
+    if Llama is not None:
+        special, _ = load(None)
+        load_lora(special, args.adapter)
+        merge_lora(special)
+        gguf = write_gguf(special, tmp / "specialist-q4_1.gguf", folder, dtype="q4_1")
+        del special
+        sizes["llama.cpp q4_1"] = gguf.stat().st_size
+        llm = Llama(str(gguf), n_ctx=1024, n_threads=args.threads, verbose=False)
 
     task = get_task(args.task)
     problems = task.samples("test", args.n, seed=0)
@@ -107,25 +114,29 @@ def main() -> None:
     from rftkit.evaluate import evaluate
     acc = {"fp32 pair": evaluate(fp32, tok, task, "test", args.n, progress=False)["accuracy"],
            "int4 pair": evaluate(int4, tok, task, "test", args.n, progress=False)["accuracy"]}
-    t0 = time.perf_counter()
-    answers = llama_cpp_answers(llm, prompts, set(tok.eos_token_ids))
-    acc["llama.cpp q4_1"] = _score(task, problems, [[tok.decode(a)] for a in answers], 1,
-                                   time.perf_counter() - t0)["accuracy"]
+    if llm is not None:
+        t0 = time.perf_counter()
+        answers = llama_cpp_answers(llm, prompts, set(tok.eos_token_ids))
+        acc["llama.cpp q4_1"] = _score(task, problems, [[tok.decode(a)] for a in answers], 1,
+                                       time.perf_counter() - t0)["accuracy"]
     print(f"accuracy on {args.n} held-out {args.task} problems: {acc}  ({load_avg()})", flush=True)
 
     ids = tok.encode_chat([{"role": "user", "content": "Write a story about a robot."}])
     single = {k: [] for k in sizes}
     batched = {"fp32 pair": [], "int4 pair": []}
-    llama_cpp_speed(llm, ids, 8)                                          # warm-up
+    if llm is not None:
+        llama_cpp_speed(llm, ids, 8)                                      # warm-up
     for _ in range(args.repeats):
         single["fp32 pair"].append(decode_speed(fp32, tok, 1, args.tokens))
         single["int4 pair"].append(decode_speed(int4, tok, 1, args.tokens))
-        single["llama.cpp q4_1"].append(llama_cpp_speed(llm, ids, args.tokens))
+        if llm is not None:
+            single["llama.cpp q4_1"].append(llama_cpp_speed(llm, ids, args.tokens))
         batched["fp32 pair"].append(decode_speed(fp32, tok, args.batch, args.tokens // 2))
         batched["int4 pair"].append(decode_speed(int4, tok, args.batch, args.tokens // 2))
         print(f"repeat: single {[round(v[-1], 1) for v in single.values()]} batched "
               f"{[round(v[-1], 1) for v in batched.values()]} ({load_avg()})", flush=True)
-    llm.close()
+    if llm is not None:
+        llm.close()
     res = {"n": args.n, "tokens": args.tokens, "batch": args.batch, "threads": args.threads, "load": os.getloadavg(),
            "rows": {k: {"bytes": sizes[k], "accuracy": acc[k], "single_tok_s": max(single[k]),
                         "batched_tok_s": max(batched[k]) if k in batched else None} for k in sizes}}

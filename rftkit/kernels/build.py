@@ -34,6 +34,7 @@ _enabled = True
 _signatures: dict[str, tuple[list, object]] = {}   # entry point -> (argtypes, restype)
 _lanes16: bool | None = None
 _all_rows = False              # the GEMV kernel takes any number of rows (16 lanes on AMD), not just few
+_amd = False                   # an AMD CPU: the training logits (linear_into) go through the kernel at any lanes
 
 
 def cache_dir() -> Path:
@@ -165,9 +166,10 @@ def set_lanes16(on: bool) -> None:
 
 
 def _set_lanes(lib, on: bool, cpuinfo: str) -> None:
-    global _lanes16, _all_rows
+    global _lanes16, _all_rows, _amd
     _lanes16 = on
-    _all_rows = on and "AuthenticAMD" in cpuinfo
+    _amd = "AuthenticAMD" in cpuinfo
+    _all_rows = on and _amd
     lib.set_wide(int(on))
 
 

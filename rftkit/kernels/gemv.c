@@ -4,8 +4,8 @@
 #include "kernels.h"
 
 /* rows [n0, n1) of weight w into y, M picked at run time: x rows three at a time against four weight rows
-   (7 loads per 12 FMAs, where eight rows against one took 9 per 8 and ran load-bound), the last one or two,
-   or four as two pairs, against four. The rows go in sub-runs of S rows (~24 KB, at least 4) that stay in L1
+   (7 loads per 12 FMAs, where eight rows against one took 9 per 8 and ran load-bound), pairs first where the
+   count leaves one over (64 = 2 + 2 + 20 x 3: no one-row pass, 4 FMAs per 5 loads), against four. The rows go in sub-runs of S rows (~24 KB, at least 4) that stay in L1
    over every pass of x; each pass after a sub-run's first prefetches a slice of the next sub-run (or of the
    next run, the rows this thread likely gets next) into L2, so that its first pass does not wait for memory
    (on the AVX2 Zen 3 at 64 rows: 1.4-1.5x on q/o, gate/up and down; docs/benchmarks.md) */
@@ -27,7 +27,7 @@ static void gemv_rows(const float* x, const float* w, const float* bias, float* 
       float* yb = y + (long)m0 * N;
       int left = M - m0;
       if (left == 1) { gemv_tile(xb, w, bias, yb, s0, s1, N, K, 1, 4); m0 += 1; }
-      else if (left == 2 || left == 4) { gemv_tile(xb, w, bias, yb, s0, s1, N, K, 2, 4); m0 += 2; }
+      else if (left == 2 || left % 3 == 1) { gemv_tile(xb, w, bias, yb, s0, s1, N, K, 2, 4); m0 += 2; }
       else { gemv_tile(xb, w, bias, yb, s0, s1, N, K, 3, 4); m0 += 3; }
     }
   }
