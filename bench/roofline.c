@@ -1,0 +1,72 @@
+/* The machine's compute roof for bench/roofline.py: fp32 FMA throughput (AVX2, 8 lanes) and the int8 block
+   product our int4/int8 decode kernel runs per 32 weights (maddubs + madd + cvt + FMA, rftkit/kernels/qgemm.c),
+   both with independent chains in registers, on 1..nt threads. Built by bench/roofline.py with the system
+   compiler. */
+#include <immintrin.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <omp.h>
+
+/* GFLOP/s of 12 independent 8-lane FMA chains on nt threads (2 FLOP per lane) */
+static double fma_peak(long iters, int nt) {
+  double t0 = omp_get_wtime();
+  float sink = 0.f;
+  #pragma omp parallel num_threads(nt) reduction(+:sink)
+  {
+    __m256 a[12], b = _mm256_set1_ps(0.999f), c = _mm256_set1_ps(0.001f);
+    for (int i = 0; i < 12; i++) a[i] = _mm256_set1_ps((float)i);
+    for (long it = 0; it < iters; it++) {
+      #pragma GCC unroll 12
+      for (int i = 0; i < 12; i++) a[i] = _mm256_fmadd_ps(a[i], b, c);
+      __asm__ volatile("" : "+x"(b));
+    }
+    __m256 s = a[0];
+    for (int i = 1; i < 12; i++) s = _mm256_add_ps(s, a[i]);
+    float f[8];
+    _mm256_storeu_ps(f, s);
+    sink += f[0];
+  }
+  double dt = omp_get_wtime() - t0;
+  if (sink == 12345.f) printf("%g", sink);
+  return (double)nt * iters * 12 * 16 / dt / 1e9;
+}
+
+/* G(MAC)/s of the int8 block product (32 multiply-adds each) with 8 independent accumulators on nt threads */
+static double int8_peak(long iters, int nt) {
+  double t0 = omp_get_wtime();
+  float sink = 0.f;
+  #pragma omp parallel num_threads(nt) reduction(+:sink)
+  {
+    __m256i w[4], x[2], ones = _mm256_set1_epi16(1);
+    __m256 acc[8], s = _mm256_set1_ps(1e-9f);
+    for (int i = 0; i < 4; i++) w[i] = _mm256_set1_epi8((char)(i + 1));
+    for (int i = 0; i < 2; i++) x[i] = _mm256_set1_epi8((char)(i + 3));
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (long it = 0; it < iters; it++) {
+      #pragma GCC unroll 8
+      for (int i = 0; i < 8; i++) {
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w[i & 3], x[i >> 2]), ones);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
+      }
+      __asm__ volatile("" : "+x"(w[0]), "+x"(x[0]));
+    }
+    __m256 t = acc[0];
+    for (int i = 1; i < 8; i++) t = _mm256_add_ps(t, acc[i]);
+    float f[8];
+    _mm256_storeu_ps(f, t);
+    sink += f[0];
+  }
+  double dt = omp_get_wtime() - t0;
+  if (sink == 12345.f) printf("%g", sink);
+  return (double)nt * iters * 8 * 32 / dt / 1e9;
+}
+
+int main(int argc, char** argv) {
+  int nt = argc > 1 ? atoi(argv[1]) : 2;
+  for (int t = 1; t <= nt; t++) {
+    fma_peak(20000000, t);                               /* warm-up: clocks up */
+    double f = fma_peak(100000000, t), q = int8_peak(50000000, t);
+    printf("threads %d: fp32 FMA %.1f GFLOP/s (%.1f GMAC/s); int8 block product %.1f GMAC/s\n", t, f, f / 2, q);
+  }
+  return 0;
+}
