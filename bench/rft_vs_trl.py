@@ -73,6 +73,23 @@ def train_ours(seed: int, out: Path, args) -> dict:
     return {"steps": result["steps"], "train_s": result["seconds"], "adapter": result["adapter"]}
 
 
+def budget_callback(budget: float, clock: dict):
+    """A TrainerCallback that stops TRL once its steps (their own time, from step begin to step end) add up to
+    `budget` seconds; it counts them in clock["train_s"] and clock["steps"]."""
+    import transformers
+
+    class Budget(transformers.TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            clock["t0"] = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            clock["train_s"] += time.perf_counter() - clock["t0"]
+            clock["steps"] += 1
+            if clock["train_s"] >= budget:
+                control.should_training_stop = True
+    return Budget()
+
+
 def train_trl(seed: int, out: Path, args) -> dict:
     import datasets
     import peft
@@ -94,16 +111,6 @@ def train_trl(seed: int, out: Path, args) -> dict:
 
     clock = {"train_s": 0.0, "steps": 0}
 
-    class Budget(transformers.TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            clock["t0"] = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            clock["train_s"] += time.perf_counter() - clock["t0"]
-            clock["steps"] += 1
-            if clock["train_s"] >= args.budget:
-                control.should_training_stop = True
-
     cfg = trl_lib.GRPOConfig(output_dir=str(out / "trl"), max_steps=10**6, per_device_train_batch_size=16,
                              num_generations=8, max_completion_length=32, learning_rate=2e-4,
                              lr_scheduler_type="constant_with_warmup", warmup_steps=3, bf16=False, fp16=False,
@@ -112,7 +119,8 @@ def train_trl(seed: int, out: Path, args) -> dict:
                              use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = trl_lib.GRPOTrainer(model=model, reward_funcs=[reward], args=cfg, train_dataset=ds,
-                                  processing_class=tok, peft_config=lora, callbacks=[Budget()])
+                                  processing_class=tok, peft_config=lora,
+                                  callbacks=[budget_callback(args.budget, clock)])
     trainer.train()
     adapter = out / "adapter"
     trainer.model.save_pretrained(str(adapter))

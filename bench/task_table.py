@@ -137,6 +137,7 @@ def train_trl(cfg, budget: float, task) -> dict:
     import torch
     import transformers
     import trl as trl_lib
+    from rft_vs_trl import budget_callback
     from rftkit.loading.embedded import ensure_embedded
     from rftkit.rewards import load_reward
     folder = str(ensure_embedded())
@@ -153,16 +154,6 @@ def train_trl(cfg, budget: float, task) -> dict:
 
     clock = {"train_s": 0.0, "steps": 0}
 
-    class Budget(transformers.TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            clock["t0"] = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            clock["train_s"] += time.perf_counter() - clock["t0"]
-            clock["steps"] += 1
-            if clock["train_s"] >= budget:
-                control.should_training_stop = True
-
     out = Path(cfg.output)
     args = trl_lib.GRPOConfig(output_dir=str(out / "trl"), max_steps=10**6, per_device_train_batch_size=16,
                               num_generations=8, max_completion_length=cfg.max_tokens, learning_rate=2e-4,
@@ -172,7 +163,8 @@ def train_trl(cfg, budget: float, task) -> dict:
                               use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = trl_lib.GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds,
-                                  processing_class=tok, peft_config=lora, callbacks=[Budget()])
+                                  processing_class=tok, peft_config=lora,
+                                  callbacks=[budget_callback(budget, clock)])
     trainer.train()
     adapter = out / "adapter"
     trainer.model.save_pretrained(str(adapter))

@@ -28,6 +28,17 @@ def _base_folder(root, tok_files):
     return root / "base"
 
 
+def server_root(tmp_path_factory, name):
+    """(root, base): a fresh folder with the tiny model's folder `base` (byte tokenizer) and an empty
+    root / "adapters" for a module's server."""
+    from tests.conftest import tok_dir          # the fixture's body builds the tokenizer folder
+    root = tmp_path_factory.mktemp(name)
+    (root / "tok").mkdir()
+    base = _base_folder(root, tok_dir.__wrapped__(root / "tok"))
+    (root / "adapters").mkdir()
+    return root, base
+
+
 def _peft_adapter(base, folder, seed, r=4, targets=("q_proj", "v_proj")):
     import peft
     torch.manual_seed(seed)

@@ -13,9 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import tok_dir  # the fixture's body builds the module-scoped server's tokenizer
-
-from tests.serve_helpers import KEY, MSG, Running, _base_folder, _hf_greedy
+from tests.serve_helpers import KEY, MSG, Running, _hf_greedy, server_root
 
 GRADER = {"type": "text_similarity", "name": "close", "input": "{{ sample.output_text }}",   # graded: the random
           "reference": "{{ item.answer }}", "evaluation_metric": "fuzzy_match"}           # model gets some credit
@@ -34,10 +32,7 @@ def start(root, base):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jobs")
-    (root / "tok").mkdir()
-    base = _base_folder(root, tok_dir.__wrapped__(root / "tok"))
-    (root / "adapters").mkdir()
+    root, base = server_root(tmp_path_factory, "jobs")
     return root, base
 
 

@@ -13,17 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import tok_dir
-from tests.serve_helpers import KEY, MSG, Running, _base_folder, _hf_greedy, _peft_adapter
+from tests.serve_helpers import KEY, MSG, Running, _hf_greedy, _peft_adapter, server_root
 
 
 @pytest.fixture(scope="module")
 def robust(tmp_path_factory):
     from rftkit.serve.app import ServeConfig, Server, build_app
-    root = tmp_path_factory.mktemp("robust")
-    (root / "tok").mkdir()
-    base = _base_folder(root, tok_dir.__wrapped__(root / "tok"))
-    (root / "adapters").mkdir()
+    root, base = server_root(tmp_path_factory, "robust")
     _peft_adapter(base, root / "adapters" / "alpha", seed=1)
     cfg = ServeConfig(model=str(base), adapters=str(root / "adapters"), api_key=KEY, max_seq_len=2048, max_n=4,
                       max_body_bytes=2 << 20, max_loaded_adapters=2, device="cpu", header_timeout=2.0)

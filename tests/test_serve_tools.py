@@ -8,9 +8,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import tok_dir  # the fixture's body builds the module-scoped server's tokenizer
-
-from tests.serve_helpers import KEY, Running, _base_folder, _peft_adapter
+from tests.serve_helpers import KEY, Running, _peft_adapter, server_root
 
 ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["a", "b"],
@@ -27,10 +25,7 @@ ASK = [{"role": "user", "content": "What is 12 + 30? Use the tool."}]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from rftkit.serve.app import ServeConfig, Server, build_app
-    root = tmp_path_factory.mktemp("serve_tools")
-    (root / "tok").mkdir()
-    base = _base_folder(root, tok_dir.__wrapped__(root / "tok"))
-    (root / "adapters").mkdir()
+    root, base = server_root(tmp_path_factory, "serve_tools")
     _peft_adapter(base, root / "adapters" / "agent", seed=3)
     cfg = ServeConfig(model=str(base), adapters=str(root / "adapters"), api_key=KEY, max_seq_len=1024, max_n=16,
                       device="cpu")

@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rftkit.traffic_log import LogQuery, TrafficLog, held_out, parse_time, select_prompts, served_adapter
-from tests.conftest import tok_dir  # the fixture's body builds the module-scoped server's tokenizer
-from tests.serve_helpers import KEY, Running, _base_folder, _peft_adapter
+from tests.serve_helpers import KEY, Running, _peft_adapter, server_root
 
 
 def _row(i, model="a", created=None, text=None):
@@ -66,10 +65,7 @@ def test_log_rows_feedback_selection_and_retention(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     from rftkit.serve.app import ServeConfig, Server, build_app
-    root = tmp_path_factory.mktemp("traffic")
-    (root / "tok").mkdir()
-    base = _base_folder(root, tok_dir.__wrapped__(root / "tok"))
-    (root / "adapters").mkdir()
+    root, base = server_root(tmp_path_factory, "traffic")
     _peft_adapter(base, root / "adapters" / "add-v1", seed=1)      # r=4, alpha=8, q_proj and v_proj
     cfg = ServeConfig(model=str(base), adapters=str(root / "adapters"), api_key=KEY, max_seq_len=512,
                       device="cpu", log_requests=str(root / "logs"))
