@@ -84,9 +84,11 @@ _TAGGED = re.compile(r"<answer>\s*\S.*?</answer>", re.DOTALL)
 
 
 def answer_tags(completion: str, sample: dict) -> float:
-    """Format shaping for answer-tag tasks (`rg:NAME`): 1 when the reply holds exactly one non-empty
-    <answer>...</answer>, else 0. Give it a small weight beside the task's reward (recipes/reasoning_gym.yaml)."""
-    return float(len(_TAGGED.findall(completion)) == 1 and completion.count("<answer>") == 1)
+    """Format shaping for answer-tag tasks (`rg:NAME`): 1 when the reply ends with its only, non-empty
+    <answer>...</answer>, else 0 (an echo of the instruction, "... between <answer> and </answer>.", does not end
+    with its tag). Give it a small weight beside the task's reward (recipes/reasoning_gym.yaml)."""
+    return float(len(_TAGGED.findall(completion)) == 1 and completion.count("<answer>") == 1
+                 and completion.rstrip().endswith("</answer>"))
 
 
 def soft_overlong(max_chars: int, cache_chars: int) -> Reward:

@@ -175,29 +175,39 @@ def answer_in_tags(completion: str) -> str:
     return completion.strip() if tagged is None else tagged
 
 
-def reasoning_gym(name: str, size: int = 2000, seed: int = 0, answer_format: str = ANSWER_FORMAT,
-                  **config) -> Task:
+def reasoning_gym(name: str, size: int = 2000, seed: int = 0, answer_format: str = ANSWER_FORMAT, shots: int = 2,
+                  partial_credit: bool = False, **config) -> Task:
     """A reasoning-gym generator, each question followed by `answer_format` (reasoning-gym's answer tags; "" for
-    the bare question) and scored by the dataset's own `score_answer` on the answer in the tags
-    (`answer_in_tags`). `config` goes to the generator's config (e.g. `max_terms=2`, or
-    `datasets=[DatasetSpec(...)]` for "composite"); from the command line, `rg:NAME:KEY=VALUE,KEY=VALUE`.
-    The `answer_tags` reward (rftkit.rewards) shapes the format."""
+    the bare question) and preceded by `shots` worked examples (a user turn and the assistant's
+    `<answer>ANSWER</answer>`, drawn from the generator past the task's own items), scored by the dataset's own
+    `score_answer` on the answer in the tags (`answer_in_tags`): 1 for a right answer, else 0, unless
+    `partial_credit` keeps its fractions (credit for a reply that merely contains the answer, which GRPO learns to
+    game). `config` goes to the generator's config (e.g. `max_terms=2`, or `datasets=[DatasetSpec(...)]` for
+    "composite"); from the command line, `rg:NAME:KEY=VALUE,KEY=VALUE`. The `answer_tags` reward
+    (rftkit.rewards) shapes the format."""
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
     if name not in DATASETS:
         raise ValueError(f"unknown reasoning-gym task {name!r}; names: {', '.join(sorted(DATASETS))}")
     try:
         data = reasoning_gym.create_dataset(name, size=size, seed=seed, **config)
+        extra = list(reasoning_gym.create_dataset(name, size=shots + 8, seed=seed + size, **config)) if shots else []
     except (TypeError, AssertionError, ValueError) as e:   # an unknown key or an out-of-range value
         raise ValueError(f"reasoning-gym task {name!r} rejects its config {config}: {type(e).__name__}: {e}") from e
+    entries = list(data)
+    ask = lambda q: f"{q.rstrip()}\n\n{answer_format}" if answer_format else q
+    questions = {e["question"] for e in entries}
+    shown = [e for e in extra if e["question"] not in questions and e["answer"] is not None][:shots]
+    prefix = [m for e in shown for m in (*_user(ask(e["question"])),
+                                        {"role": "assistant", "content": f"<answer>{e['answer']}</answer>"})]
     problems = {s: [] for s in SPLITS}
-    for i, entry in enumerate(data):
-        text = f"{entry['question'].rstrip()}\n\n{answer_format}" if answer_format else entry["question"]
-        problems[split_of(entry["question"])].append({"messages": _user(text), "entry": entry,
-                                                      "answer": entry["answer"], "id": f"{name}:{i}"})
+    for i, entry in enumerate(entries):
+        problems[split_of(entry["question"])].append({"messages": prefix + _user(ask(entry["question"])),
+                                                      "entry": entry, "answer": entry["answer"], "id": f"{name}:{i}"})
 
     def score(completion: str, sample: dict) -> float:
-        return float(data.score_answer(answer=answer_in_tags(completion), entry=sample["entry"]))
+        s = float(data.score_answer(answer=answer_in_tags(completion), entry=sample["entry"]))
+        return s if partial_credit else float(s >= 1.0)
     label = ",".join(f"{k}={v}" for k, v in config.items())
     return Task(f"rg:{name}" + (f":{label}" if label else ""), problems, score)
 

@@ -124,12 +124,23 @@ def test_reasoning_gym_tasks_ask_for_answer_tags_and_score_the_tagged_answer():
     assert score(f"So {terms[0]} {terms[1]} {terms[2]} gives\n<answer> {answer} </answer>", p) == 1.0
     assert score(f"<answer>{int(answer) + 1}</answer>", p) == 0.0
     assert score(f"<answer>{int(answer) + 1}</answer> <answer>{answer}</answer>", p) == 1.0   # the last tag counts
-    assert score(f"The answer is {answer}.", p) < 1.0       # untagged: the whole reply is the answer, as before
-    assert score(f" {answer}\n", p) == 1.0                  # so a bare answer still scores
-    assert [answer_tags(c, p) for c in ("<answer>5</answer>", "x <answer> 5 </answer> y", "<answer> </answer>", "5",
-                                        "<answer>5</answer><answer>6</answer>", "<answer>5")] == [1, 1, 0, 0, 0, 0]
+    assert score(f"The answer is {answer}.", p) == 0.0      # untagged: the whole reply is the answer, as before,
+    assert score(f" {answer}\n", p) == 1.0                  # so a bare answer still scores; no partial credit
+    partial = get_task("rg:chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=2", size=40, seed=0,
+                       partial_credit=True)
+    assert 0.0 < partial.default_reward(f"The answer is {answer}.", p) < 1.0    # reasoning-gym's own fraction
+    assert [answer_tags(c, p) for c in ("<answer>5</answer>", "x <answer> 5 </answer>\n", "x <answer> 5 </answer> y",
+                                        "The answer is between <answer> and </answer>.", "<answer> </answer>", "5",
+                                        "<answer>5</answer><answer>6</answer>", "<answer>5")] \
+        == [1, 1, 0, 0, 0, 0, 0, 0]
     assert load_reward("answer_tags") is answer_tags
-    bare = get_task("rg:chain_sum", size=10, answer_format="")
+    shot, question = p["messages"][:2], p["messages"][4]     # two worked examples before the question
+    assert [m["role"] for m in p["messages"]] == ["user", "assistant"] * 2 + ["user"] and question["content"] == text
+    assert shot[0]["content"].endswith("</answer>.") and shot[0]["content"] not in {
+        q["messages"][-1]["content"] for split in SPLITS for q in task.problems[split]}
+    assert score(shot[1]["content"], {"entry": {**p["entry"], "answer": shot[1]["content"][8:-9]}}) == 1.0
+    bare = get_task("rg:chain_sum", size=10, answer_format="", shots=0)
+    assert [m["role"] for m in bare.samples("train", 1)[0]["messages"]] == ["user"]
     assert "<answer>" not in bare.samples("train", 1)[0]["messages"][-1]["content"]
 
 
