@@ -27,7 +27,7 @@ def main():
     from rftkit.sampling import SamplingParams
     from rftkit.tasks import get_task
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", default=",".join(TASKS), help="rg:NAME[:KEY=VALUE,...] task names, comma-separated")
+    ap.add_argument("--tasks", default=";".join(TASKS), help="rg:NAME[:KEY=VALUE,...] task names, separated by \";\"")
     ap.add_argument("--shots", default="0,1,2", help="numbers of worked examples to try")
     ap.add_argument("--problems", type=int, default=24, help="training problems sampled")
     ap.add_argument("--group", type=int, default=8, help="replies per problem (G)")
@@ -38,7 +38,7 @@ def main():
     engine, stop, t0 = Engine(model, max_seq_len=512, max_batch=64), list(tok.eos_token_ids), time.perf_counter()
     print("| task | shots | tagged | right (sampled) | groups with signal | reply tokens | greedy test accuracy |\n"
           "|---|---|---|---|---|---|---|", flush=True)
-    for name in args.tasks.split(","):
+    for name in args.tasks.split(";"):
         for shots in map(int, args.shots.split(",")):
             task = get_task(name, size=2000, seed=0, shots=shots)
             probs = task.samples("train", args.problems, seed=0)

@@ -5,6 +5,7 @@ beyond it; TRL's GRPOTrainer at equal wall time on some of them.
     OMP_NUM_THREADS=1 python bench/task_table.py --budget 900                    # every row, in ROWS order
     python bench/task_table.py --rows countdown,rg-chain_sum --budget 900         # some rows
     python bench/task_table.py --quick --results /tmp/tt.jsonl --rows countdown   # smoke: 20 s, 8 problems
+    python bench/task_table.py --rescore --rows rg-chain_sum                      # evaluate a finished row again
     python bench/task_table.py --table                                            # the results as markdown
     python bench/task_table.py --plot docs/img/task_table.png                     # and as bars
 
@@ -19,7 +20,9 @@ and 313 s with two (a parallel region waits for both threads to be scheduled).
 
 Correct means the task's own scorer gives 1: countdown's expression check, reasoning-gym's `score_answer` on the
 answer in <answer> tags, all fields equal for JSON extraction (schema validity is recorded beside it), every
-unit test passing for code. The format and field rewards of a recipe shape training only.
+unit test passing for code. The format and field rewards of a recipe shape training only. Beside accuracy, each
+evaluation counts its distinct replies, and each row the accuracy of always giving the most common reference
+answer: a policy that collapses to one answer reaches that bar without solving anything.
 
 TRL rows (`trl-*`) use bench/rft_vs_trl.py's set-up (PEFT LoRA r16 alpha 32 all-linear, lr 2e-4, 2 prompts x
 G=8 per step, TRL's defaults otherwise) with the row's max_tokens and the same rewards and weights as ours,
@@ -50,6 +53,7 @@ ROWS = {
     "rg-spell_backward": (RG, {"task": "rg:spell_backward:max_word_len=4"}, None),
     "rg-basic_arithmetic": (RG, {"task": "rg:basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=2"},
                             None),
+    "rg-syllogism": (RG, {"task": "rg:syllogism:invalid_ratio=0.5"}, None),      # logic; half the answers "No"
     "json_extraction": ("recipes/json_extraction.yaml", {}, "json"),
     "code": ("recipes/code.yaml", {}, "code"),
     "trl-countdown": ("recipes/countdown.yaml", {}, None),
@@ -113,8 +117,19 @@ def score(adapter: str | None, task, rewards: dict, n: int, max_tokens: int) -> 
         load_lora(model, adapter)
     r = evaluate(model, tok, task, "test", min(n, task.size("test")), max_tokens=max_tokens, progress=False,
                  rewards=rewards)
+    replies = [row["completions"][0] for row in r["rows"]]
     return {"accuracy": r["accuracy"], "n": r["n"], "rewards": r["rewards"], "completion_len": r["completion_len"],
-            "truncated_frac": r["truncated_frac"], "examples": [row["completions"][0] for row in r["rows"][:3]]}
+            "truncated_frac": r["truncated_frac"], "distinct_replies": len(set(replies)), "examples": replies[:3]}
+
+
+def constant_answer(task, n: int) -> float | None:
+    """The accuracy of always giving the test split's most common reference answer (where answers are strings):
+    the bar a policy that collapses to one answer clears without solving anything."""
+    answers = [p.get("answer") for p in task.samples("test", min(n, task.size("test")))]
+    if not all(isinstance(a, (str, int)) for a in answers):
+        return None
+    top = max(set(map(str, answers)), key=[str(a) for a in answers].count)
+    return sum(str(a) == top for a in answers) / len(answers)
 
 
 def train_ours(cfg, budget: float) -> dict:
@@ -173,21 +188,26 @@ def train_trl(cfg, budget: float, task) -> dict:
 
 def table(results: Path) -> str:
     """The markdown table of docs/experiments.md, one line per row of --results (mean score: the task scorer's
-    mean, partial credit included, where accuracy counts a score of 1)."""
-    lines = ["| row | task | system | base | RFT | mean score base -> RFT | test n | steps | train s "
-             "| load (1-min avg) before / after training | finished (UTC) |", "|---" * 11 + "|"]
+    mean, partial credit included, where accuracy counts a score of 1; constant answer: see constant_answer)."""
+    lines = ["| row | task | system | base | RFT | constant answer | distinct replies base -> RFT "
+             "| mean score base -> RFT | test n | steps | train s | row wall s "
+             "| machine, threads | load (1-min avg) before / after training | finished (UTC) |", "|---" * 15 + "|"]
     for r in map(json.loads, filter(str.strip, results.read_text().splitlines())):
         load = lambda up: up.split("load average:")[1].split(",")[0].strip()
         lines.append(f"| {r['row']} | `{r['task']}` | {r['system']} | {r['base']['accuracy']:.2f} | "
-                     f"{r['rft']['accuracy']:.2f} | {r['base']['rewards']['task']:.3f} -> "
+                     f"{r['rft']['accuracy']:.2f} | "
+                     f"{'-' if r.get('constant_answer') is None else format(r['constant_answer'], '.2f')} | "
+                     f"{r['base'].get('distinct_replies', '-')} -> {r['rft'].get('distinct_replies', '-')} | "
+                     f"{r['base']['rewards']['task']:.3f} -> "
                      f"{r['rft']['rewards']['task']:.3f} | "
-                     f"{r['rft']['n']} | {r['steps']} | {r['train_s']:.0f} | "
+                     f"{r['rft']['n']} | {r['steps']} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
+                     f"{r['cpu']}, {r['threads']} | "
                      f"{load(r['uptime_before'])} / {load(r['uptime_after_training'])} | {r['date'][:16]} |")
     return "\n".join(lines)
 
 
 def plot(results: Path, path: Path) -> None:
-    """Base vs RFT accuracy per row, as bars (docs/img/task_table.png)."""
+    """Base vs RFT accuracy per row, as bars, with the constant-answer bar as a dashed line (docs/img/task_table.png)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -196,12 +216,33 @@ def plot(results: Path, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.5))
     ax.bar([i - 0.2 for i in x], [r["base"]["accuracy"] for r in rows], 0.4, label="base")
     ax.bar([i + 0.2 for i in x], [r["rft"]["accuracy"] for r in rows], 0.4, label="after RFT")
+    const = [(i, r["constant_answer"]) for i, r in zip(x, rows) if r.get("constant_answer") is not None]
+    ax.hlines([c for _, c in const], [i - 0.45 for i, _ in const], [i + 0.45 for i, _ in const], colors="black",
+              linestyles="dashed", label="always the most common answer")
     ax.set_xticks(list(x), [f"{r['row']}\n{r['steps']} steps" for r in rows], fontsize=8)
     ax.set_ylabel(f"held-out accuracy (greedy)")
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def rescore(results: Path, ids: list[str], work: Path, n: int) -> None:
+    """Evaluate again the rows of `ids` in --results, in place (the adapter each row recorded)."""
+    from rftkit.grpo import GRPOConfig
+    from rftkit.recipe import read_recipe
+    rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()]
+    for r in rows:
+        if r["row"] not in ids:
+            continue
+        recipe, overrides, kind = ROWS[r["row"]]
+        cfg = GRPOConfig(**{**read_recipe(recipe, GRPOConfig), **overrides, "output": str(work / r["row"])})
+        task, rewards = test_task(kind, cfg, work, n)
+        r["base"], r["rft"] = (score(a, task, rewards, n, cfg.max_tokens) for a in (None, r["adapter"]))
+        r["constant_answer"] = constant_answer(task, n)
+        print(f"[{r['row']}] base {r['base']['accuracy']:.3f} -> rft {r['rft']['accuracy']:.3f}; distinct replies "
+              f"{r['base']['distinct_replies']} -> {r['rft']['distinct_replies']}", flush=True)
+        results.write_text("".join(json.dumps(x) + "\n" for x in rows))
 
 
 def main():
@@ -214,6 +255,9 @@ def main():
     ap.add_argument("--results", default="bench/results/task_table.jsonl")
     ap.add_argument("--work", default="runs/task_table", help="run folders (adapters, metrics)")
     ap.add_argument("--quick", action="store_true", help="smoke: 20 s budgets, 8 problems")
+    ap.add_argument("--rescore", action="store_true",
+                    help="evaluate the base model and the adapter of --rows already in --results again (no training), "
+                         "filling in fields added since, e.g. distinct replies")
     ap.add_argument("--table", action="store_true", help="print --results as a markdown table and exit")
     ap.add_argument("--plot", help="draw --results as a bar chart into this PNG and exit")
     args = ap.parse_args()
@@ -228,6 +272,9 @@ def main():
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: use some of {list(ROWS)}")
     done = {json.loads(l)["row"] for l in results.read_text().splitlines() if l.strip()} if results.is_file() else set()
+    if args.rescore:
+        rescore(results, ids, work, args.eval_n)
+        return
     print(f"{len(done)} rows already in {results}; budget {args.budget:.0f} s, {args.eval_n} test problems", flush=True)
     for rid in ids:
         if rid in done:
@@ -243,7 +290,8 @@ def main():
         mid = machine()["uptime"]
         rft = score(run["adapter"], task, rewards, args.eval_n, cfg.max_tokens)
         row = {"row": rid, "system": "trl" if rid.startswith("trl-") else "ours", "task": task.name,
-               "recipe": recipe, "overrides": overrides, "base": base, "rft": rft, "budget_s": args.budget, **run,
+               "recipe": recipe, "overrides": overrides, "base": base, "rft": rft,
+               "constant_answer": constant_answer(task, args.eval_n), "budget_s": args.budget, **run,
                "wall_s": round(time.perf_counter() - t, 1), "uptime_before": before["uptime"],
                "uptime_after_training": mid, "uptime_after": machine()["uptime"], "cpu": before["cpu"],
                "cores": before["cores"], "threads": before["threads"],

@@ -131,9 +131,23 @@ def _score(task, problems, texts, k, seconds, rewards: dict | None = None) -> di
         correct.append(c)
         rows.append({"id": p.get("id"), "completions": outs, "scores": scores})
     n_s = len(texts[0])
+    firsts = [outs[0].strip() for outs in texts]
+    top = max(set(firsts), key=firsts.count)
     return {"accuracy": sum(correct) / (len(correct) * n_s), f"pass@{k}": sum(pass_at_k(n_s, c, k) for c in correct)
             / len(correct), "n": len(problems), "seconds": seconds, "rows": rows,
-            "rewards": {name: sum(v) / len(v) for name, v in by_reward.items()}}
+            "rewards": {name: sum(v) / len(v) for name, v in by_reward.items()},
+            "top_reply": {"text": top, "share": firsts.count(top) / len(firsts)}}
+
+
+def collapse_warning(result: dict, at: float = 0.8) -> str | None:
+    """A warning when one reply answers most problems: a policy that gives one answer to everything (a GRPO
+    failure on tasks where one answer is common) scores exactly as often as that answer is the reference."""
+    top = result["top_reply"]
+    if result["n"] < 20 or top["share"] < at:
+        return None
+    return (f"rft eval: warning: {top['share']:.0%} of the {result['n']} problems got the same reply "
+            f"{top['text'][:60]!r}; the accuracy may be how often that one answer is right, not skill (compare the "
+            f"share of problems whose reference answer it is)")
 
 
 def evaluate_remote(base_url: str, served_model: str, task, split="test", n=200, samples=1, k=1,
@@ -198,4 +212,6 @@ def run_eval(cfg: EvalConfig) -> int:
                 f.write(json.dumps(row) + "\n")
     print(f"{task.name} {cfg.split}: accuracy {result['accuracy']:.3f}, pass@{cfg.k} {result[f'pass@{cfg.k}']:.3f} "
           f"on {result['n']} problems ({result['seconds']:.1f} s)")
+    if warning := collapse_warning(result):
+        print(warning)
     return 0

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from rftkit.evaluate import evaluate, pass_at_k
+from rftkit.evaluate import _score, collapse_warning, evaluate, pass_at_k
 from rftkit.rewards import RewardError
 from rftkit.tasks import Task, arithmetic
 from rftkit.tokenizer import Tokenizer
@@ -58,3 +58,14 @@ def test_train_task_reward_replaces_the_tasks_own_reward(tmp_path, tok_dir):
     train(cfg, model, tok, task, progress=False)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["reward/task"] == 0.25 and row["reward"] == 0.25 and row["accuracy"] == 0.0
+
+
+def test_one_reply_to_most_problems_is_flagged_as_a_collapse():
+    task = Task("t", {"train": [], "validation": [], "test": []}, lambda c, s: float(c.strip() == s["answer"]))
+    problems = [{"messages": [], "answer": "1" if i < 15 else str(i)} for i in range(20)]
+    collapsed = _score(task, problems, [[" 1 "]] * 20, 1, 0.0)
+    assert collapsed["accuracy"] == 0.75 and collapsed["top_reply"] == {"text": "1", "share": 1.0}
+    assert "100% of the 20 problems got the same reply '1'" in collapse_warning(collapsed)
+    varied = _score(task, problems, [["1"]] * 15 + [[str(i)] for i in range(15, 20)], 1, 0.0)
+    assert varied["accuracy"] == 1.0 and varied["top_reply"]["share"] == 0.75 and collapse_warning(varied) is None
+    assert collapse_warning(_score(task, problems[:10], [["1"]] * 10, 1, 0.0)) is None     # too few to tell

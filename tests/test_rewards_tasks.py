@@ -139,6 +139,9 @@ def test_reasoning_gym_tasks_ask_for_answer_tags_and_score_the_tagged_answer():
     assert shot[0]["content"].endswith("</answer>.") and shot[0]["content"] not in {
         q["messages"][-1]["content"] for split in SPLITS for q in task.problems[split]}
     assert score(shot[1]["content"], {"entry": {**p["entry"], "answer": shot[1]["content"][8:-9]}}) == 1.0
+    named = get_task("rg:chain_sum:shots=0,partial_credit=true,max_terms=2", size=40, seed=0)   # from the name too
+    assert named.name == "rg:chain_sum:max_terms=2" and len(named.samples("train", 1)[0]["messages"]) == 1
+    assert 0.0 < named.default_reward("The answer is 5 or 6.", {**p, "entry": {**p["entry"], "answer": "5"}}) < 1.0
     bare = get_task("rg:chain_sum", size=10, answer_format="", shots=0)
     assert [m["role"] for m in bare.samples("train", 1)[0]["messages"]] == ["user"]
     assert "<answer>" not in bare.samples("train", 1)[0]["messages"][-1]["content"]
