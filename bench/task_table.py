@@ -125,11 +125,11 @@ def score(adapter: str | None, task, rewards: dict, n: int, max_tokens: int) -> 
 def constant_answer(task, n: int) -> float | None:
     """The accuracy of always giving the test split's most common reference answer (where answers are strings):
     the bar a policy that collapses to one answer clears without solving anything."""
+    from collections import Counter
     answers = [p.get("answer") for p in task.samples("test", min(n, task.size("test")))]
     if not all(isinstance(a, (str, int)) for a in answers):
         return None
-    top = max(set(map(str, answers)), key=[str(a) for a in answers].count)
-    return sum(str(a) == top for a in answers) / len(answers)
+    return Counter(map(str, answers)).most_common(1)[0][1] / len(answers)
 
 
 def train_ours(cfg, budget: float) -> dict:
@@ -227,17 +227,22 @@ def plot(results: Path, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def rescore(results: Path, ids: list[str], work: Path, n: int) -> None:
-    """Evaluate again the rows of `ids` in --results, in place (the adapter each row recorded)."""
+def row_setup(rid: str, work: Path, n: int):
+    """A row's recipe config (its run folder under `work`), its test task and the rewards it is scored by."""
     from rftkit.grpo import GRPOConfig
     from rftkit.recipe import read_recipe
+    recipe, overrides, kind = ROWS[rid]
+    cfg = GRPOConfig(**{**read_recipe(recipe, GRPOConfig), **overrides, "output": str(work / rid)})
+    return (cfg, *test_task(kind, cfg, work, n))
+
+
+def rescore(results: Path, ids: list[str], work: Path, n: int) -> None:
+    """Evaluate again the rows of `ids` in --results, in place (the adapter each row recorded)."""
     rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()]
     for r in rows:
         if r["row"] not in ids:
             continue
-        recipe, overrides, kind = ROWS[r["row"]]
-        cfg = GRPOConfig(**{**read_recipe(recipe, GRPOConfig), **overrides, "output": str(work / r["row"])})
-        task, rewards = test_task(kind, cfg, work, n)
+        cfg, task, rewards = row_setup(r["row"], work, n)
         r["base"], r["rft"] = (score(a, task, rewards, n, cfg.max_tokens) for a in (None, r["adapter"]))
         r["constant_answer"] = constant_answer(task, n)
         print(f"[{r['row']}] base {r['base']['accuracy']:.3f} -> rft {r['rft']['accuracy']:.3f}; distinct replies "
@@ -246,8 +251,6 @@ def rescore(results: Path, ids: list[str], work: Path, n: int) -> None:
 
 
 def main():
-    from rftkit.grpo import GRPOConfig
-    from rftkit.recipe import read_recipe
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=900.0, help="training seconds per row")
     ap.add_argument("--eval-n", type=int, default=100, help="held-out test problems per evaluation")
@@ -279,9 +282,8 @@ def main():
     for rid in ids:
         if rid in done:
             continue
-        recipe, overrides, kind = ROWS[rid]
-        cfg = GRPOConfig(**{**read_recipe(recipe, GRPOConfig), **overrides, "output": str(work / rid)})
-        task, rewards = test_task(kind, cfg, work, args.eval_n)
+        recipe, overrides, _ = ROWS[rid]
+        cfg, task, rewards = row_setup(rid, work, args.eval_n)
         before, t = machine(), time.perf_counter()
         print(f"[{rid}] {task.name}: base evaluation ({before['uptime']})", flush=True)
         base = score(None, task, rewards, args.eval_n, cfg.max_tokens)
