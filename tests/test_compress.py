@@ -85,17 +85,35 @@ def test_kernel_equals_reference_path(bits, rows):
         torch.testing.assert_close(q(xg), exact, rtol=1e-4, atol=1e-4)
 
 
+def test_int4_kernel_layout_is_the_stored_bytes_in_tiles_of_8_rows():
+    """repack_int4 (the int4 kernel's layout): per tile of 8 rows and block of 32 inputs, word j * 8 + i = row
+    i's stored bytes 4j .. 4j + 3 of the block; scales and mins [tiles, G, 8]; N = 13 pads to 16 with zeros."""
+    from rftkit.compress.quantize import repack_int4
+    torch.manual_seed(5)
+    q, d, mn = quantize_int4(torch.randn(13, 128), 64)
+    qp, dp, mp = repack_int4(q, d, mn)
+    qp = qp.reshape(2, 4, 4, 8, 4)                       # tile, block, word j, row i, byte
+    for n in range(16):
+        for b in range(4):
+            for j in range(4):
+                want = q[n, b * 16 + 4 * j: b * 16 + 4 * j + 4] if n < 13 else torch.zeros(4, dtype=torch.uint8)
+                assert torch.equal(qp[n // 8, b, j, n % 8], want)
+    assert dp.shape == mp.shape == (2, 2, 8)
+    assert torch.equal(dp[0, :, 3], d[3]) and torch.equal(mp[1, :, 4], mn[12]) and not dp[1, :, 5:].any()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("group", [32, 64])
 def test_kernel_rows_are_batch_invariant(bits, group):
     """A row's output is bit for bit the same whichever rows share its call (1 to 64 rows: tiles of 1-4 x rows
-    against 1, 2 or 4 weight rows), and with a fused LoRA; N = 43 leaves tails of weight rows."""
+    against 1, 2 or 4 int8 weight rows, or 8 int4 rows), and with a fused LoRA (r = 8, and r = 5 with a tail of
+    ranks); N = 43 leaves tails of weight rows."""
     torch.manual_seed(3)
     q = QuantLinear.from_linear(nn.Linear(192, 43, bias=True), bits, group if bits == 4 else 32)
     x = torch.randn(64, 192)
     A, B = torch.randn(8, 192) * 0.1, torch.randn(43, 8) * 0.1
     with torch.no_grad():
-        for lora in (None, (A, B, 0.5)):
+        for lora in (None, (A, B, 0.5), (A[:5].contiguous(), B[:, :5].contiguous(), 0.5)):
             full = q(x, lora)
             for rows in (1, 2, 3, 4, 5, 7, 8, 13, 33, 63):
                 torch.testing.assert_close(q(x[:rows], lora), full[:rows], rtol=0, atol=0)
@@ -381,10 +399,10 @@ def test_bank_serves_adapters_on_a_quantized_model(tmp_path):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("r", [4, 16])
+@pytest.mark.parametrize("r", [4, 5, 16])
 def test_quantized_layer_adds_a_lora_in_the_same_call(bits, r):
     """forward(x, lora=(A, B, s)) = the layer's own output + s * x A^T B^T, at decode rows (the fused kernel,
-    r = 16 vectorised, r = 4 not) and at many rows (torch)."""
+    r = 16 vectorised, r = 4 not, r = 5 leaves a tail of ranks) and at many rows (torch)."""
     torch.manual_seed(3)
     q = QuantLinear.from_linear(nn.Linear(96, 40, bias=True), bits, 32)
     A, B = torch.randn(r, 96), torch.randn(40, r)

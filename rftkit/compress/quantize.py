@@ -110,6 +110,19 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
 
 
+def repack_int4(packed: torch.Tensor, d: torch.Tensor, mn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The stored int4 layout -> the kernel's (qgemm.c, q4tile): rows in tiles of 8 (zero rows pad N to a multiple
+    of 8); per tile and block of 32 inputs, 4-byte word j * 8 + i = row i's bytes 4j .. 4j + 3 of the block; d
+    and mn [tiles, G, 8]. A pure reordering: the stored bytes are kept as they are."""
+    N, half = packed.shape
+    pad = -N % 8
+    q = F.pad(packed, (0, 0, 0, pad)).reshape((N + pad) // 8, 8, half // 16, 4, 4)    # tile, row, block, word, byte
+    qp = q.permute(0, 2, 3, 1, 4).contiguous().reshape(-1)
+    G = d.shape[1]
+    dp, mp = (F.pad(t.float(), (0, 0, 0, pad)).reshape(-1, 8, G).transpose(1, 2).contiguous() for t in (d, mn))
+    return qp, dp, mp
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     N, half = packed.shape
     b = packed.reshape(N, half // 16, 1, 16)
@@ -216,10 +229,18 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def kernel_tensors(self) -> tuple:
-        """(qweight, scales, mins or None, bias or None): what the kernels read (rftkit.kernels.QLayer.fill).
-        Read from the module's own dicts: nn.Module.__getattr__ costs ~1 us a lookup, on every decode call."""
+        """(qweight, scales, mins or None, bias or None): what the kernels read (rftkit.kernels.QLayer.fill); for
+        int4 in the kernel's layout (repack_int4), made on first use and again whenever a buffer changes. Read
+        from the module's own dicts: nn.Module.__getattr__ costs ~1 us a lookup, on every decode call."""
         b = self._buffers
-        return b["qweight"], b["scales"], b.get("mins"), self._parameters.get("bias")
+        bias = self._parameters.get("bias")
+        if self.bits == 8:
+            return b["qweight"], b["scales"], None, bias
+        key = tuple((id(t), t._version) for t in (b["qweight"], b["scales"], b["mins"]))
+        cache = self.__dict__.get("_repacked")
+        if cache is None or cache[0] != key:
+            cache = self.__dict__["_repacked"] = (key, repack_int4(b["qweight"], b["scales"], b["mins"]))
+        return (*cache[1], bias)
 
     def _kernel_for(self, x2: torch.Tensor):
         """The C kernel library when it may run on x2 [M, K] (CPU fp32, outside autograd), else None. In

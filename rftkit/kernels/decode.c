@@ -126,7 +126,7 @@ void decode_layers_q(float* x, qblock* L, int nl, int M, int D, int H, int Hkv, 
     rms_norm(x, (const float*)P->ln2, h, M, D, eps);
     P->gu[0].y = (int64_t)g; P->gu[1].y = (int64_t)u;
     qlinear_many(h, M, D, bits, sub, 2, P->gu, nt);
-    for (long i = 0; i < (long)M * F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    silu_mul(g, u, (long)M * F, nt);
     P->down.y = (int64_t)t;
     qlinear_many(g, M, F, bits, sub, 1, &P->down, nt);
     for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
