@@ -241,12 +241,6 @@ void qlinear_many(const float* x, int M, int K, int bits, int sub, int nl, const
   float* xs = xd + (size_t)M * B;
   float* xg = xs + (size_t)M * B;
   float* t = xg + (size_t)M * G;            /* t[j, m, :] = scale_j * x[m] A_j^T */
-  quant_x8(x, M, K, xq, xd, xs);
-  for (int m = 0; m < M; m++) for (int g = 0; g < G; g++) {
-    float s = 0.0f;
-    for (int i = 0; i < sub; i++) s += xs[(long)m * B + g * sub + i];
-    xg[(long)m * G + g] = s;
-  }
   long total = 0, start[5], lo_rows = 0, lo_start[5];   /* rows of all layers; LoRA items (layer, x row, 4 ranks) */
   for (int j = 0; j < nl; j++) {
     start[j] = total; total += bits == 4 ? (L[j].N + 7) / 8 * 8 : L[j].N;
@@ -257,6 +251,15 @@ void qlinear_many(const float* x, int M, int K, int bits, int sub, int nl, const
   const int NT = M == 1 ? 4 : 2;
   #pragma omp parallel num_threads(nt)
   {
+    #pragma omp for schedule(static) nowait
+    for (int m = 0; m < M; m++) {                 /* x rounded to int8, and its sums per group */
+      quant_x8(x + (long)m * K, 1, K, xq + (long)m * K, xd + (long)m * B, xs + (long)m * B);
+      for (int g = 0; g < G; g++) {
+        float s = 0.0f;
+        for (int i = 0; i < sub; i++) s += xs[(long)m * B + g * sub + i];
+        xg[(long)m * G + g] = s;
+      }
+    }
     #pragma omp for schedule(static)
     for (long c = 0; c < lo_rows; c++) {          /* the LoRAs' x A^T: items of up to 4 ranks of one x row */
       int j = 0;
