@@ -1,7 +1,8 @@
-/* The machine's compute roof for bench/roofline.py: fp32 FMA throughput (AVX2, 8 lanes) and the int8 block
-   product our int4/int8 decode kernel runs per 32 weights (maddubs + madd + cvt + FMA, rftkit/kernels/qgemm.c),
-   both with independent chains in registers, on 1..nt threads. Built by bench/roofline.py with the system
-   compiler. */
+/* The machine's compute roof for bench/roofline.py: fp32 FMA throughput (AVX2, 8 lanes), the int8 block
+   product our int8 decode kernel runs per 32 weights (maddubs + madd + cvt + FMA), and the int4 tile product
+   of the int4 kernel per 8 rows x 32 weights (8 maddubs summed in int16 + madd + cvt + FMA; both in
+   rftkit/kernels/qgemm.c), each with independent chains in registers, on 1..nt threads. Built by
+   bench/roofline.py with the system compiler. */
 #include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,12 +63,41 @@ static double int8_peak(long iters, int nt) {
   return (double)nt * iters * 8 * 32 / dt / 1e9;
 }
 
+/* G(MAC)/s of the int4 tile product (8 x 32 multiply-adds: 8 maddubs added in int16, madd, cvt, FMA), four x
+   rows against eight weight vectors, as the kernel's tile of 4 x rows runs it, on nt threads */
+static double int4_tile_peak(long iters, int nt) {
+  double t0 = omp_get_wtime();
+  float sink = 0.f;
+  #pragma omp parallel num_threads(nt) reduction(+:sink)
+  {
+    __m256i w[8], x[4], ones = _mm256_set1_epi16(1);
+    __m256 acc[4], s = _mm256_set1_ps(1e-9f);
+    for (int i = 0; i < 8; i++) w[i] = _mm256_set1_epi8((char)(i + 1));
+    for (int i = 0; i < 4; i++) { x[i] = _mm256_set1_epi8((char)(i + 3)); acc[i] = _mm256_setzero_ps(); }
+    for (long it = 0; it < iters; it++) {
+      __asm__ volatile("" : "+x"(x[0]), "+x"(x[1]), "+x"(x[2]), "+x"(x[3]));
+      #pragma GCC unroll 4
+      for (int m = 0; m < 4; m++) {
+        __m256i p = _mm256_maddubs_epi16(w[0], x[m]);
+        #pragma GCC unroll 8
+        for (int t = 1; t < 8; t++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[t], x[m]));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), s, acc[m]);
+      }
+    }
+    sink += keep(acc, 4);
+  }
+  double dt = omp_get_wtime() - t0;
+  if (sink == 12345.f) printf("%g", sink);
+  return (double)nt * iters * 4 * 256 / dt / 1e9;
+}
+
 int main(int argc, char** argv) {
   int nt = argc > 1 ? atoi(argv[1]) : 2;
   for (int t = 1; t <= nt; t++) {
     fma_peak(20000000, t);                               /* warm-up: clocks up */
-    double f = fma_peak(100000000, t), q = int8_peak(50000000, t);
-    printf("threads %d: fp32 FMA %.1f GFLOP/s (%.1f GMAC/s); int8 block product %.1f GMAC/s\n", t, f, f / 2, q);
+    double f = fma_peak(100000000, t), q = int8_peak(50000000, t), q4 = int4_tile_peak(10000000, t);
+    printf("threads %d: fp32 FMA %.1f GFLOP/s (%.1f GMAC/s); int8 block product %.1f GMAC/s; int4 tile product "
+           "%.1f GMAC/s\n", t, f, f / 2, q, q4);
   }
   return 0;
 }

@@ -1,5 +1,5 @@
-"""The machine's roofs, measured now: fp32 FMA throughput, the int8 block product of the quantized decode
-kernel, MKL's sgemm, and memory bandwidth; then what share of them the hot paths reach.
+"""The machine's roofs, measured now: fp32 FMA throughput, the int8 block and int4 tile products of the quantized
+decode kernels, MKL's sgemm, and memory bandwidth; then what share of them the hot paths reach.
 
     python bench/roofline.py            # 1 and 2 threads
 
