@@ -47,6 +47,9 @@ static inline __attribute__((always_inline)) void qtile(const int8_t* q, const f
   _Pragma("GCC unroll 8") for (int i = 0; i < MT * NT; i++) acc[i] = _mm256_setzero_ps();
   for (int b = 0; b < B; b++) {
     __m256i w[4], aw[4];
+    if (m0 == 0 && !(b & 1))         /* the next weight rows, a cache line each, while these are multiplied */
+      _Pragma("GCC unroll 4") for (int r = 0; r < NT; r++)
+        _mm_prefetch((const char*)(q + (n + NT + r) * K + b * 32), _MM_HINT_T0);
     _Pragma("GCC unroll 4") for (int r = 0; r < NT; r++) {
       w[r] = _mm256_loadu_si256((const __m256i*)(q + (n + r) * K + b * 32));
       aw[r] = _mm256_sign_epi8(w[r], w[r]);                    /* |w| as unsigned, the sign moved to x */
@@ -92,6 +95,7 @@ static void qrows(const int8_t* q, const float* d, long n, int nt_rows, const in
    reuses the unpacked weights. res[m] = the 8 outputs of x row m0 + m: sum over groups of (sum over the
    group's blocks of d * xd * (q_b . x8_b)) + mn * (the exact sum of x over the group), in that order for every
    tile: batch-invariant. */
+#define QPF 1024                     /* how far ahead the int4 kernel prefetches its weights, in bytes */
 static inline __attribute__((always_inline)) void q4tile(const uint8_t* qp, const float* dp, const float* mp,
     const int8_t* xq, const float* xd, const float* xg, int m0, int K, int sub, const float* bt, const float* t,
     int r, __m256* res, const int MT) {
@@ -104,6 +108,10 @@ static inline __attribute__((always_inline)) void q4tile(const uint8_t* qp, cons
     for (int b = g * sub; b < (g + 1) * sub; b++) {
       const uint8_t* p = qp + (long)b * 128;
       __m256i w[8];
+      if (m0 == 0) {                 /* tiles lie one after another: the bytes QPF ahead, on the first x tile */
+        _mm_prefetch((const char*)(p + QPF), _MM_HINT_T0);
+        _mm_prefetch((const char*)(p + QPF + 64), _MM_HINT_T0);
+      }
       _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
         __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * j));
         w[j] = _mm256_and_si256(v, m15);
