@@ -102,6 +102,38 @@ def test_int4_kernel_layout_is_the_stored_bytes_in_tiles_of_8_rows():
     assert torch.equal(dp[0, :, 3], d[3]) and torch.equal(mp[1, :, 4], mn[12]) and not dp[1, :, 5:].any()
 
 
+def test_int4_kernel_copy_follows_load_state_dict_in_place():
+    """The int4 kernel reads a repacked copy made on first use; load_state_dict (in place) refreshes it in place,
+    so the layer and a whole decode stack planned before the load both compute with the loaded weights."""
+    torch.manual_seed(6)
+    a = QuantLinear.from_linear(nn.Linear(64, 24, bias=True), 4, 32)
+    b = QuantLinear.from_linear(nn.Linear(64, 24, bias=True), 4, 32)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = a(x)
+        kept = a.kernel_tensors()[0]
+        a.load_state_dict(b.state_dict())
+        assert a.kernel_tensors()[0] is kept                       # same tensor, same address: plans stay valid
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+        assert not torch.allclose(a(x), before)
+    from rftkit.engine import Engine
+    from rftkit.sampling import SamplingParams
+    model, other = tiny_model(), tiny_model(seed=1)
+    for m in (model, other):
+        quantize(m, bits=4, group_size=32, head_bits=None)
+    engine = Engine(model, max_seq_len=64)
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    engine.generate([[1, 2, 3, 4]], params, progress=False)          # the decode stack is planned on model
+    model.load_state_dict(other.state_dict())
+    prompt = [5, 6, 7]                                               # not a cached prefix
+    got = engine.generate([prompt], params, progress=False)[0][0].token_ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(other(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert got == ids[len(prompt):]
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("group", [32, 64])
 def test_kernel_rows_are_batch_invariant(bits, group):

@@ -228,6 +228,24 @@ class QuantLinear(nn.Module):
             y = y + F.linear(F.linear(x2, lora[0]), lora[1]) * lora[2]
         return y.reshape(*lead, self.out_features)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        """load_state_dict copies into the buffers in place: the kernel's int4 copy is refreshed in place too, so
+        plans that hold its addresses (rftkit.decode_stack) read the loaded weights."""
+        super()._load_from_state_dict(*args, **kwargs)
+        cache = self.__dict__.get("_repacked")
+        if cache is None:
+            return
+        b = self._buffers
+        fresh = repack_int4(b["qweight"], b["scales"], b["mins"])
+        if any(old.shape != new.shape for old, new in zip(cache[1], fresh)):
+            del self.__dict__["_repacked"]
+            return
+        with torch.no_grad():
+            for old, new in zip(cache[1], fresh):
+                old.copy_(new)
+        self.__dict__["_repacked"] = (tuple((id(t), t._version) for t in (b["qweight"], b["scales"], b["mins"])),
+                                      cache[1])
+
     def kernel_tensors(self) -> tuple:
         """(qweight, scales, mins or None, bias or None): what the kernels read (rftkit.kernels.QLayer.fill); for
         int4 in the kernel's layout (repack_int4), made on first use and again whenever a buffer changes. Read
@@ -239,7 +257,8 @@ class QuantLinear(nn.Module):
         key = tuple((id(t), t._version) for t in (b["qweight"], b["scales"], b["mins"]))
         cache = self.__dict__.get("_repacked")
         if cache is None or cache[0] != key:
-            cache = self.__dict__["_repacked"] = (key, repack_int4(b["qweight"], b["scales"], b["mins"]))
+            with torch.inference_mode(False):      # normal tensors (a decode may run in inference mode): updatable
+                cache = self.__dict__["_repacked"] = (key, repack_int4(b["qweight"], b["scales"], b["mins"]))
         return (*cache[1], bias)
 
     def _kernel_for(self, x2: torch.Tensor):
