@@ -123,6 +123,11 @@ def repack_int4(packed: torch.Tensor, d: torch.Tensor, mn: torch.Tensor) -> tupl
     return qp, dp, mp
 
 
+def _versions(tensors: tuple) -> tuple:
+    """Which tensors, at which in-place version: a cache made from them is current while this is unchanged."""
+    return tuple((id(t), t._version) for t in tensors)
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     N, half = packed.shape
     b = packed.reshape(N, half // 16, 1, 16)
@@ -235,30 +240,32 @@ class QuantLinear(nn.Module):
         cache = self.__dict__.get("_repacked")
         if cache is None:
             return
-        b = self._buffers
-        fresh = repack_int4(b["qweight"], b["scales"], b["mins"])
+        src = self._int4_buffers()
+        fresh = repack_int4(*src)
         if any(old.shape != new.shape for old, new in zip(cache[1], fresh)):
             del self.__dict__["_repacked"]
             return
         with torch.no_grad():
             for old, new in zip(cache[1], fresh):
                 old.copy_(new)
-        self.__dict__["_repacked"] = (tuple((id(t), t._version) for t in (b["qweight"], b["scales"], b["mins"])),
-                                      cache[1])
+        self.__dict__["_repacked"] = (_versions(src), cache[1])
+
+    def _int4_buffers(self) -> tuple:
+        b = self._buffers
+        return b["qweight"], b["scales"], b["mins"]
 
     def kernel_tensors(self) -> tuple:
         """(qweight, scales, mins or None, bias or None): what the kernels read (rftkit.kernels.QLayer.fill); for
         int4 in the kernel's layout (repack_int4), made on first use and again whenever a buffer changes. Read
         from the module's own dicts: nn.Module.__getattr__ costs ~1 us a lookup, on every decode call."""
-        b = self._buffers
         bias = self._parameters.get("bias")
         if self.bits == 8:
-            return b["qweight"], b["scales"], None, bias
-        key = tuple((id(t), t._version) for t in (b["qweight"], b["scales"], b["mins"]))
+            return self._buffers["qweight"], self._buffers["scales"], None, bias
+        src = self._int4_buffers()
         cache = self.__dict__.get("_repacked")
-        if cache is None or cache[0] != key:
+        if cache is None or cache[0] != _versions(src):
             with torch.inference_mode(False):      # normal tensors (a decode may run in inference mode): updatable
-                cache = self.__dict__["_repacked"] = (key, repack_int4(b["qweight"], b["scales"], b["mins"]))
+                cache = self.__dict__["_repacked"] = (_versions(src), repack_int4(*src))
         return (*cache[1], bias)
 
     def _kernel_for(self, x2: torch.Tensor):

@@ -90,7 +90,7 @@ static void qrows(const int8_t* q, const float* d, long n, int nt_rows, const in
    row i's bytes 4j .. 4j + 3 of the block (the stored layout's: low nibbles inputs 4j .. 4j + 3, high nibbles
    16 + 4j .. 16 + 4j + 3); then d, mn [tiles, G, 8]. Unpacked, vector t (0..7) has in lane i row i's four
    weights of inputs 4t .. 4t + 3, so one vpmaddubsw against x's 4 bytes broadcast serves 8 rows, eight of them
-   add up in int16 (|q * x| <= 15 * 128: no overflow), and one vpmaddwd, one conversion and one FMA finish a
+   add up in int16 (each lane two products of at most 15 * 128, eight such 30,720 < 32,767: exact), and one vpmaddwd, one conversion and one FMA finish a
    block for 8 outputs (llama.cpp's repacked Q4 gemm does the same). A tile of MT x rows (compile-time, <= 4)
    reuses the unpacked weights. res[m] = the 8 outputs of x row m0 + m: sum over groups of (sum over the
    group's blocks of d * xd * (q_b . x8_b)) + mn * (the exact sum of x over the group), in that order for every
