@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from rftkit import kernels
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench.machine import cpu  # noqa: E402
+from rftkit import kernels  # noqa: E402
 
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]  # (in, out)
 LAYERS, RANK = 30, 16
@@ -48,7 +52,7 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 16])
     args = ap.parse_args()
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"machine: {cpu()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"kernels: {kernels.status()}")
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():

@@ -29,9 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-
-def load_avg() -> str:
-    return "load " + "/".join(f"{x:.2f}" for x in os.getloadavg())
+from bench.machine import cpu, load_avg  # noqa: E402
 
 
 def llama_cpp_answers(llm, prompts: list[list[int]], eos: set[int], max_tokens: int = 32) -> list[list[int]]:
@@ -73,6 +71,7 @@ def main() -> None:
     if args.quick:
         args.n, args.tokens, args.batch, args.repeats = 20, 16, 4, 1
     torch.set_num_threads(args.threads)
+    print(f"machine: {cpu()}, {args.threads} threads, {load_avg()}", flush=True)
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -137,7 +136,7 @@ def main() -> None:
               f"{[round(v[-1], 1) for v in batched.values()]} ({load_avg()})", flush=True)
     if llm is not None:
         llm.close()
-    res = {"n": args.n, "tokens": args.tokens, "batch": args.batch, "threads": args.threads, "load": os.getloadavg(),
+    res = {"cpu": cpu(), "n": args.n, "tokens": args.tokens, "batch": args.batch, "threads": args.threads, "load": os.getloadavg(),
            "rows": {k: {"bytes": sizes[k], "accuracy": acc[k], "single_tok_s": max(single[k]),
                         "batched_tok_s": max(batched[k]) if k in batched else None} for k in sizes}}
     base = res["rows"]["fp32 pair"]

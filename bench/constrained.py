@@ -24,15 +24,13 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import load_avg  # noqa: E402
+
 ITEM = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city", "tags"],
         "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0,
                                                                            "maximum": 120},
                        "city": {"type": "string"}, "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}}}
 SCHEMA = {"type": "array", "items": ITEM, "minItems": 100}
-
-
-def load_avg() -> str:
-    return "load " + "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main():

@@ -31,11 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import cpu, load_avg  # noqa: E402
+
 N_ADAPTERS = 16
-
-
-def load_avg() -> str:
-    return "load " + "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def bandwidth_gbs() -> tuple[float, float]:
@@ -150,7 +148,7 @@ def main():
     read_bw, copy_bw = bandwidth_gbs()
     bw = max(read_bw, copy_bw)
     roofline = bw * 1e9 / weight_bytes
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, "
+    print(f"machine: {cpu()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}, kernels: {kernels.status()}, {load_avg()}")
     print(f"memory bandwidth: read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB "
           f"-> single-stream roofline {roofline:.1f} tok/s; prompt {len(prompt)} tokens")

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import cpu, load_avg  # noqa: E402
+
 SHAPES = [(576, 576, "q/o"), (192, 576, "k/v"), (1536, 576, "gate/up"), (576, 1536, "down"), (49152, 576, "head")]
 
 
@@ -43,8 +45,7 @@ def main() -> None:
     wide = " avx512f" in kernels.build._cpuinfo()
     default16 = kernels.lanes() == 16
     torch.set_num_threads(2)
-    print(f"threads {torch.get_num_threads()}, {kernels.status()}, load "
-          + "/".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"machine: {cpu()}, threads {torch.get_num_threads()}, {kernels.status()}, {load_avg()}")
     print("ms per call: kernel 8 lanes / kernel 16 lanes / MKL (ratio MKL over the default kernel, GFLOP/s)")
     try:
         for M in args.rows:

@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import cpu  # noqa: E402
+
 P, G = 2, 8                      # prompts per step x completions per prompt = 16 completions
 
 
@@ -139,7 +141,7 @@ def main():
         args.steps, args.tokens = 2, 16
     if args.steps < 2:
         raise SystemExit(f"--steps must be >= 2 (step 1 is not timed), got {args.steps}")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu()
     print(f"machine: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"setting: SmolLM2-135M-Instruct fp32, LoRA r16 all-linear, {P} prompts x G={G} = {P * G} completions "

@@ -23,6 +23,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import cpu, load_avg  # noqa: E402
+
 D, F_, KV = 576, 1536, 192
 BLOCK = [((D, D), (KV, D), (KV, D)), ((D, D),), ((F_, D), (F_, D)), ((D, F_),)]   # calls: (N, K) per layer
 MACS = sum(n * k for call in BLOCK for n, k in call)
@@ -49,9 +51,7 @@ def main() -> None:
         sys.exit(f"bench/qgemm.py: no kernels here ({kernels.status()})")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"{cpu}, threads {args.threads}, {kernels.status()}, load "
-          + "/".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"machine: {cpu()}, threads {args.threads}, {kernels.status()}, {load_avg()}")
     fp32, q8, q4, q4l = [], [], [], []
     for _ in range(args.layers):
         blk = [[nn.Linear(k, n, bias=False) for n, k in call] for call in BLOCK]

@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import cpu, load_avg  # noqa: E402
+
 
 def compute_probes(threads: int) -> str:
     src = Path(__file__).with_name("roofline.c")
@@ -43,11 +45,7 @@ def sgemm_gflops(threads: int, n: int = 2048) -> float:
 def main() -> None:
     from engine import bandwidth_gbs
     threads = os.cpu_count() or 2
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "?")
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    simd = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in flags)
-    print(f"CPU: {model} ({simd}), {threads} cores, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"CPU: {cpu()}, {load_avg()}")
     print(compute_probes(threads), end="")
     for t in range(1, threads + 1):
         print(f"threads {t}: MKL sgemm 2048^3 {sgemm_gflops(t):.1f} GFLOP/s")

@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import cpu  # noqa: E402
+
 WORDS = ("the model reads a prompt and writes an answer that is short clear and correct about numbers words "
          "cities rivers planets colours animals tools recipes stories rules games history science music").split()
 
@@ -115,7 +117,7 @@ def main():
         args.steps, args.warmup, args.batch, args.accum, args.max_length = 3, 1, 2, 1, 128
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu()
     print(f"machine: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"setting: SmolLM2-135M fp32, LoRA r16 all-linear, batch {args.batch} x accum {args.accum}, "

@@ -29,6 +29,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import cpu  # noqa: E402
+
 DEFAULT = "embedded:fp32,embedded:qlora,embedded:fp32:ckpt,qwen0.5b:fp32,qwen0.5b:qlora,qwen0.5b:fp32:ckpt"
 # Qwen2.5-0.5B's config.json, as our ModelConfig
 QWEN05 = dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, ffn_dim=4864,
@@ -93,13 +95,6 @@ def one(spec: str, args) -> dict:
     return row
 
 
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=DEFAULT, help="SHAPE:PRECISION[:ckpt],... (default: %(default)s)")
@@ -110,7 +105,7 @@ def main() -> None:
     if args.one:
         print("ROW " + json.dumps(one(args.one, args)), flush=True)
         return
-    print(f"# {cpu_name()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at the start; "
+    print(f"# {cpu()}; load average {os.getloadavg()[0]:.2f} at the start; "
           f"{args.steps} steps of 2 x 8 completions x {args.tokens} tokens")
     print("| config | params (M) | RSS after load (MiB) | peak RSS (MiB) | step (s) | "
           "generation / forward / backward (s) |")

@@ -42,6 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.machine import cpu  # noqa: E402
+
 RG = "recipes/reasoning_gym.yaml"
 # id -> (recipe, overrides of the recipe, how the held-out test split is made). In the order that tells the most
 # first: countdown and reasoning-gym tasks of different kinds, then JSON and code, then TRL on two of them.
@@ -62,10 +64,9 @@ ROWS = {
 
 
 def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     import torch
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "uptime": uptime}
+    return {"cpu": cpu(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "uptime": uptime}
 
 
 def json_test_rows(n: int, seed: int = 1) -> list[dict]:
