@@ -64,24 +64,23 @@ def main() -> None:
                 nn.init.normal_(m.lora_B, std=0.01)
         q4l.append(lo)
 
-    def run_fp32(x):
+    def run_fp32(xs):
         for blk in fp32:
             for ws in blk:
-                gemv_many(x[:, :ws[0].shape[1]], ws, [None] * len(ws))
+                gemv_many(xs[ws[0].shape[1]], ws, [None] * len(ws))
 
     def run_q(stack):
-        def go(x):
+        def go(xs):
             for blk in stack:
                 for mods in blk:
-                    linear_many(mods, x[:, :mods[0].in_features] if hasattr(mods[0], "in_features")
-                                else x[:, :mods[0].base.in_features])
+                    linear_many(mods, xs[mods[0].in_features])
         return go
 
     print(f"{args.layers} blocks, {MACS / 1e6:.1f} M multiply-adds per row per block; ms per pass (GMAC/s)")
     print(f"{'rows':>4} | {'fp32 GEMV':>16} | {'int8':>16} | {'int4':>16} | {'int4 + LoRA r16':>16} | int4 vs fp32")
     with torch.no_grad():
         for M in args.rows:
-            x = torch.randn(M, F_)
+            x = {K: torch.randn(M, K) for K in (D, F_)}                # each call's input, contiguous
             fns = (run_fp32, run_q(q8), run_q(q4), run_q(q4l))
             for fn in fns:
                 fn(x)
