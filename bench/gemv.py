@@ -2,6 +2,12 @@
 
     python bench/gemv.py                  # rows 1, 2, 4, 8, 16, 32, 64
     python bench/gemv.py --rows 1 64
+    python bench/gemv.py --against OLD.so # this tree's kernel against another build of the library, paired
+
+--against takes a kernel library built from other sources (e.g. `git worktree add /tmp/old <commit>`, then
+`cd /tmp/old && python -c "import rftkit.kernels.build as b; b.load(); print(b._lib._name)"`): calls alternate
+A B B A between the two on the same inputs, and each ratio is the median of the pairs' ratios, so that the
+machine's drift (a third within minutes on the shared VMs) cancels; prints old ms -> new ms (old / new).
 
 Each shape cycles through copies of its weight totalling ~600 MB (more than any L3 here) so each call reads its
 weight from memory, as a decode step does (with 8 copies, ~28 MB, an L3 fed the 16-row calls 1.6x faster). Prints milliseconds per call (median), GFLOP/s and the ratio MKL / kernel
@@ -14,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +41,50 @@ def median_s(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def paired(libs, M: int) -> None:
+    """Each shape: libs[0] vs libs[1] (8 lanes), A B B A over weights from memory; median of the pairs' ratios."""
+    cells = []
+    for N, K, name in SHAPES:
+        Ws = [torch.randn(N, K) for _ in range(max(2, 600 * 2**20 // (N * K * 4)))]
+        x, y = torch.randn(M, K), torch.empty(M, N)
+        ts: dict[int, list[float]] = {0: [], 1: []}
+        for i in range(600 if N < 40000 else 40):
+            v = (i // 2) % 2 if i % 2 == 0 else 1 - (i // 2) % 2
+            W = Ws[i % len(Ws)]
+            t = time.perf_counter()
+            libs[v].gemv(x.data_ptr(), W.data_ptr(), 0, y.data_ptr(), M, N, K, torch.get_num_threads())
+            ts[v].append(time.perf_counter() - t)
+            if i < 2:
+                err = float((y - F.linear(x, W)).abs().max())
+                assert err < 1e-3 * K ** 0.5, f"library {v} off by {err} at {M}x{K} @ {N}"
+        ratio = statistics.median(a / b for a, b in zip(ts[0], ts[1]))
+        cells.append(f"{name} {statistics.median(ts[0]) * 1e3:.3f}->{statistics.median(ts[1]) * 1e3:.3f} "
+                     f"({ratio:.2f}x)")
+    print(f"rows {M:3d}  " + "  ".join(cells), flush=True)
+
+
 def main() -> None:
     from rftkit import kernels
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--against", default=None, help="another build of the kernel library (.so): paired A/B")
     args = ap.parse_args()
     if not kernels.available():
         sys.exit(f"bench/gemv.py: no kernels here ({kernels.status()})")
     lib = kernels.load()
+    if args.against:
+        import ctypes
+        old = ctypes.CDLL(args.against)
+        kernels.build._apply(old, kernels.build._signatures)
+        old.set_wide.argtypes = [ctypes.c_int]
+        old.set_wide(0)
+        kernels.set_lanes16(False)
+        torch.set_num_threads(2)
+        print(f"machine: {cpu()}, threads {torch.get_num_threads()}, 8 lanes, {load_avg()}")
+        print(f"ms per call, {Path(args.against).name} -> this tree (old / new, median of paired ratios)")
+        for M in args.rows:
+            paired((old, lib), M)
+        return
     wide = " avx512f" in kernels.build._cpuinfo()
     default16 = kernels.lanes() == 16
     torch.set_num_threads(2)

@@ -15,7 +15,7 @@ def _gen(seed):
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16, 21, 32])
-@pytest.mark.parametrize("N,K", [(7, 16), (64, 40), (203, 96)])
+@pytest.mark.parametrize("N,K", [(7, 16), (64, 40), (203, 96), (37, 1544)])   # K > 768: columns in blocks
 def test_gemv_equals_f_linear(M, N, K):
     g = _gen(M * 1000 + N)
     x, W, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
@@ -23,7 +23,8 @@ def test_gemv_equals_f_linear(M, N, K):
         got = kernels.linear(x[:, None], W, bias)                   # [M, 1, N]: leading dims kept
         want = F.linear(x[:, None], W, bias)
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        tol = 1e-5 if K < 1000 else 1e-4                            # sums of K products, in another order
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 _LANES = (8, 16) if " avx512f" in kernels.build._cpuinfo() else (8,)
@@ -46,11 +47,12 @@ def test_gemv_rows_do_not_depend_on_their_batch(lanes):
     one-row call, at every M the tiles split differently (8 and, on AVX-512 CPUs, 16 lanes)."""
     with _at_lanes(lanes):
         g = _gen(lanes)
-        for K in (40, 96):                              # 40 is not a multiple of 16: 8 lanes always
+        for K in (40, 96, 1544):        # not multiples of 16 take 8 lanes always; 1544: columns in three blocks
             W, b = torch.randn(37, K, generator=g), torch.randn(37, generator=g)
             x = torch.randn(64, K, generator=g)
             alone = torch.cat([kernels.linear(x[i:i + 1], W, b) for i in range(64)])
-            torch.testing.assert_close(alone, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
+            tol = 1e-5 if K < 1000 else 1e-4
+            torch.testing.assert_close(alone, F.linear(x, W, b), rtol=tol, atol=tol)
             for M in (2, 3, 4, 5, 6, 7, 13, 64):
                 assert torch.equal(kernels.linear(x[:M], W, b), alone[:M]), (lanes, K, M)
 

@@ -122,9 +122,9 @@ void lora_bgmv(const float* x, float* y, const int32_t* rows, const int64_t* A, 
         int k1 = j0 + nb < n ? rows[order[j0 + nb]] : k;      /* the next block's slot: prefetch its A */
         shrink16(xb, a, t, R[k], Rmax, K, nb, k1 != k && R[k1] >= R[k] ? (const float*)A[k1] : 0);
       } else switch (nb) {
-        case 1: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 1, 4); break;
-        case 2: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 2, 4); break;
-        default: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 3, 4); break;
+        case 1: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 1, 4, 0, 0, 0, 0); break;
+        case 2: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 2, 4, 0, 0, 0, 0); break;
+        default: gemv_tile(xb, a, 0, t, 0, R[k], Rmax, K, 3, 4, 0, 0, 0, 0); break;
       }
       for (int q = 0; q < nb; q++)
         for (int r = 0; r < R[k]; r++) t[(long)q * Rmax + r] *= s[k];

@@ -3,14 +3,87 @@
    input gradient. Python: rftkit/kernels/gemv.py. */
 #include "kernels.h"
 
+/* One tile of four weight rows w.. against M x rows over columns [k0, k1): the tile's twelve accumulators come from
+   acc (zero where first) and go back there; the same FMA chain per output as gemv_tile's, cut in two */
+static inline void gemv_tile_part(const float* x, const float* w, __m256* acc_io, int K, int k0, int k1, int first,
+                                  const float* pf, int plo, int phi, const int M) {
+  __m256 acc[12];
+  for (int i = 0; i < M * 4; i++) acc[i] = first ? _mm256_setzero_ps() : acc_io[i];
+  for (int k = k0; k < k1; k += 8) {
+    __m256 xv[3];
+    for (int m = 0; m < M; m++) xv[m] = _mm256_loadu_ps(x + (long)m * K + k);
+    if (pf && !(k & 15) && k >= plo && k < phi)
+      for (int r = 0; r < 4; r++) _mm_prefetch((const char*)(pf + (long)r * K + k), _MM_HINT_T1);
+    for (int r = 0; r < 4; r++) {
+      __m256 wv = _mm256_loadu_ps(w + (long)r * K + k);
+      for (int m = 0; m < M; m++) acc[m * 4 + r] = _mm256_fmadd_ps(xv[m], wv, acc[m * 4 + r]);
+    }
+  }
+  for (int i = 0; i < M * 4; i++) acc_io[i] = acc[i];
+}
+
+/* gemv_rows for a long K and a few rows (K > KLONG, 1 < M <= SPREAD: four weight rows and three x rows no longer
+   fit L1 together and the weights went back to L2 every pass; down_proj at 16 rows ran at 60% of gate/up's rate):
+   each tile of four weight rows goes over the columns in blocks of <= KLONG, every pass of x rows per block, the
+   accumulators kept between blocks, so a block of the four rows stays in L1 over all passes, and each pass
+   prefetches a slice of the next four rows' block inside its k loop. Each output is the same FMA chain as
+   gemv_tile's (k ascending, one 8-lane accumulator, one hsum): the same bits whatever M is. At 64 rows this was
+   0.9x the plain path, so more rows take that. */
+#define KLONG 768
+#define SPREAD 24
+static void gemv_rows_long(const float* x, const float* w, const float* bias, float* y, long n0, long n1, int N,
+                           int K, int M) {
+  const int nkb = (K + KLONG - 1) / KLONG, KB = (K / nkb + 7) / 8 * 8;
+  int pm[SPREAD / 2], np = 0;                              /* the passes' row counts: pairs first, as gemv_rows */
+  for (int m0 = 0; m0 < M; np++) {
+    int left = M - m0;
+    pm[np] = left == 1 ? 1 : left == 2 || left % 3 == 1 ? 2 : 3;
+    m0 += pm[np];
+  }
+  __m256 acc[SPREAD / 2 * 12];
+  long n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float* wt = w + n * K;
+    const char* next = n + 8 <= N ? (const char*)(wt + 4L * K) : 0;   /* the next four rows, over the passes */
+    for (int kb = 0; kb < nkb; kb++) {
+      int k0 = kb * KB, k1 = k0 + KB < K ? k0 + KB : K;
+      for (int p = 0, m0 = 0; p < np; m0 += pm[p], p++) {
+        const float* pf = (const float*)next;
+        int plo = (k0 + (k1 - k0) * p / np) & ~15, phi = p == np - 1 ? k1 : (k0 + (k1 - k0) * (p + 1) / np) & ~15;
+        const float* xb = x + (long)m0 * K;
+        if (pm[p] == 1) gemv_tile_part(xb, wt, acc + p * 12, K, k0, k1, kb == 0, pf, plo, phi, 1);
+        else if (pm[p] == 2) gemv_tile_part(xb, wt, acc + p * 12, K, k0, k1, kb == 0, pf, plo, phi, 2);
+        else gemv_tile_part(xb, wt, acc + p * 12, K, k0, k1, kb == 0, pf, plo, phi, 3);
+      }
+    }
+    for (int p = 0, m0 = 0; p < np; m0 += pm[p], p++)
+      for (int m = 0; m < pm[p]; m++)
+        for (int r = 0; r < 4; r++)
+          y[(long)(m0 + m) * N + n + r] = hsum(acc[p * 12 + m * 4 + r]) + (bias ? bias[n + r] : 0.f);
+  }
+  for (int m0 = 0, p = 0; n < n1 && m0 < M; m0 += pm[p], p++) {   /* the last rows of N, one at a time */
+    const float* xb = x + (long)m0 * K;
+    float* yb = y + (long)m0 * N;
+    if (pm[p] == 1) gemv_tile(xb, w, bias, yb, n, n1, N, K, 1, 4, 0, 0, 0, 0);
+    else if (pm[p] == 2) gemv_tile(xb, w, bias, yb, n, n1, N, K, 2, 4, 0, 0, 0, 0);
+    else gemv_tile(xb, w, bias, yb, n, n1, N, K, 3, 4, 0, 0, 0, 0);
+  }
+}
+
 /* rows [n0, n1) of weight w into y, M picked at run time: x rows three at a time against four weight rows
    (7 loads per 12 FMAs, where eight rows against one took 9 per 8 and ran load-bound), pairs first where the
-   count leaves one over (64 = 2 + 2 + 20 x 3: no one-row pass, 4 FMAs per 5 loads), against four. The rows go in sub-runs of S rows (~24 KB, at least 4) that stay in L1
-   over every pass of x; each pass after a sub-run's first prefetches a slice of the next sub-run (or of the
-   next run, the rows this thread likely gets next) into L2, so that its first pass does not wait for memory
-   (on the AVX2 Zen 3 at 64 rows: 1.4-1.5x on q/o, gate/up and down; docs/benchmarks.md) */
+   count leaves one over (64 = 2 + 2 + 20 x 3: no one-row pass, 4 FMAs per 5 loads), against four. The rows go
+   in sub-runs of S rows (~24 KB, at least 4) that stay in L1 over every pass of x, while the next sub-run (or
+   the next run's first, the rows this thread likely gets next) comes into L2: up to SPREAD rows, where memory
+   and FMAs take about as long, each tile prefetches the rows one sub-run below its own inside its k loop, a
+   line per row every other k step (one pass: every column; more passes: each pass after the first a slice of
+   the columns); with more rows, where the FMAs bind and a test in the k loop cost 4-10%, each pass after the
+   first prefetches its slice in one burst before its tiles. On the AVX2 Zen 3: the burst at 64 rows 1.4-1.5x
+   on q/o, gate/up and down; the prefetch in the k loop up to 1.1x at 1-24 rows (docs/benchmarks.md). A long K
+   with a few rows goes to gemv_rows_long; one row of a long K prefetches nothing (0.97x with it). */
 static void gemv_rows(const float* x, const float* w, const float* bias, float* y, long n0, long n1, int N, int K,
                       int M) {
+  if (K > KLONG && M > 1 && M <= SPREAD) { gemv_rows_long(x, w, bias, y, n0, n1, N, K, M); return; }
   long S = 24576 / (4L * K) / 4 * 4;
   if (S < 4) S = 4;
   int passes = (M + 2) / 3;
@@ -19,16 +92,26 @@ static void gemv_rows(const float* x, const float* w, const float* bias, float* 
     const char* next = nx <= N && passes > 1 ? (const char*)(w + s1 * K) : 0;
     long bytes = (s1 - s0) * K * 4L;
     for (int m0 = 0, pass = 0; m0 < M; pass++) {
-      if (next && pass) {
+      const float* pf = 0;
+      int klo = 0, khi = 0;
+      if (M <= SPREAD && passes == 1 && K <= KLONG) { pf = w + (s0 + S) * K; khi = K; }
+      else if (M <= SPREAD && next && pass) {
+        pf = (const float*)next;
+        klo = (int)((long)K * (pass - 1) / (passes - 1)) & ~15;
+        khi = pass == passes - 1 ? K : (int)((long)K * pass / (passes - 1)) & ~15;
+      } else if (next && pass) {
         long lo = bytes * (pass - 1) / (passes - 1), hi = bytes * pass / (passes - 1);
         for (long o = lo & ~63L; o < hi; o += 64) _mm_prefetch(next + o, _MM_HINT_T1);
       }
       const float* xb = x + (long)m0 * K;
       float* yb = y + (long)m0 * N;
       int left = M - m0;
-      if (left == 1) { gemv_tile(xb, w, bias, yb, s0, s1, N, K, 1, 4); m0 += 1; }
-      else if (left == 2 || left % 3 == 1) { gemv_tile(xb, w, bias, yb, s0, s1, N, K, 2, 4); m0 += 2; }
-      else { gemv_tile(xb, w, bias, yb, s0, s1, N, K, 3, 4); m0 += 3; }
+      int take = left == 1 ? 1 : left == 2 || left % 3 == 1 ? 2 : 3;
+#define TILE(Mt, PF) gemv_tile(xb, w, bias, yb, s0, s1, N, K, Mt, 4, PF, pf, klo, khi)
+      if (pf) { if (take == 1) TILE(1, 1); else if (take == 2) TILE(2, 1); else TILE(3, 1); }
+      else { if (take == 1) TILE(1, 0); else if (take == 2) TILE(2, 0); else TILE(3, 0); }
+#undef TILE
+      m0 += take;
     }
   }
 }

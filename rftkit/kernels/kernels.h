@@ -125,17 +125,22 @@ static inline __m256 hsum8(const __m256* v) {
 /* rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T (+ bias), R weight rows at a time; M <= 3, R <= 4 compile-time.
    Each k step loads the M x vectors once and each of the R weight vectors once for M * R FMAs. Every output is
    one 8-lane FMA chain over K and a horizontal sum, whatever M and R are: a row's result does not depend on
-   which rows share its call (seeded requests stay batch-invariant). */
-static inline void gemv_tile(const float* x, const float* W, const float* bias, float* y,
-                             long n0, long n1, int N, int K, const int M, const int R) {
+   which rows share its call (seeded requests stay batch-invariant). PF (compile-time; 0: none): each tile also
+   prefetches columns [klo, khi) of the R rows at pf + (n - n0) K into L2, a line per row every other k step. */
+__attribute__((always_inline)) static inline void gemv_tile(const float* x, const float* W, const float* bias, float* y,
+                             long n0, long n1, int N, int K, const int M, const int R, const int PF, const float* pf,
+                             int klo, int khi) {
   long n = n0;
   for (; n + R <= n1; n += R) {
     __m256 acc[12];
     for (int i = 0; i < M * R; i++) acc[i] = _mm256_setzero_ps();
     const float* w = W + n * K;
+    const float* p = PF ? pf + (n - n0) * K : 0;
     for (int k = 0; k < K; k += 8) {
       __m256 xv[3];
       for (int m = 0; m < M; m++) xv[m] = _mm256_loadu_ps(x + (long)m * K + k);
+      if (PF && !(k & 15) && k >= klo && k < khi)
+        for (int r = 0; r < R; r++) _mm_prefetch((const char*)(p + (long)r * K + k), _MM_HINT_T1);
       for (int r = 0; r < R; r++) {
         __m256 wv = _mm256_loadu_ps(w + (long)r * K + k);
         for (int m = 0; m < M; m++) acc[m * R + r] = _mm256_fmadd_ps(xv[m], wv, acc[m * R + r]);
