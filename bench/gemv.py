@@ -10,8 +10,9 @@ A B B A between the two on the same inputs, and each ratio is the median of the 
 machine's drift (a third within minutes on the shared VMs) cancels; prints old ms -> new ms (old / new).
 
 Each shape cycles through copies of its weight totalling ~600 MB (more than any L3 here) so each call reads its
-weight from memory, as a decode step does (with 8 copies, ~28 MB, an L3 fed the 16-row calls 1.6x faster). Prints milliseconds per call (median), GFLOP/s and the ratio MKL / kernel
-(above 1: the kernel is faster), and checks each kernel's result against F.linear.
+weight from memory, as a decode step does (with 8 copies, ~28 MB, an L3 fed the 16-row calls 1.6x faster).
+Prints milliseconds per call (median), GFLOP/s and the ratio MKL / kernel (above 1: the kernel is faster), and
+checks each kernel's result against F.linear.
 """
 from __future__ import annotations
 

@@ -22,15 +22,15 @@ static inline void gemv_tile_part(const float* x, const float* w, __m256* acc_io
   for (int i = 0; i < M * 4; i++) acc_io[i] = acc[i];
 }
 
-/* gemv_rows for a long K and a few rows (K > KLONG, 1 < M <= SPREAD: four weight rows and three x rows no longer
-   fit L1 together and the weights went back to L2 every pass; down_proj at 16 rows ran at 60% of gate/up's rate):
-   each tile of four weight rows goes over the columns in blocks of <= KLONG, every pass of x rows per block, the
-   accumulators kept between blocks, so a block of the four rows stays in L1 over all passes, and each pass
-   prefetches a slice of the next four rows' block inside its k loop. Each output is the same FMA chain as
-   gemv_tile's (k ascending, one 8-lane accumulator, one hsum): the same bits whatever M is. At 64 rows this was
-   0.9x the plain path, so more rows take that. */
+/* gemv_rows for a long K and a few rows (K > KLONG, 1 < M <= SPREAD: four weight rows and three x rows no
+   longer fit L1 together and the weights went back to L2 every pass; down_proj at 16 rows ran at 60% of
+   gate/up's rate): each tile of four weight rows goes over the columns in blocks of <= KLONG, every pass of x
+   rows per block, the accumulators kept between blocks, so a block of the four rows stays in L1 over all
+   passes, and each pass prefetches a slice of the next four rows' block inside its k loop. Each output is the
+   same FMA chain as gemv_tile's (k ascending, one 8-lane accumulator, one hsum): the same bits whatever M is.
+   At 24 and 64 rows this was 0.9-0.96x the plain path, so more rows take that. */
 #define KLONG 768
-#define SPREAD 24
+#define SPREAD 16
 static void gemv_rows_long(const float* x, const float* w, const float* bias, float* y, long n0, long n1, int N,
                            int K, int M) {
   const int nkb = (K + KLONG - 1) / KLONG, KB = (K / nkb + 7) / 8 * 8;
@@ -79,8 +79,9 @@ static void gemv_rows_long(const float* x, const float* w, const float* bias, fl
    line per row every other k step (one pass: every column; more passes: each pass after the first a slice of
    the columns); with more rows, where the FMAs bind and a test in the k loop cost 4-10%, each pass after the
    first prefetches its slice in one burst before its tiles. On the AVX2 Zen 3: the burst at 64 rows 1.4-1.5x
-   on q/o, gate/up and down; the prefetch in the k loop up to 1.1x at 1-24 rows (docs/benchmarks.md). A long K
-   with a few rows goes to gemv_rows_long; one row of a long K prefetches nothing (0.97x with it). */
+   on q/o, gate/up and down; the prefetch in the k loop up to 1.1x at 1-16 rows, 0.92-1.04x at 24
+   (docs/benchmarks.md). A long K with a few rows goes to gemv_rows_long; one row of a long K prefetches
+   nothing (0.97x with it). */
 static void gemv_rows(const float* x, const float* w, const float* bias, float* y, long n0, long n1, int N, int K,
                       int M) {
   if (K > KLONG && M > 1 && M <= SPREAD) { gemv_rows_long(x, w, bias, y, n0, n1, N, K, M); return; }
