@@ -95,7 +95,7 @@ static void gemv_rows(const float* x, const float* w, const float* bias, float* 
     for (int m0 = 0, pass = 0; m0 < M; pass++) {
       const float* pf = 0;
       int klo = 0, khi = 0;
-      if (M <= SPREAD && passes == 1 && K <= KLONG) { pf = w + (s0 + S) * K; khi = K; }
+      if (M <= SPREAD && passes == 1 && K <= KLONG && s1 + S <= N) { pf = w + (s0 + S) * K; khi = K; }
       else if (M <= SPREAD && next && pass) {
         pf = (const float*)next;
         klo = (int)((long)K * (pass - 1) / (passes - 1)) & ~15;
