@@ -3,16 +3,14 @@
     python bench/decode_against.py OLD.so                       # 1 row x 300 tokens, base model
     python bench/decode_against.py OLD.so --rows 16 --lora      # rollouts' shape: 16 rows, live LoRA r16
 
-OLD.so: a kernel library built from other sources (`git worktree add /tmp/old <commit>`, then `cd /tmp/old &&
-python -c "import rftkit.kernels.build as b; b.load(); print(b._lib._name)"`). The engine generates on the
+OLD.so: a kernel library built from other sources (bench/paired.py says how). The engine generates on the
 embedded SmolLM2-135M; its `kernels.decode_layers` calls (every decoder block of a step, not the lm_head or
-sampling) alternate between the two libraries A B B A, and the ratio is the median of the pairs' ratios, so the
-machine's drift cancels (two calls of one pair are ~0.1 s apart).
+sampling) alternate between the two libraries A B B A, and the ratio is the median of the pairs' ratios (two
+calls of one pair are ~0.1 s apart).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -23,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.machine import cpu, load_avg  # noqa: E402
+from bench.paired import abba, other_library, paired_ratio  # noqa: E402
 
 
 def main() -> None:
@@ -42,18 +41,14 @@ def main() -> None:
     new = build.load()
     if new is None:
         sys.exit(f"bench/decode_against.py: no kernels here ({build.error()})")
-    old = ctypes.CDLL(args.old)
-    build._apply(old, build._signatures)
-    old.set_wide.argtypes = [ctypes.c_int]
-    old.set_wide(0)
+    old = other_library(args.old)
     kernels.set_lanes16(False)                                 # both at 8 lanes
     libs, times, calls = (old, new), ([], []), [0]
     decode_layers = stack.kernels.decode_layers
 
     def timed(*a, **k):
-        i = calls[0]
+        side = abba(calls[0])
         calls[0] += 1
-        side = (i // 2) % 2 if i % 2 == 0 else 1 - (i // 2) % 2
         build._lib = libs[side]
         try:
             t = time.perf_counter()
@@ -80,7 +75,7 @@ def main() -> None:
     n = min(len(times[0]), len(times[1]))
     if n == 0:
         sys.exit("bench/decode_against.py: the decode stack did not run (kernels disabled or not applicable)")
-    ratio = statistics.median(a / b for a, b in zip(times[0][:n], times[1][:n]))
+    ratio = paired_ratio(times[0][:n], times[1][:n])
     print(f"{args.rows} rows{' + LoRA r16' if args.lora else ''}: decode stack ms per step "
           f"{statistics.median(times[0]) * 1e3:.2f} (old) -> {statistics.median(times[1]) * 1e3:.2f} (this tree), "
           f"old / new {ratio:.3f} (median of {n} pairs)  [{load_avg()}]")

@@ -4,10 +4,9 @@
     python bench/gemv.py --rows 1 64
     python bench/gemv.py --against OLD.so # this tree's kernel against another build of the library, paired
 
---against takes a kernel library built from other sources (e.g. `git worktree add /tmp/old <commit>`, then
-`cd /tmp/old && python -c "import rftkit.kernels.build as b; b.load(); print(b._lib._name)"`): calls alternate
-A B B A between the two on the same inputs, and each ratio is the median of the pairs' ratios, so that the
-machine's drift (a third within minutes on the shared VMs) cancels; prints old ms -> new ms (old / new).
+--against takes a kernel library built from other sources (bench/paired.py says how): calls alternate A B B A
+between the two on the same inputs, each ratio the median of the pairs' ratios; prints old ms -> new ms
+(old / new).
 
 Each shape cycles through copies of its weight totalling ~600 MB (more than any L3 here) so each call reads its
 weight from memory, as a decode step does (with 8 copies, ~28 MB, an L3 fed the 16-row calls 1.6x faster).
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.machine import cpu, load_avg  # noqa: E402
+from bench.paired import abba, other_library, paired_ratio  # noqa: E402
 
 SHAPES = [(576, 576, "q/o"), (192, 576, "k/v"), (1536, 576, "gate/up"), (576, 1536, "down"), (49152, 576, "head")]
 
@@ -50,7 +50,7 @@ def paired(libs, M: int) -> None:
         x, y = torch.randn(M, K), torch.empty(M, N)
         ts: dict[int, list[float]] = {0: [], 1: []}
         for i in range(600 if N < 40000 else 40):
-            v = (i // 2) % 2 if i % 2 == 0 else 1 - (i // 2) % 2
+            v = abba(i)
             W = Ws[i % len(Ws)]
             t = time.perf_counter()
             libs[v].gemv(x.data_ptr(), W.data_ptr(), 0, y.data_ptr(), M, N, K, torch.get_num_threads())
@@ -58,7 +58,7 @@ def paired(libs, M: int) -> None:
             if i < 2:
                 err = float((y - F.linear(x, W)).abs().max())
                 assert err < 1e-3 * K ** 0.5, f"library {v} off by {err} at {M}x{K} @ {N}"
-        ratio = statistics.median(a / b for a, b in zip(ts[0], ts[1]))
+        ratio = paired_ratio(ts[0], ts[1])
         cells.append(f"{name} {statistics.median(ts[0]) * 1e3:.3f}->{statistics.median(ts[1]) * 1e3:.3f} "
                      f"({ratio:.2f}x)")
     print(f"rows {M:3d}  " + "  ".join(cells), flush=True)
@@ -74,11 +74,7 @@ def main() -> None:
         sys.exit(f"bench/gemv.py: no kernels here ({kernels.status()})")
     lib = kernels.load()
     if args.against:
-        import ctypes
-        old = ctypes.CDLL(args.against)
-        kernels.build._apply(old, kernels.build._signatures)
-        old.set_wide.argtypes = [ctypes.c_int]
-        old.set_wide(0)
+        old = other_library(args.against)
         kernels.set_lanes16(False)
         torch.set_num_threads(2)
         print(f"machine: {cpu()}, threads {torch.get_num_threads()}, 8 lanes, {load_avg()}")
