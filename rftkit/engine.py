@@ -435,16 +435,22 @@ class Engine:
         a few, grouped by length: _padding_groups)."""
         budget, batch = self.prefill_chunk, []                       # (group, start, end)
         computing: set[tuple] = set()                                # first-block keys computed in this forward
+        skip = 0                                                     # waiting groups passed over this step
         while budget > 0:
             if self.prefilling is None:
-                if not self.waiting or self.num_running + len(self.waiting[0]) > self.max_batch:
+                if skip >= len(self.waiting) or self.num_running + len(self.waiting[skip]) > self.max_batch:
                     break
-                head = self._first_block_key(self.waiting[0][0])
+                group = self.waiting[skip]
+                head = self._first_block_key(group[0])
                 if head is not None and head in computing and self.pool.lookup(head) is None:
-                    break                        # its prefix is being computed now: next step it is a cache hit
-                if not self._admit(self.waiting[0], outputs):
+                    # its prefix is being computed in this forward: next step it is a cache hit. Look past it
+                    # (it keeps its place at the head of the queue); anything else that cannot start stops here
+                    skip += 1
+                    continue
+                if not self._admit(group, outputs):
                     break
-                self.prefilling = self.waiting.popleft()
+                del self.waiting[skip]
+                self.prefilling = group
             first = self.prefilling[0]
             if first.cached == 0:
                 computing.add(self._first_block_key(first))

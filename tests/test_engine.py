@@ -153,6 +153,30 @@ def test_requests_sharing_a_prefix_added_together_compute_it_once():
     assert engine.stats["prefill_tokens"] == 11 + 4 * 3 + 5
 
 
+def test_a_request_waiting_for_a_prefix_in_flight_does_not_hold_up_the_queue():
+    model = tiny_model()
+    engine = Engine(model, max_seq_len=64, block_size=4, prefill_chunk=64)
+    system = list(range(40, 50))                                                  # 2 full blocks + 2 tokens
+    prompts = [system + [1], system + [2], [7, 8, 9, 10, 11], system + [3], [12, 13, 14, 15, 16, 17]]
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    rids = [engine.add_request(p, greedy) for p in prompts]
+    got = {r: [] for r in rids}
+    for out in engine.step():
+        got[out.request_id] += out.token_ids
+    # step 1 computes the first prompt and the two that share nothing with it; the two that share its prefix
+    # keep their place at the head of the queue and start next step from the cache
+    assert engine.stats["prefill_tokens"] == 11 + 5 + 6
+    assert sorted(s.request_id for s in engine.running) == [rids[0], rids[2], rids[4]]
+    assert [g[0].request_id for g in engine.waiting] == [rids[1], rids[3]]
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    for rid, p in zip(rids, prompts):
+        assert got[rid] == reference_greedy(model, p, 4)
+    assert engine.stats["prefix_cache_hit_tokens"] == 2 * 8
+    assert engine.stats["prefill_tokens"] == 11 + 5 + 6 + 2 * 3
+
+
 def test_a_prefill_of_mixed_lengths_is_not_padded_to_the_longest(monkeypatch):
     from rftkit.engine import _padding_groups
     model = tiny_model()
