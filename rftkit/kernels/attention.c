@@ -8,9 +8,13 @@
    over chunks of 64 keys; one task per (row, kv head), its G = H / Hkv query heads share each key and value
    load, a row's heads dealt to one thread in turn. A decode batch's keys and values are scattered blocks the
    hardware prefetcher does not follow: each key prefetches the key PD positions ahead and its own value
-   (64 rows x 101 positions x 30 layers: 22 -> 14 ms). hd % 8 == 0, hd <= 256, G <= 16. */
+   (64 rows x 101 positions x 30 layers: 22 -> 14 ms). A row's first head prefetches the whole token rows
+   (every head's key and value lines), and the row's other heads, next on the same thread, read them from
+   cache: one stream of whole rows instead of three interleaved partial ones (30 layers of 64 rows x 101
+   positions out of memory, 768-byte rows: 1.08-1.14x). hd % 8 == 0, hd <= 256, G <= 16. */
 #define CH 64
 #define PD 16                                               /* keys ahead a key prefetches */
+#define WIDE 512                    /* a row's first head prefetches all heads' lines up to this many floats */
 void paged_attn(const float* q, const float* kc, const float* vc, const int64_t* table, const int64_t* qpos,
                 float* out, int B, int H, int Hkv, int hd, int nbmax, int bs, int window, float scale, int nt) {
   const int G = H / Hkv, D8 = hd / 8;
@@ -38,9 +42,17 @@ void paged_attn(const float* q, const float* kc, const float* vc, const int64_t*
       }
       for (int j = 0; j < n; j++) {
         long ta = c0 + j + PD;                            /* this head's lines of key ta and value c0 + j: */
-        if (ta <= p) {                                    /* the rows are scattered over blocks, too few */
-          const float* ka = kc + (tb[ta / bs] * bs + ta % bs) * row + (long)h * hd;   /* per page for the */
-          for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(ka + d), _MM_HINT_T0);  /* prefetcher */
+        if (h == 0 && row <= WIDE) {                      /* the row's first head fetches every head's */
+          if (ta <= p) {                                  /* lines of the key and value rows, so the next */
+            long ra = (tb[ta / bs] * bs + ta % bs) * row; /* heads (the same thread) find them in cache */
+            for (long d = 0; d < row; d += 16) {
+              _mm_prefetch((const char*)(kc + ra + d), _MM_HINT_T0);
+              _mm_prefetch((const char*)(vc + ra + d), _MM_HINT_T1);
+            }
+          }
+        } else if (ta <= p) {
+          const float* ka = kc + (tb[ta / bs] * bs + ta % bs) * row + (long)h * hd;
+          for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(ka + d), _MM_HINT_T0);
         }
         for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(vp[j] + d), _MM_HINT_T0);
         if (j % 8 == 7)                                   /* eight keys' scores share one reduction */
