@@ -177,6 +177,29 @@ def test_paged_attention_kernel_equals_gathered_reference(H, Hkv, hd, bs, window
     torch.testing.assert_close(got[b, h], p @ vals, rtol=1e-5, atol=1e-5)
 
 
+def test_paged_attention_rows_claimed_ahead_padding_rows_and_threads():
+    """Rows are claimed one ahead by whichever thread is free (and prefetch the next row's keys): a padding row
+    (qpos -1) in the middle comes out zero, every other row as the reference, and the bits do not depend on
+    the thread count."""
+    if not kernels.available():
+        pytest.skip("no kernels on this machine")
+    lengths = [40, 101, 3, 77, 150, 16, 64, 9, 120]
+    q, kc, vc, table, qpos = _paged_case(7, len(lengths), 9, 3, 64, 16, lengths)
+    qpos[2] = -1
+    got = kernels.paged_attention(q, kc, vc, table, qpos, 16, None)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    keep = [b for b in range(len(lengths)) if b != 2]
+    want = kernels.paged_attention_reference(q[keep], kc, vc, table[keep], qpos[keep], 16, None)
+    torch.testing.assert_close(got[keep], want, rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.paged_attention(q, kc, vc, table, qpos, 16, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, got)
+
+
 def _slot_table(seed, ranks, K, N, n_slots=5, live=()):
     g = _gen(seed)
     table = kernels.SlotTable(n_slots)

@@ -11,7 +11,10 @@
    (64 rows x 101 positions x 30 layers: 22 -> 14 ms). A row's first head prefetches the whole token rows
    (every head's key and value lines), and the row's other heads, next on the same thread, read them from
    cache: one stream of whole rows instead of three interleaved partial ones (30 layers of 64 rows x 101
-   positions out of memory, 768-byte rows: 1.08-1.14x). hd % 8 == 0, hd <= 256, G <= 16. */
+   positions out of memory, 768-byte rows: 1.08-1.14x). A thread claims its next row when it starts one (a
+   shared counter: as balanced as a dynamic schedule, where a static one measured 0.93x), and the row's later
+   heads, which compute from cache, prefetch the next row's token rows into L2 meanwhile (1.03-1.09x more).
+   hd % 8 == 0, hd <= 256, G <= 16. */
 #define CH 64
 #define PD 16                                               /* keys ahead a key prefetches */
 #define WIDE 512                    /* a row's first head prefetches all heads' lines up to this many floats */
@@ -19,13 +22,30 @@ void paged_attn(const float* q, const float* kc, const float* vc, const int64_t*
                 float* out, int B, int H, int Hkv, int hd, int nbmax, int bs, int window, float scale, int nt) {
   const int G = H / Hkv, D8 = hd / 8;
   const long row = (long)Hkv * hd;                       /* floats between consecutive tokens of the pool */
-  #pragma omp parallel for schedule(dynamic, Hkv) num_threads(nt)
-  for (int task = 0; task < B * Hkv; task++) {
-    int b = task / Hkv, h = task % Hkv;
+  int next = 0;                                          /* rows are claimed one ahead: the row a thread */
+  #pragma omp parallel num_threads(nt)                   /* takes next is known while it works on this one */
+  {
+  int b, bn;
+  #pragma omp atomic capture
+  b = next++;
+  for (; b < B; b = bn) {
+  #pragma omp atomic capture
+  bn = next++;
+  for (int h = 0; h < Hkv; h++) {
     long p = qpos[b];
     float* o = out + ((long)b * H + (long)h * G) * hd;
     if (p < 0) { for (int i = 0; i < G * hd; i++) o[i] = 0.f; continue; }
     long t0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    /* the row this thread takes next: the heads after the first, whose keys come from cache, fetch its whole
+       token rows into L2 meanwhile, a share each, spread over their keys */
+    const long L = p - t0 + 1;
+    const int64_t* tbn = table + bn * nbmax;
+    long nx0 = 0, share = 0, issued = 0;
+    if (h > 0 && row <= WIDE && bn < B && qpos[bn] >= 0) {
+      long pn = qpos[bn], t0n = window > 0 && pn - window + 1 > 0 ? pn - window + 1 : 0, Ln = pn - t0n + 1;
+      nx0 = t0n + Ln * (h - 1) / (Hkv - 1);
+      share = t0n + Ln * h / (Hkv - 1) - nx0;
+    }
     const float* qh = q + ((long)b * H + (long)h * G) * hd;
     const int64_t* tb = table + (long)b * nbmax;
     float mx[16], l[16], sc[16][CH] __attribute__((aligned(32)));
@@ -55,6 +75,16 @@ void paged_attn(const float* q, const float* kc, const float* vc, const int64_t*
           for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(ka + d), _MM_HINT_T0);
         }
         for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(vp[j] + d), _MM_HINT_T0);
+        if (share) {
+          long a = c0 + j - t0, want = 2 * a >= L - 1 ? share : 2 * (a + 1) * share / L;
+          for (; issued < want; issued++) {
+            long tn = nx0 + issued, rn = (tbn[tn / bs] * bs + tn % bs) * row;
+            for (long d = 0; d < row; d += 16) {
+              _mm_prefetch((const char*)(kc + rn + d), _MM_HINT_T1);
+              _mm_prefetch((const char*)(vc + rn + d), _MM_HINT_T1);
+            }
+          }
+        }
         if (j % 8 == 7)                                   /* eight keys' scores share one reduction */
           for (int g = 0; g < G; g++) {
             __m256 a[8];
@@ -111,5 +141,6 @@ void paged_attn(const float* q, const float* kc, const float* vc, const int64_t*
       for (int d = 0; d < D8; d++) _mm256_storeu_ps(o + (long)g * hd + d * 8, _mm256_mul_ps(_mm256_load_ps(&acc[g][d * 8]), inv));
     }
   }
+  }
+  }
 }
-
