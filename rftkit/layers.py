@@ -76,4 +76,4 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = linears([self.gate_proj, self.up_proj], x)
-        return linear(self.down_proj, F.silu(gate) * up)
+        return linear(self.down_proj, kernels.swiglu(gate, up))

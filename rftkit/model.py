@@ -238,7 +238,12 @@ class Packed:
 def packed_attention(q, k, v, lengths: list[int], window: int | None) -> torch.Tensor:
     """Causal attention within each packed sequence: q [1, H, N, hd], k, v [1, Hkv, N, hd], N = sum(lengths).
     One causal SDPA per sequence, so no token pays for another sequence's length (a block-diagonal mask over
-    N x N would)."""
+    N x N would); on CPU without a window, every sequence in one kernel call, forward and backward
+    (rftkit.kernels.packed_attention)."""
+    if window is None:
+        out = kernels.packed_attention(q, k, v, lengths)
+        if out is not None:
+            return out
     outs = []
     for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2)):
         if window is None:

@@ -338,6 +338,69 @@ def test_rms_norm_and_rope_kernels_equal_their_torch_formulas():
     assert kernels.rms_norm(torch.randn(65, 8), torch.ones(8), 1e-5) is None   # many rows: torch
 
 
+@pytest.mark.parametrize("shape", [(3, 7), (2, 33, 130), (4099,)])    # tails of 8 and of a thread's chunk
+def test_swiglu_kernel_and_its_gradient_equal_silu_times_up(shape):
+    g = _gen(11)
+    gate, up = (torch.randn(shape, generator=g) * 6).requires_grad_(), torch.randn(shape, generator=g).requires_grad_()
+    gate2, up2 = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    h, want = kernels.swiglu(gate, up), F.silu(gate2) * up2
+    assert h.grad_fn is not None and "SwiGLU" in type(h.grad_fn).__name__       # the kernel's autograd node
+    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-6)
+    dh = torch.randn(shape, generator=g)
+    h.backward(dh)
+    want.backward(dh)
+    torch.testing.assert_close(gate.grad, gate2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(up.grad, up2.grad, rtol=1e-5, atol=1e-5)
+    only_up = kernels.swiglu(gate.detach(), up)                      # one input frozen: its gradient is skipped
+    only_up.sum().backward()
+    with torch.no_grad():                                            # outside autograd: the forward kernel alone
+        torch.testing.assert_close(kernels.swiglu(gate, up), want, rtol=1e-5, atol=1e-6)
+    strided = torch.randn(4, 16, generator=g)[:, ::2]                # not contiguous: torch's ops
+    torch.testing.assert_close(kernels.swiglu(strided, strided), F.silu(strided) * strided)
+
+
+def _sdpa_per_sequence(q, k, v, lens):
+    return torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=b.shape[1] != a.shape[1])
+                      for a, b, c in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))], 2)
+
+
+@pytest.mark.parametrize("H,Hkv,hd,lens", [(4, 2, 16, [5, 1, 9, 17]), (9, 3, 64, [40, 3, 33]), (2, 2, 32, [64])])
+def test_packed_attention_kernel_and_gradients_equal_sdpa_per_sequence(H, Hkv, hd, lens):
+    g = _gen(12)
+    N = sum(lens)
+    # the model's layout: [1, N, heads, hd] memory seen as [1, heads, N, hd]
+    q, k, v = (torch.randn(1, N, n, hd, generator=g).transpose(1, 2).requires_grad_() for n in (H, Hkv, Hkv))
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, want = kernels.packed_attention(q, k, v, lens), _sdpa_per_sequence(q2, k2, v2, lens)
+    assert out.shape == want.shape and "PackedAttention" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
+    dout = torch.randn(want.shape, generator=g)
+    out.backward(dout)
+    want.backward(dout)
+    for a, b in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+    # a sequence's result does not depend on what it is packed with, nor on the thread count
+    first = lens[0]
+    alone = kernels.packed_attention(q[:, :, :first].detach(), k[:, :, :first].detach(), v[:, :, :first].detach(),
+                                     [first])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = kernels.packed_attention(q.detach(), k.detach(), v.detach(), lens)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, out[:, :, :first].detach()) and torch.equal(one_thread, out.detach())
+
+
+def test_packed_attention_declines_what_it_does_not_handle():
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    assert kernels.packed_attention(q, k, k, [6]) is None                        # head_dim not a multiple of 16
+    q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+    assert kernels.packed_attention(q, k, k, [6]) is None                        # more than one row
+    q, k = torch.randn(1, 4, 6, 16, dtype=torch.float64), torch.randn(1, 2, 6, 16, dtype=torch.float64)
+    assert kernels.packed_attention(q, k, k, [6]) is None                        # not fp32
+
+
 def test_without_a_compiler_everything_runs_on_the_reference_path(tmp_path):
     import os
     import subprocess
@@ -353,6 +416,9 @@ def test_without_a_compiler_everything_runs_on_the_reference_path(tmp_path):
         "model = tiny_model()\n"
         "got = Engine(model, max_seq_len=64).generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=6))\n"
         "assert got[0][0].token_ids == reference_greedy(model, [3, 4, 5], 6)\n"
+        "gate = torch.randn(4, 8, requires_grad=True)\n"
+        "kernels.swiglu(gate, gate.detach()).sum().backward()\n"
+        "assert gate.grad is not None\n"
     )
     env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), RFTKIT_CACHE=str(tmp_path / "cache"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -54,6 +54,29 @@ def test_forward_is_the_formula_with_dropout():
     assert torch.allclose(m(x), x @ base.weight.T + base.bias + 1.5 * (x @ m.lora_A.T @ m.lora_B.T), atol=1e-6)
 
 
+def test_training_gradients_are_the_formulas_through_the_in_place_add():
+    """The adapter's product is added into the base output's memory (one GEMM call): the values and the
+    gradients of x, A and B are the formula's, for a frozen base and for a base that trains too."""
+    torch.manual_seed(1)
+    for frozen in (True, False):
+        base = torch.nn.Linear(12, 10).requires_grad_(not frozen)
+        m = LoRALinear(base, r=3, scaling=1.5).train()
+        with torch.no_grad():
+            m.lora_B.normal_()
+        x = torch.randn(4, 5, 12, requires_grad=True)
+        x2, A, B = (t.detach().clone().requires_grad_() for t in (x, m.lora_A, m.lora_B))
+        got = m(x)
+        want = x2 @ base.weight.T + base.bias + 1.5 * (x2 @ A.T @ B.T)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        dy = torch.randn(4, 5, 10)
+        got.backward(dy)
+        want.backward(dy)
+        for a, b in ((x.grad, x2.grad), (m.lora_A.grad, A.grad), (m.lora_B.grad, B.grad)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if not frozen:
+            assert base.weight.grad is not None
+
+
 def test_merge_unmerge_and_disable():
     model = tiny_model()
     W = model.model.layers[0].self_attn.q_proj.weight.detach().clone()

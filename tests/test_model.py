@@ -77,12 +77,12 @@ def test_padding_positions_do_not_change_real_rows():
     assert torch.allclose(a, b[:, :6], atol=1e-6)
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_packed_rows_equal_each_sequence_alone(window):
+@pytest.mark.parametrize("window,head_dim", [(None, 8), (3, 8), (None, 16)])   # head_dim 16: the packed kernel
+def test_packed_rows_equal_each_sequence_alone(window, head_dim):
     """seq_lens: sequences packed back to back give each one's own logits (attention never crosses), also
     with a sliding window shorter than the sequences, and gradients flow to every token."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=head_dim,
                                     ffn_dim=48, sliding_window=window)).eval()
     seqs = [torch.randint(0, 50, (1, n)) for n in (5, 1, 9)]
     packed, _ = model(torch.cat(seqs, 1), seq_lens=[5, 1, 9])

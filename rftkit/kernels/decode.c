@@ -56,20 +56,6 @@ static void lora_rows(const float* x, int M, int K, const float* A, const float*
    stack instead of ~25 torch ops and kernel calls per block. cs, sn [M, hd]; table [M, nbmax]; qpos [M];
    wrow [M]: the cache row of each row's new key and value; ws: scratch of M * (2D + 3 H hd + 2 Hkv hd + 2F)
    floats. D, H hd and F are multiples of 8, M within the GEMV kernel's rows. */
-/* g = silu(g) * u over n floats, 8 lanes at a time on every thread (one row's scalar expf loop was ~4 ms of a
-   16-row decode step) */
-static void silu_mul(float* g, const float* u, long n, int nt) {
-  long n8 = n / 8 * 8;
-  #pragma omp parallel for schedule(static) num_threads(nt)
-  for (long i = 0; i < n8; i += 8) {
-    __m256 gv = _mm256_loadu_ps(g + i);
-    __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
-                                          _mm256_loadu_ps(u + i)));
-  }
-  for (long i = n8; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-}
-
 void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int Hkv, int hd, int F,
                    const float* cs, const float* sn, const int64_t* table, int nbmax, const int64_t* qpos,
                    const int64_t* wrow, int bs, float eps, float scale, float* ws, const int32_t* rows, int rmax,
@@ -96,7 +82,7 @@ void decode_layers(float* x, const dlayer* L, int nl, int M, int D, int H, int H
     int32_t N2[2] = {F, F};
     gemv_many(h, W2, b2, y2, N2, 2, M, D, nt);
     LORA(4, h, D, g, F) LORA(5, h, D, u, F)
-    silu_mul(g, u, (long)M * F, nt);
+    swiglu_fwd(g, u, g, (long)M * F, nt);
     gemv(g, (const float*)P->wd, (const float*)P->bd, t, M, D, F, nt);
     LORA(6, g, F, t, D)
     for (long i = 0; i < (long)M * D; i++) x[i] += t[i];
@@ -126,7 +112,7 @@ void decode_layers_q(float* x, qblock* L, int nl, int M, int D, int H, int Hkv, 
     rms_norm(x, (const float*)P->ln2, h, M, D, eps);
     P->gu[0].y = (int64_t)g; P->gu[1].y = (int64_t)u;
     qlinear_many(h, M, D, bits, sub, 2, P->gu, nt);
-    silu_mul(g, u, (long)M * F, nt);
+    swiglu_fwd(g, u, g, (long)M * F, nt);
     P->down.y = (int64_t)t;
     qlinear_many(g, M, F, bits, sub, 1, &P->down, nt);
     for (long i = 0; i < (long)M * D; i++) x[i] += t[i];

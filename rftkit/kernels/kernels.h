@@ -50,6 +50,9 @@ void gemv_many(const float* x, const int64_t* W, const int64_t* b, const int64_t
 void gemm_nn(const float* g, const float* W, float* y, int M, int N, int K, int nt);
 /* rowops.c: a decode step's per-row RMSNorm and RoPE */
 void rms_norm(const float* x, const float* w, float* y, int M, int D, float eps);
+/* swiglu.c: silu(gate) * up and its gradients (the MLP, decode and training) */
+void swiglu_fwd(const float* g, const float* u, float* h, long n, int nt);
+void swiglu_bwd(const float* dh, const float* g, const float* u, float* dg, float* du, long n, int nt);
 void rope(const float* x, const float* cs, const float* sn, float* y, int BT, int n, int hd);
 /* attention.c: one query per row over a paged KV cache, read in place */
 void paged_attn(const float* q, const float* kc, const float* vc, const int64_t* table, const int64_t* qpos,
@@ -63,6 +66,12 @@ void sample_rows(const float* logits, const float* inv_t, const float* u, int64_
                  int B, int V, int nt);
 void softmax_rows(float* z, const int64_t* t, float inv_t, float* logp, float* lse, float* ent, float* s_out,
                   int B, int V, int nt);
+/* packed_attention.c: causal attention over packed sequences, forward and backward (training) */
+void packed_attn_fwd(const float* q, const float* k, const float* v, float* o, float* lse, const int32_t* lens,
+                     int nseq, int N, int H, int Hkv, int hd, float scale, int nt);
+void packed_attn_bwd(const float* q, const float* k, const float* v, const float* o, const float* dout,
+                     const float* lse, float* dq, float* dk, float* dv, const int32_t* lens, int nseq, int N, int H,
+                     int Hkv, int hd, float scale, int nt);
 /* qgemm.c: int8 / int4 weight-only layers */
 void qlinear_many(const float* x, int M, int K, int bits, int sub, int nl, const qlayer* L, int nt);
 void dequant_i4(const uint8_t* q, const float* d, const float* mn, float* w, int n0, int n1, int K, int sub, int nt);
