@@ -84,6 +84,8 @@ class LoRALinear(nn.Module):
         parts = self.quant_parts()
         if parts is not None:                                # a quantized base adds the LoRA in its own call
             return parts[0](x, lora=parts[1])
+        if x.dim() > 2 and x.is_contiguous() and self.enabled and not self.merged:   # rows in 2-D (below)
+            return self.forward(x.view(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         y = linear(self.base, x)          # outside autograd (rollouts), few rows: the decode GEMV kernel
         if not self.enabled or self.merged:
             return y
@@ -92,10 +94,11 @@ class LoRALinear(nn.Module):
             return y + (linear_weight(linear_weight(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
                         * self.scaling).to(y.dtype)
         t = linear_weight(x, self.lora_A) * self.scaling          # the scale on the rank-R side, as the kernels
-        if y.dim() >= 2 and y.is_contiguous() and y._base is None:
-            # y + t B^T in y's memory in one GEMM call (beta = 1): no [.., out] temporaries of the adapter's
-            # product, its scaling and their sum (1.05x a training forward and backward of the MLP stack)
-            return y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), self.lora_B.t()).view(y.shape)
+        if y.dim() == 2 and y.is_contiguous() and y._base is None:
+            # y + t B^T in y's own memory in one GEMM call (beta = 1): no [.., out] temporaries for the adapter's
+            # product, its scale and their sum. y itself, not a view of it: an in-place op on a view costs autograd
+            # a copy of the gradient
+            return y.addmm_(t, self.lora_B.t())
         return y + linear_weight(t, self.lora_B)
 
     def kernel_parts(self) -> tuple | None:
