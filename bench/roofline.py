@@ -1,5 +1,6 @@
 """The machine's roofs, measured now: fp32 FMA throughput, the int8 block and int4 tile products of the quantized
-decode kernels (alone, and as whole tiles with every op the kernels run), MKL's sgemm, and memory bandwidth; then what share of them the hot paths reach.
+decode kernels (alone, and as whole tiles with every op the kernels run), MKL's sgemm, and memory bandwidth;
+then what share of them the hot paths reach.
 
     python bench/roofline.py            # 1 and 2 threads
 
