@@ -16,10 +16,11 @@ import statistics
 
 
 def other_library(path: str):
-    """Another build of the kernel library, with this tree's ctypes signatures, its GEMV at 8 lanes."""
+    """Another build of the kernel library, with this tree's ctypes signatures (those of the entry points it has: an
+    older build lacks the newer ones), its GEMV at 8 lanes."""
     import rftkit.kernels.build as build
     lib = ctypes.CDLL(path)
-    build._apply(lib, build._signatures)
+    build._apply(lib, {name: sig for name, sig in build._signatures.items() if hasattr(lib, name)})
     lib.set_wide.argtypes = [ctypes.c_int]
     lib.set_wide(0)
     return lib
