@@ -84,8 +84,11 @@ class LoRALinear(nn.Module):
         parts = self.quant_parts()
         if parts is not None:                                # a quantized base adds the LoRA in its own call
             return parts[0](x, lora=parts[1])
-        if x.dim() > 2 and x.is_contiguous() and self.enabled and not self.merged:   # rows in 2-D (below)
-            return self.forward(x.view(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        if x.dim() > 2 and x.is_contiguous():                                   # rows in 2-D (_rows)
+            return self._rows(x.view(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        return self._rows(x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(self.base, x)          # outside autograd (rollouts), few rows: the decode GEMV kernel
         if not self.enabled or self.merged:
             return y

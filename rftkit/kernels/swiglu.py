@@ -38,13 +38,17 @@ def _lib(gate: torch.Tensor, up: torch.Tensor):
     return build.load()
 
 
+def _forward(lib, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    h = torch.empty_like(gate)
+    lib.swiglu_fwd(gate.data_ptr(), up.data_ptr(), h.data_ptr(), gate.numel(), torch.get_num_threads())
+    return h
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        h = torch.empty_like(gate)
-        build.load().swiglu_fwd(gate.data_ptr(), up.data_ptr(), h.data_ptr(), gate.numel(), torch.get_num_threads())
         ctx.save_for_backward(gate, up)
-        return h
+        return _forward(build.load(), gate, up)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -66,6 +70,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return swiglu_reference(gate, up)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return _SwiGLU.apply(gate, up)
-    h = torch.empty_like(gate)
-    lib.swiglu_fwd(gate.data_ptr(), up.data_ptr(), h.data_ptr(), gate.numel(), torch.get_num_threads())
-    return h
+    return _forward(lib, gate, up)
